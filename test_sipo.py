@@ -1,0 +1,367 @@
+"""Tests of sipo.py against independent computations: hand values, explicit Gaussian densities, invariants."""
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sipo
+
+
+def neg_logsigmoid(z):
+    return math.log1p(math.exp(-z))
+
+
+def sigmoid(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def sd_alphas_cumprod():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def zero_snr_alphas_cumprod():
+    """CogVideoX's schedule: scaled_linear, rescaled to zero terminal SNR (Lin et al. 2023, Alg. 1)."""
+    abar_sqrt = sd_alphas_cumprod().sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)
+    return abar_sqrt ** 2
+
+
+# --- Diffusion-DPO -------------------------------------------------------------------------------------
+
+def test_diffusion_dpo_hand_values():
+    e_w, e_l = torch.tensor([0.10, 0.30]), torch.tensor([0.30, 0.10])
+    r_w, r_l = torch.tensor([0.15, 0.20]), torch.tensor([0.25, 0.10])
+    loss, stats = sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=10.0)
+    # Delta_w = (-0.05, 0.10), Delta_l = (0.05, 0.00); z = -(10/2)(Delta_w - Delta_l) = (0.5, -0.5)
+    expected = (math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.5))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(0.7240770, rel=1e-6)
+    assert stats["margin"].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats["accuracy"].item() == 0.5
+    assert stats["err_policy_w"].item() == pytest.approx(0.2)
+    assert stats["err_ref_l"].item() == pytest.approx(0.175)
+
+
+def test_diffusion_dpo_gradient_is_analytic():
+    e_w = torch.tensor([0.3, 0.1], requires_grad=True)
+    e_l = torch.tensor([0.2, 0.4], requires_grad=True)
+    r_w, r_l = torch.tensor([0.25, 0.1]), torch.tensor([0.3, 0.35])
+    beta = 4.0
+    sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta)[0].backward()
+    for i in range(2):
+        z = -(beta / 2) * ((e_w[i] - r_w[i]) - (e_l[i] - r_l[i])).item()
+        # dL/de_w = (beta/2) sigmoid(-z) / B; dL/de_l = -(beta/2) sigmoid(-z) / B
+        assert e_w.grad[i].item() == pytest.approx(beta / 2 * sigmoid(-z) / 2, rel=1e-5)
+        assert e_l.grad[i].item() == pytest.approx(-beta / 2 * sigmoid(-z) / 2, rel=1e-5)
+
+
+def test_at_initialisation_loss_is_ln2_and_one_step_prefers_the_winner():
+    torch.manual_seed(0)
+    dim, pairs = 8, 16
+    policy = torch.nn.Linear(dim, dim)
+    reference = torch.nn.Linear(dim, dim).requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    abar = sd_alphas_cumprod()
+    x0_w, x0_l = torch.randn(pairs, dim), torch.randn(pairs, dim) + 1.0
+    t = torch.randint(0, 1000, (pairs,))
+    noise = torch.randn(pairs, dim)
+    a, s = sipo.ddpm_coefficients(abar, t)
+
+    def errors(net):
+        x_t = sipo.add_noise(torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), a.repeat(2), s.repeat(2))
+        target = sipo.native_target(torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), a.repeat(2), s.repeat(2),
+                                    "epsilon")
+        return sipo.per_sample_error(net(x_t), target).chunk(2)
+
+    e_w, e_l = errors(policy)
+    with torch.no_grad():
+        r_w, r_l = errors(reference)
+    loss, stats = sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert stats["margin"].item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 0.002 * p.grad
+        e_w, e_l = errors(policy)
+    relative = ((e_w - r_w) - (e_l - r_l)).mean().item()
+    assert relative < 0, "one step must lower the winner's error relative to the loser's"
+    assert sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=100.0)[0].item() < math.log(2)
+
+
+# --- Noising -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", sipo.PREDICTIONS)
+def test_native_target_and_x0_recovery_are_consistent(prediction):
+    torch.manual_seed(1)
+    x0, noise = torch.randn(3, 4, 5, 5, dtype=torch.float64), torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    if prediction == "flow":
+        a, s = sipo.flow_coefficients(torch.tensor([0.1, 0.5, 0.9]))
+    else:
+        a, s = sipo.ddpm_coefficients(sd_alphas_cumprod(), torch.tensor([0, 500, 999]))
+    a, s = a.double(), s.double()
+    x_t = sipo.add_noise(x0, noise, a, s)
+    target = sipo.native_target(x0, noise, a, s, prediction)
+    assert torch.allclose(sipo.x0_from_prediction(x_t, target, a, s, prediction), x0, atol=1e-9)
+    pred = target + 0.1 * torch.randn_like(target)
+    x0_error = sipo.per_sample_error(sipo.x0_from_prediction(x_t, pred, a, s, prediction), x0)
+    scaled = sipo.per_sample_error(pred, target) * sipo.x0_error_scale(a, s, prediction)
+    assert torch.allclose(x0_error, scaled.float(), rtol=1e-5)
+
+
+def test_snr_and_coefficients_edge_cases():
+    abar = zero_snr_alphas_cumprod()
+    a, s = sipo.ddpm_coefficients(abar, torch.tensor([999, 0, -5]))
+    assert a[0].item() == 0.0 and s[0].item() == 1.0
+    assert a[2].item() == 1.0 and s[2].item() == 0.0
+    ratio = sipo.snr(a, s)
+    assert ratio[0].item() == 0.0 and math.isfinite(ratio[1].item()) and math.isinf(ratio[2].item())
+    a, s = sipo.flow_coefficients(torch.tensor([1.0, 0.0, -0.01]))
+    assert sipo.snr(a, s).tolist() == [0.0, math.inf, math.inf]
+    assert sipo.shift_sigma(torch.tensor([0.0, 0.5, 1.0]), 3.0).tolist() == pytest.approx([0.0, 0.75, 1.0])
+
+
+def test_per_sample_error_is_float32_mean_over_non_batch_dims():
+    pred = torch.zeros(2, 3, 4, dtype=torch.bfloat16)
+    target = torch.ones(2, 3, 4, dtype=torch.bfloat16)
+    target[1] = 2
+    error = sipo.per_sample_error(pred, target)
+    assert error.dtype == torch.float32 and error.tolist() == [1.0, 4.0]
+
+
+# --- The importance weight against a Monte-Carlo estimate from explicit Gaussian densities ----------------
+
+def monte_carlo_log_weight(x0, x0_hat, a_t, s_t, a_s, s_s, x_t, draws=200_000):
+    """E_{x_s ~ q(x_s|x_t,x0)}[log p_theta(x_s|x_t) - log q(x_s|x_t,x0)] / D, p_theta = q(.|x_t, x0_hat)."""
+    alpha_ts = a_t / a_s
+    var_ts = s_t ** 2 - alpha_ts ** 2 * s_s ** 2
+    posterior_std = math.sqrt(var_ts * s_s ** 2 / s_t ** 2)
+
+    def posterior_mean(x0_):
+        return alpha_ts * s_s ** 2 / s_t ** 2 * x_t + a_s * var_ts / s_t ** 2 * x0_
+
+    q = torch.distributions.Normal(posterior_mean(x0), posterior_std)
+    p = torch.distributions.Normal(posterior_mean(x0_hat), posterior_std)
+    x_s = q.sample((draws,))
+    log_ratio = (p.log_prob(x_s) - q.log_prob(x_s)).sum(-1)
+    return log_ratio.mean().item() / x0.numel(), log_ratio.std().item() / math.sqrt(draws) / x0.numel()
+
+
+def prediction_for(x0_hat, x_t, a, s, prediction):
+    """The network output whose x0 estimate is x0_hat, written out per family."""
+    eps_hat = (x_t - a * x0_hat) / s
+    return {"epsilon": eps_hat, "v": a * eps_hat - s * x0_hat, "flow": eps_hat - x0_hat}[prediction]
+
+
+CASES = [("epsilon", 500, 480), ("epsilon", 60, 40), ("v", 999, 979), ("v", 600, 580), ("flow", 0.6, 0.58),
+         ("flow", 0.95, 0.93)]
+
+
+@pytest.mark.parametrize("prediction,t,s", CASES)
+def test_importance_log_weight_matches_monte_carlo(prediction, t, s):
+    torch.manual_seed(2)
+    dim = 16
+    if prediction == "flow":
+        (a_t, s_t), (a_s, s_s) = (1 - t, t), (1 - s, s)
+        coef_t = sipo.flow_coefficients(torch.tensor([t]))
+        coef_s = sipo.flow_coefficients(torch.tensor([s]))
+    else:
+        abar = sd_alphas_cumprod() if prediction == "epsilon" else zero_snr_alphas_cumprod()
+        (a_t, s_t), (a_s, s_s) = [(abar[k].sqrt().item(), (1 - abar[k]).sqrt().item()) for k in (t, s)]
+        coef_t = sipo.ddpm_coefficients(abar, torch.tensor([t]))
+        coef_s = sipo.ddpm_coefficients(abar, torch.tensor([s]))
+    x0, noise = torch.randn(dim, dtype=torch.float64), torch.randn(dim, dtype=torch.float64)
+    x_t = a_t * x0 + s_t * noise
+    gap = a_s ** 2 / s_s ** 2 - a_t ** 2 / s_t ** 2
+    x0_hat = x0 + math.sqrt(0.2 / gap) * torch.randn(dim, dtype=torch.float64)  # E[log w] near -0.1
+    expected, stderr = monte_carlo_log_weight(x0, x0_hat, a_t, s_t, a_s, s_s, x_t)
+
+    pred = prediction_for(x0_hat, x_t, a_t, s_t, prediction)
+    target = sipo.native_target(x0[None], noise[None], *[c.double() for c in coef_t], prediction)
+    x0_error = sipo.per_sample_error(pred[None], target) * sipo.x0_error_scale(*coef_t, prediction)
+    log_w = sipo.importance_log_weight(x0_error, sipo.snr(*coef_t), sipo.snr(*coef_s))
+    assert log_w.dtype == torch.float32
+    assert log_w.item() == pytest.approx(expected, abs=5 * stderr + 1e-4)
+    assert sipo.importance_log_weight(x0_error, sipo.snr(*coef_t), sipo.snr(*coef_s), temperature=3.0).item() \
+        == pytest.approx(3 * log_w.item(), rel=1e-6)
+
+
+def test_final_step_weight_is_exactly_zero_and_zero_terminal_snr_is_finite():
+    abar = zero_snr_alphas_cumprod()
+    t = torch.tensor([999, 10, 19, 20])
+    coef_t, coef_s = sipo.ddpm_coefficients(abar, t), sipo.ddpm_coefficients(abar, t - 20)
+    error = torch.tensor([0.3, 0.0, 0.3, 0.3])
+    log_w = sipo.importance_log_weight(error * sipo.x0_error_scale(*coef_t, "v"), sipo.snr(*coef_t),
+                                       sipo.snr(*coef_s))
+    w = log_w.exp()
+    assert math.isfinite(log_w[0].item()) and 0 < w[0].item() <= 1
+    assert w[1].item() == 0.0 and w[2].item() == 0.0, "t - stride < 0 is the decoder step: weight 0"
+    assert math.isfinite(log_w[3].item())
+
+
+def test_weight_is_low_near_clean_end_and_high_in_the_middle():
+    """METHOD §3 and the paper's U shape: with the SD schedule, stride 20 and an epsilon MSE of 0.3 (typical
+    near the clean end), w < 0.9 for t <= 50; the weight peaks mid-schedule and dips again near t = 999."""
+    abar = sd_alphas_cumprod()
+    t = torch.arange(20, 1000)
+    coef_t, coef_s = sipo.ddpm_coefficients(abar, t), sipo.ddpm_coefficients(abar, t - 20)
+    error = torch.full((len(t),), 0.3)
+    w = sipo.importance_log_weight(error * sipo.x0_error_scale(*coef_t, "epsilon"), sipo.snr(*coef_t),
+                                   sipo.snr(*coef_s)).exp()
+    assert (w[t <= 50] < 0.9).all() and (w[t >= 60] > 0.9).all()
+    middle = w[(t >= 400) & (t <= 700)].min()
+    assert middle > w[t <= 100].max() and middle > w[t >= 950].max()
+
+
+# --- DPO-C&M and SIPO ------------------------------------------------------------------------------------
+
+def random_batch(pairs=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    e_w, e_l, r_w, r_l = (torch.rand(pairs, generator=g) * 0.2 for _ in range(4))
+    log_w_w, log_w_l = (-torch.rand(pairs, generator=g) * 0.3 for _ in range(2))
+    log_w_w[0] = -math.inf  # a final-step pair
+    return e_w, e_l, r_w, r_l, log_w_w, log_w_l
+
+
+@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
+def test_clip_and_mask_off_equals_diffusion_dpo(loss_fn):
+    e_w, e_l, r_w, r_l, log_w_w, log_w_l = random_batch()
+    reference = sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=50.0)[0]
+    loss = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=50.0, tau=0.0, eps=0.0)[0]
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_dpo_cm_hand_values():
+    e_w, e_l = torch.tensor([0.10, 0.30, 0.20]), torch.tensor([0.20, 0.10, 0.25])
+    r_w, r_l = torch.tensor([0.15, 0.20, 0.20]), torch.tensor([0.25, 0.10, 0.20])
+    w_w, w_l = [1.0, 0.5, 0.95], [0.9, 0.95, 1.0]
+    log_w_w, log_w_l = torch.tensor(w_w).log(), torch.tensor(w_l).log()
+    loss, stats = sipo.dpo_cm_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=10.0, tau=0.9, eps=0.02)
+    # pair 1 masked (0.5 < 0.9); pi = (0.9, 0.95), mean 0.925 -> ratios (0.973, 1.027) -> clipped (0.98, 1.02)
+    z = [-5 * ((0.10 - 0.15) - (0.20 - 0.25)), -5 * ((0.20 - 0.20) - (0.25 - 0.20))]
+    expected = (0.98 * neg_logsigmoid(z[0]) + 1.02 * neg_logsigmoid(z[1])) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["mask_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["weight_min"].item() == pytest.approx(0.5)
+
+
+def test_sipo_hand_values_and_gradient():
+    e_w = torch.tensor([0.10, 0.30, 0.20], requires_grad=True)
+    e_l = torch.tensor([0.20, 0.10, 0.25], requires_grad=True)
+    r_w, r_l = torch.tensor([0.15, 0.20, 0.20]), torch.tensor([0.25, 0.10, 0.20])
+    w_w, w_l = [1.0, 0.5, 0.95], [0.9, 0.95, 1.0]
+    loss, _ = sipo.sipo_loss(e_w, e_l, r_w, r_l, torch.tensor(w_w).log(), torch.tensor(w_l).log(), beta=10.0,
+                             tau=0.9, eps=0.05)
+    mean = (1.0 + 0.9 + 0.95 + 1.0) / 4  # unmasked branches only
+    clip = lambda w: min(max(w / mean, 0.95), 1.05)  # noqa: E731
+    hat_w, hat_l = [clip(1.0), None, clip(0.95)], [clip(0.9), None, clip(1.0)]
+    assert hat_l[0] == 0.95 and hat_w[0] == pytest.approx(1 / mean)
+    delta_w, delta_l = [-0.05, None, 0.0], [-0.05, None, 0.05]
+    z = {i: -5 * (hat_w[i] * delta_w[i] - hat_l[i] * delta_l[i]) for i in (0, 2)}
+    expected = (neg_logsigmoid(z[0]) + neg_logsigmoid(z[2])) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert e_w.grad[1].item() == 0.0 and e_l.grad[1].item() == 0.0, "masked pair carries no gradient"
+    for i in (0, 2):
+        assert e_w.grad[i].item() == pytest.approx(5 * hat_w[i] * sigmoid(-z[i]) / 2, rel=1e-5)
+        assert e_l.grad[i].item() == pytest.approx(-5 * hat_l[i] * sigmoid(-z[i]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
+def test_mask_removes_exactly_the_pairs_below_tau(loss_fn):
+    e_w, e_l, r_w, r_l, _, _ = random_batch(pairs=6)
+    w_w = torch.tensor([0.95, 0.89, 0.99, 0.90, 1.00, 0.0])
+    w_l = torch.tensor([0.97, 0.99, 0.80, 0.91, 0.90, 1.0])
+    keep = torch.tensor([True, False, False, True, True, False])
+    full = loss_fn(e_w, e_l, r_w, r_l, w_w.log(), w_l.log(), beta=30.0, tau=0.9, eps=0.2)
+    kept = loss_fn(e_w[keep], e_l[keep], r_w[keep], r_l[keep], w_w[keep].log(), w_l[keep].log(), beta=30.0,
+                   tau=0.0, eps=0.2)
+    assert full[1]["mask_fraction"].item() == pytest.approx(0.5)
+    assert full[0].item() == pytest.approx(kept[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
+def test_weights_carry_no_gradient(loss_fn):
+    """Weights computed from the policy's own error: the gradient must equal that with detached weights."""
+    abar = sd_alphas_cumprod()
+    t = torch.tensor([100, 300, 500, 700])
+    coef_t, coef_s = sipo.ddpm_coefficients(abar, t), sipo.ddpm_coefficients(abar, t - 20)
+    scale, snr_t, snr_s = sipo.x0_error_scale(*coef_t, "epsilon"), sipo.snr(*coef_t), sipo.snr(*coef_s)
+    e_w, e_l, r_w, r_l, _, _ = random_batch(pairs=4)
+    grads = []
+    for detach in (False, True):
+        ew, el = e_w.clone().requires_grad_(), e_l.clone().requires_grad_()
+        log_w_w = sipo.importance_log_weight((ew.detach() if detach else ew) * scale, snr_t, snr_s)
+        log_w_l = sipo.importance_log_weight((el.detach() if detach else el) * scale, snr_t, snr_s)
+        assert not log_w_w.requires_grad
+        loss_fn(ew, el, r_w, r_l, log_w_w, log_w_l, beta=20.0, tau=0.5, eps=0.3)[0].backward()
+        grads.append((ew.grad, el.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
+def test_fully_masked_batch_gives_zero_loss_and_zero_gradient(loss_fn):
+    e_w, e_l, r_w, r_l, _, _ = random_batch(pairs=4)
+    e_w.requires_grad_()
+    log_w = torch.tensor([-math.inf, -1.0, -0.5, -math.inf])
+    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w, log_w, beta=20.0, tau=0.9, eps=0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["mask_fraction"].item() == 1.0
+    assert torch.equal(e_w.grad, torch.zeros(4))
+    assert all(math.isfinite(v.item()) for v in stats.values())
+    # the same with global statistics of an all-masked global batch (0 / 0 must not leak a NaN)
+    sums = sipo.masked_weight_sums(log_w, log_w, 0.9, "sipo" if loss_fn is sipo.sipo_loss else "dpo-cm")
+    loss = loss_fn(e_w, e_l, r_w, r_l, log_w, log_w, 20.0, 0.9, 0.1, sums[1] / sums[2], sums[0])[0]
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("loss", ["dpo-cm", "sipo"])
+def test_global_statistics_split_across_ranks_reproduce_the_full_batch(loss):
+    loss_fn = {"dpo-cm": sipo.dpo_cm_loss, "sipo": sipo.sipo_loss}[loss]
+    e_w, e_l, r_w, r_l, log_w_w, log_w_l = random_batch(pairs=12)
+    full = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=40.0, tau=0.8, eps=0.05)[0]
+    shards = [slice(0, 5), slice(5, 12)]  # uneven local batches, as after masking
+    sums = sum(sipo.masked_weight_sums(log_w_w[i], log_w_l[i], 0.8, loss) for i in shards)  # all_reduce
+    parts = [loss_fn(e_w[i], e_l[i], r_w[i], r_l[i], log_w_w[i], log_w_l[i], 40.0, 0.8, 0.05, sums[1] / sums[2],
+                     sums[0])[0] for i in shards]
+    assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
+    local = loss_fn(e_w[shards[0]], e_l[shards[0]], r_w[shards[0]], r_l[shards[0]], log_w_w[shards[0]],
+                    log_w_l[shards[0]], 40.0, 0.8, 0.05)[0]
+    assert local.item() != pytest.approx(parts[0].item(), rel=1e-6), "local statistics must differ here"
+
+
+def test_no_nan_for_bf16_inputs_and_final_steps():
+    e_w, e_l, r_w, r_l, log_w_w, log_w_l = (x.bfloat16() for x in random_batch())
+    for loss_fn in (sipo.dpo_cm_loss, sipo.sipo_loss):
+        for tau in (0.0, 0.9):
+            loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=5000.0, tau=tau, eps=0.1)
+            assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+            assert all(math.isfinite(v.item()) for v in stats.values())
+    loss, _ = sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=5000.0)
+    assert math.isfinite(loss.item())
+    assert sipo.sft_loss(e_w)[0].item() == pytest.approx(e_w.float().mean().item())
+
+
+def test_unknown_names_fail_clearly():
+    with pytest.raises(ValueError, match="unknown prediction type 'sample'"):
+        sipo.native_target(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1), "sample")
+    with pytest.raises(ValueError, match="'dpo'"):
+        sipo.masked_weight_sums(torch.zeros(2), torch.zeros(2), 0.9, "dpo")
+
+
+def test_sipo_py_runs_alone_in_an_empty_directory(tmp_path):
+    shutil.copy(Path(__file__).with_name("sipo.py"), tmp_path / "sipo.py")
+    script = ("import torch, sipo\n"
+              "e = torch.rand(4, 4).unbind()\n"
+              "lw = torch.full((4,), -0.01)\n"
+              "print(sipo.sipo_loss(*e, lw, lw, beta=100.0)[0].item())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert math.isfinite(float(result.stdout))

@@ -1,0 +1,406 @@
+"""The paper's five backbones (and a toy one) behind one small interface.
+
+Three ways to get each: pretrained weights in the diffusers layout (a local directory or a hub id), the full-size
+architecture with random weights (on the meta device for counting, or materialised), or a tiny version of the same
+classes that runs on CPU in milliseconds. This is the only file that knows a backbone's classes, latent layouts,
+scalings and conditioning quirks; the noising math comes from sipo.py.
+
+    python models.py            # lists every name with its parameter counts (full-size ones on the meta device)
+"""
+import json
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler,
+                       CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline,
+                       WanTransformer3DModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)
+from tokenizers.pre_tokenizers import ByteLevel
+
+import sipo
+
+FULL = ("sd1.5", "sdxl", "cogvideox-2b", "cogvideox-5b", "wan2.1-1.3b")
+NAMES = FULL + tuple(f"tiny-{name}" for name in FULL) + ("toy",)
+
+
+class ModelError(ValueError):
+    """A bad model name, path or layout; its message is one line naming the culprit."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Backbone:
+    """One backbone: the diffusers pipeline (which owns every component) and what training needs to know.
+
+    Latents are kept in the denoiser's own layout: (B, C, H, W) for images, (B, F, C, H, W) for CogVideoX,
+    (B, C, F, H, W) for Wan. Conditioning is a dict of batch-first tensors, so it can be cached and concatenated.
+    """
+    name: str
+    family: str                      # "sd", "sdxl", "cogvideox", "wan", "pixel"
+    prediction: str                  # "epsilon", "v" or "flow" (sipo.PREDICTIONS)
+    pipe: object                     # the diffusers pipeline
+    resolution: tuple                # (height, width) in pixels
+    num_frames: int = 0              # 0 for images
+    flow_shift: float = 3.0          # Wan's timestep shift
+
+    @property
+    def denoiser(self):
+        return self.pipe.unet if self.family in ("sd", "sdxl", "pixel") else self.pipe.transformer
+
+    @property
+    def is_video(self):
+        return self.num_frames > 0
+
+    @property
+    def num_train_timesteps(self):
+        return self.pipe.scheduler.config.num_train_timesteps
+
+    def frozen_modules(self):
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+
+    def to(self, device):
+        self.pipe.to(device)
+        return self
+
+    # -- conditioning --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """Prompt conditioning, as the pipeline itself computes it (no classifier-free guidance)."""
+        device = self.denoiser.device
+        prompts = list(prompts)
+        if self.family in ("sd", "pixel"):
+            embeds, _ = self.pipe.encode_prompt(prompts, device, 1, False)
+            return {"prompt_embeds": embeds}
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+            height, width = self.resolution
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)
+            return {"prompt_embeds": embeds, "pooled_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+        max_length = self.pipe.tokenizer.model_max_length
+        embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_length,
+                                            device=device)
+        return {"prompt_embeds": embeds}
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels):
+        """Pixels in [-1, 1], (B, 3, H, W) or video (B, 3, F, H, W), to normalised latents (the VAE's mean)."""
+        if self.family == "pixel":
+            return pixels
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        if self.family == "wan":
+            mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+            std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+            return ((latents - mean) / std).to(latents.dtype)
+        latents = latents * vae.config.scaling_factor
+        return latents.permute(0, 2, 1, 3, 4).contiguous() if self.family == "cogvideox" else latents
+
+    # -- noising (sipo.py math) -----------------------------------------------------------------------------
+    def sample_noise_levels(self, n, generator=None, device="cpu"):
+        """Uniform t in 0..T-1 (DDPM) or Wan's shifted uniform sigma (flow), one per pair."""
+        if self.prediction == "flow":
+            sigma = torch.rand(n, generator=generator, device=device)
+            return sipo.shift_sigma(sigma, self.flow_shift)
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
+
+    def coefficients(self, levels, sample_steps=50):
+        """(a_t, s_t) at the noise level and (a_s, s_s) one sampler stride (T / sample_steps) earlier."""
+        if self.prediction == "flow":
+            return sipo.flow_coefficients(levels), sipo.flow_coefficients(levels - 1.0 / sample_steps)
+        alphas_cumprod = self.pipe.scheduler.alphas_cumprod
+        stride = self.num_train_timesteps // sample_steps
+        return sipo.ddpm_coefficients(alphas_cumprod, levels), sipo.ddpm_coefficients(alphas_cumprod, levels - stride)
+
+    def model_timesteps(self, levels):
+        return levels * 1000.0 if self.prediction == "flow" else levels
+
+    # -- the denoiser ----------------------------------------------------------------------------------------
+    def predict(self, denoiser, latents, levels, cond):
+        """One denoiser call on a batch; `denoiser` is this backbone's (possibly wrapped) policy or reference."""
+        timesteps = self.model_timesteps(levels)
+        embeds = cond["prompt_embeds"]
+        if self.family in ("sd", "pixel"):
+            return denoiser(latents, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+        if self.family == "sdxl":
+            added = {"text_embeds": cond["pooled_embeds"], "time_ids": cond["time_ids"]}
+            return denoiser(latents, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=added,
+                            return_dict=False)[0]
+        if self.family == "cogvideox":
+            rotary = None
+            if self.denoiser.config.use_rotary_positional_embeddings:
+                frames, height, width = latents.shape[1], latents.shape[3], latents.shape[4]
+                scale = self.pipe.vae_scale_factor_spatial
+                rotary = self.pipe._prepare_rotary_positional_embeddings(height * scale, width * scale, frames,
+                                                                         latents.device)
+            return denoiser(hidden_states=latents, encoder_hidden_states=embeds, timestep=timesteps,
+                            image_rotary_emb=rotary, return_dict=False)[0]
+        return denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, prompts, seed=0, steps=20, guidance=5.0):
+        """Images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1] from the diffusers pipeline, one per prompt."""
+        device = self.denoiser.device
+        generator = torch.Generator(device).manual_seed(seed)
+        height, width = self.resolution
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        if self.family == "pixel":
+            scale = self.pipe.vae_scale_factor  # no VAE: the pipeline's latents are the pixels
+            out = self.pipe(list(prompts), height=height * scale, width=width * scale, output_type="latent", **kwargs)
+            return (out.images.float().clamp(-1, 1) + 1) / 2
+        if self.is_video:
+            out = self.pipe(list(prompts), height=height, width=width, num_frames=self.num_frames, output_type="pt",
+                            max_sequence_length=self.pipe.tokenizer.model_max_length, **kwargs)
+            return out.frames.float()
+        return self.pipe(list(prompts), height=height, width=width, output_type="pt", **kwargs).images.float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configurations: full size (BACKBONES.md) and tiny (same classes)
+# ---------------------------------------------------------------------------------------------------------
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0)
+UMT5_XXL = dict(T5_XXL, vocab_size=256384)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_UNET = dict(sample_size=64, cross_attention_dim=768)
+SDXL_UNET = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                 attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, sample_height=60, sample_width=90,
+                    sample_frames=49, use_rotary_positional_embeddings=False)
+COGVIDEOX_5B = dict(COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                 max_position_embeddings=77, projection_dim=32)
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+               dropout_rate=0.0)
+TINY_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+                 norm_num_groups=32)
+TINY_SDXL_UNET = dict(TINY_UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+                      cross_attention_dim=64)
+TINY_COGVIDEOX = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+                      text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                      max_text_seq_length=32, use_rotary_positional_embeddings=False)
+TINY_COGVIDEOX_VAE = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2)
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3)
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+COGVIDEOX_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                           prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                           timestep_spacing="trailing")
+
+# name: (family, prediction, pipeline class, (height, width) in pixels, frames)
+SPECS = {
+    "toy": ("pixel", "epsilon", StableDiffusionPipeline, (16, 16), 0),
+    "sd1.5": ("sd", "epsilon", StableDiffusionPipeline, (512, 512), 0),
+    "sdxl": ("sdxl", "epsilon", StableDiffusionXLPipeline, (1024, 1024), 0),
+    "cogvideox-2b": ("cogvideox", "v", CogVideoXPipeline, (480, 720), 49),
+    "cogvideox-5b": ("cogvideox", "v", CogVideoXPipeline, (480, 720), 49),
+    "wan2.1-1.3b": ("wan", "flow", WanPipeline, (480, 832), 81),
+}
+TINY_SIZES = {"sd1.5": ((32, 32), 0), "sdxl": ((32, 32), 0), "cogvideox-2b": ((64, 64), 9),
+              "cogvideox-5b": ((64, 64), 9), "wan2.1-1.3b": ((32, 32), 5)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Offline tokenizers: character-level vocabularies, so nothing is downloaded
+# ---------------------------------------------------------------------------------------------------------
+
+def clip_tokenizer():
+    """CLIP BPE over single byte-characters (no merges): 256 characters, the same with </w>, bos, eos."""
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def t5_tokenizer(max_length):
+    """A T5 unigram tokenizer over characters, words split on spaces; built in memory."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.printable.strip()] + [("\u2581" + c, -2.5) for c in string.printable.strip()]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text(config, tokenizer, with_projection=False):
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**{"vocab_size": len(tokenizer), **config, **ids}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------
+
+def _build_pipeline(name, tiny):
+    """The full-size or tiny pipeline of `name` with random weights, on the current default device."""
+    family = SPECS[name][0]
+    if family in ("sd", "sdxl"):
+        tokenizer = clip_tokenizer()
+        text_config = TINY_CLIP if tiny else CLIP_L
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE),
+                            scaling_factor=0.18215 if family == "sd" else 0.13025)
+        scheduler = DDIMScheduler(**SD_SCHEDULER)
+        if family == "sd":
+            return StableDiffusionPipeline(vae, _clip_text(text_config, tokenizer), tokenizer,
+                                           UNet2DConditionModel(**(TINY_UNET if tiny else SD_UNET)), scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline(vae, _clip_text(text_config, tokenizer),
+                                         _clip_text(TINY_CLIP if tiny else CLIP_BIGG, tokenizer, with_projection=True),
+                                         tokenizer, clip_tokenizer(),
+                                         UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET)), scheduler)
+    if family == "cogvideox":
+        five_b = name == "cogvideox-5b"
+        tokenizer = t5_tokenizer(32 if tiny else 226)
+        if tiny:
+            config = dict(TINY_COGVIDEOX, attention_head_dim=16, use_rotary_positional_embeddings=True) if five_b \
+                else TINY_COGVIDEOX
+            vae = AutoencoderKLCogVideoX(**TINY_COGVIDEOX_VAE)
+        else:
+            config = COGVIDEOX_5B if five_b else COGVIDEOX_2B
+            vae = AutoencoderKLCogVideoX(scaling_factor=0.7 if five_b else 1.15258426)
+        text = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else T5_XXL)))
+        scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER, snr_shift_scale=1.0 if five_b else 3.0)
+        return CogVideoXPipeline(tokenizer, text, vae, CogVideoXTransformer3DModel(**config), scheduler)
+    tokenizer = t5_tokenizer(32 if tiny else 512)
+    text = UMT5EncoderModel(UMT5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else UMT5_XXL)))
+    vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()
+    return WanPipeline(tokenizer, text, vae, FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       WanTransformer3DModel(**(TINY_WAN if tiny else WAN_1_3B)))
+
+
+def _build_toy():
+    """A text-conditioned UNet on 16x16 RGB pixels (no VAE), conditioned by a tiny frozen CLIP text encoder."""
+    tokenizer = clip_tokenizer()
+    return StableDiffusionPipeline(None, _clip_text(TINY_CLIP, tokenizer), tokenizer, UNet2DConditionModel(**TOY_UNET),
+                                   DDIMScheduler(**dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _load_pretrained(name, path, dtype):
+    family, _, pipeline_cls, _, _ = SPECS[name]
+    local = Path(path)
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise ModelError(f"{path}: not a diffusers layout (no model_index.json)")
+        found = json.loads(index.read_text()).get("_class_name")
+        if found != pipeline_cls.__name__:
+            raise ModelError(f"{path}: holds a {found}, but --model {name} needs a {pipeline_cls.__name__}")
+    kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}
+    if family == "pixel":
+        kwargs["vae"] = None
+    try:
+        pipe = pipeline_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelError(f"{path}: cannot load as {name}: {str(error).splitlines()[0]}") from None
+    if family == "cogvideox":
+        rotary = pipe.transformer.config.use_rotary_positional_embeddings
+        if rotary != (name == "cogvideox-5b"):
+            raise ModelError(f"{path}: a CogVideoX transformer {'with' if rotary else 'without'} rotary embeddings "
+                             f"does not match --model {name}")
+    return pipe
+
+
+def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, random_weights=False):
+    """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id), from its config with
+    random weights (full-size names need random_weights=True; device="meta" builds it without memory), or tiny."""
+    if name not in NAMES:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
+    base = name.removeprefix("tiny-")
+    if pretrained is not None:
+        pipe = _load_pretrained(base, pretrained, dtype)
+    elif name == "toy":
+        with torch.device(device):
+            pipe = _build_toy()
+    elif name.startswith("tiny-") or random_weights:
+        with torch.device(device):
+            pipe = _build_pipeline(base, tiny=name.startswith("tiny-"))
+    else:
+        raise ModelError(f"--model {name} needs --pretrained PATH_OR_ID or --random-weights")
+    if device != "meta":
+        pipe.to(device)
+        if pretrained is None and dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return _backbone(name, pipe)
+
+
+def _backbone(name, pipe):
+    base = name.removeprefix("tiny-")
+    family, prediction, _, resolution, frames = SPECS[base]
+    if name.startswith("tiny-"):
+        resolution, frames = TINY_SIZES[base]
+    shift = pipe.scheduler.config.get("shift", pipe.scheduler.config.get("flow_shift", 3.0)) or 3.0
+    return Backbone(name, family, prediction, pipe, resolution, frames, flow_shift=float(shift))
+
+
+def freeze(module):
+    """Frozen parts carry no gradient and stay in eval mode."""
+    return module.requires_grad_(False).eval()
+
+
+def prepare_for_training(backbone, gradient_checkpointing=False):
+    """Freezes the VAE and text encoders, makes the denoiser trainable, optionally with checkpointing."""
+    for module in backbone.frozen_modules():
+        freeze(module)
+    denoiser = backbone.denoiser.requires_grad_(True).train()
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    return backbone
+
+
+def parameter_counts(backbone):
+    pipe = backbone.pipe
+    parts = {"denoiser": backbone.denoiser, "vae": getattr(pipe, "vae", None),
+             "text_encoder": getattr(pipe, "text_encoder", None), "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
+
+
+def main():
+    print(f"{'name':20s} {'denoiser':>15s} {'vae':>13s} {'text encoder(s)':>17s}")
+    for name in NAMES:
+        backbone = load_backbone(name, device="meta" if name in FULL else "cpu", random_weights=True)
+        counts = parameter_counts(backbone)
+        text = counts.get("text_encoder", 0) + counts.get("text_encoder_2", 0)
+        print(f"{name:20s} {counts['denoiser']:>15,d} {counts.get('vae', 0):>13,d} {text:>17,d}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ModelError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,127 @@
+"""models.py: full-size architectures, tiny backbones through the one interface, the real diffusers layout."""
+import json
+import math
+
+import pytest
+import torch
+
+import models
+import sipo
+
+# Denoiser parameter counts of the published checkpoints: SD1.5 860M, SDXL 2.6B, CogVideoX 1.69B / 5.57B,
+# Wan2.1 "1.3B" (1.42B; its bf16 safetensors is 2.84 GB). The exact numbers are what the published configs build.
+PUBLISHED = {
+    "sd1.5": {"denoiser": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
+    "sdxl": {"denoiser": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+             "text_encoder_2": 694_659_840},
+    "cogvideox-2b": {"denoiser": 1_693_783_872, "vae": 215_583_907, "text_encoder": 4_762_310_656},
+    "cogvideox-5b": {"denoiser": 5_570_283_072, "vae": 215_583_907, "text_encoder": 4_762_310_656},
+    "wan2.1-1.3b": {"denoiser": 1_418_996_800, "vae": 126_892_531, "text_encoder": 5_680_910_336},
+}
+TINY = [f"tiny-{name}" for name in models.FULL] + ["toy"]
+
+
+@pytest.mark.parametrize("name", models.FULL)
+def test_full_size_architecture_on_meta_has_the_published_parameter_count(name):
+    backbone = models.load_backbone(name, device="meta", random_weights=True)
+    assert models.parameter_counts(backbone) == PUBLISHED[name]
+    assert backbone.denoiser.device.type == "meta"
+
+
+def dpo_step(backbone, pairs=2, seed=0):
+    """One Diffusion-DPO step through the interface, the reference being a frozen copy of the denoiser."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = backbone.resolution
+    frames = (backbone.num_frames,) if backbone.is_video else ()
+    pixels = torch.rand(2 * pairs, 3, *frames, height, width, generator=generator) * 2 - 1
+    x0 = backbone.encode_pixels(pixels)
+    cond = backbone.encode_prompts(["a red circle", "a blue square"] * pairs)
+    levels = backbone.sample_noise_levels(pairs, generator).repeat(2)
+    noise = torch.randn(x0[:pairs].shape, generator=generator).repeat(2, *[1] * (x0.dim() - 1))
+    (a, s), _ = backbone.coefficients(levels)
+    x_t = sipo.add_noise(x0, noise, a, s)
+    target = sipo.native_target(x0, noise, a, s, backbone.prediction)
+    error = sipo.per_sample_error(backbone.predict(backbone.denoiser, x_t, levels, cond), target)
+    with torch.no_grad():
+        reference = type(backbone.denoiser).from_config(backbone.denoiser.config)
+        reference.load_state_dict(backbone.denoiser.state_dict())
+        ref_error = sipo.per_sample_error(backbone.predict(reference, x_t, levels, cond), target)
+    loss, stats = sipo.diffusion_dpo_loss(*error.chunk(2), *ref_error.chunk(2), beta=1000.0)
+    loss.backward()
+    return loss, stats
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_backbone_trains_one_dpo_step_with_gradient_checkpointing(name):
+    torch.manual_seed(0)
+    backbone = models.prepare_for_training(models.load_backbone(name), gradient_checkpointing=True)
+    assert backbone.denoiser.is_gradient_checkpointing
+    loss, stats = dpo_step(backbone)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-4), "policy = reference at initialisation"
+    grads = [p.grad for p in backbone.denoiser.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    for module in backbone.frozen_modules():
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_saved_layout_loads_back_with_the_same_outputs_and_samples(name, tmp_path):
+    torch.manual_seed(0)
+    backbone = models.load_backbone(name)
+    backbone.pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == models.SPECS[name.removeprefix("tiny-")][2].__name__
+    assert list(tmp_path.glob("*/*.safetensors")), "weights are saved as safetensors"
+    loaded = models.load_backbone(name, pretrained=str(tmp_path))
+    prompts = ["a red circle"]
+    cond, cond_loaded = backbone.encode_prompts(prompts), loaded.encode_prompts(prompts)
+    assert all(torch.equal(cond[k], cond_loaded[k]) for k in cond)
+    height, width = backbone.resolution
+    frames = (backbone.num_frames,) if backbone.is_video else ()
+    pixels = torch.rand(1, 3, *frames, height, width) * 2 - 1
+    x0 = backbone.encode_pixels(pixels)
+    assert torch.equal(x0, loaded.encode_pixels(pixels))
+    levels = backbone.sample_noise_levels(1)
+    with torch.no_grad():
+        out = backbone.predict(backbone.denoiser, x0, levels, cond)
+        assert torch.equal(out, loaded.predict(loaded.denoiser, x0, levels, cond_loaded))
+    sample = loaded.sample(prompts, seed=1, steps=2)
+    expected = (1, backbone.num_frames, 3, height, width) if backbone.is_video else (1, 3, height, width)
+    assert tuple(sample.shape) == expected and torch.isfinite(sample).all()
+    assert 0 <= sample.min() and sample.max() <= 1
+    assert torch.equal(sample, loaded.sample(prompts, seed=1, steps=2)), "same seed, same sample"
+
+
+def test_parameterisations_and_schedules_match_the_families():
+    expected = {"tiny-sd1.5": "epsilon", "tiny-sdxl": "epsilon", "tiny-cogvideox-2b": "v", "tiny-cogvideox-5b": "v",
+                "tiny-wan2.1-1.3b": "flow", "toy": "epsilon"}
+    for name, prediction in expected.items():
+        backbone = models.load_backbone(name)
+        assert backbone.prediction == prediction
+        if prediction == "v":
+            assert backbone.pipe.scheduler.alphas_cumprod[-1].item() == 0.0, "zero terminal SNR"
+            (a, s), _ = backbone.coefficients(torch.tensor([999]))
+            assert a.item() == 0.0 and s.item() == 1.0
+    wan = models.load_backbone("tiny-wan2.1-1.3b")
+    levels = wan.sample_noise_levels(10_000, torch.Generator().manual_seed(0))
+    assert wan.flow_shift == 3.0
+    assert levels.mean().item() == pytest.approx(0.75 * (2 - math.log(3)), abs=0.01)  # E[3u / (1 + 2u)]
+    (_, s_t), (_, s_s) = wan.coefficients(torch.tensor([0.5]))
+    assert s_t.item() - s_s.item() == pytest.approx(0.02)
+
+
+def test_bad_names_and_paths_fail_with_one_line(tmp_path):
+    with pytest.raises(models.ModelError, match="unknown model 'sd2'; choose one of: sd1.5"):
+        models.load_backbone("sd2")
+    with pytest.raises(models.ModelError, match="needs --pretrained PATH_OR_ID or --random-weights"):
+        models.load_backbone("wan2.1-1.3b")
+    with pytest.raises(models.ModelError, match=f"{tmp_path}: not a diffusers layout"):
+        models.load_backbone("sd1.5", pretrained=str(tmp_path))
+    models.load_backbone("tiny-sd1.5").pipe.save_pretrained(tmp_path / "sd")
+    with pytest.raises(models.ModelError, match="holds a StableDiffusionPipeline, but --model wan2.1-1.3b needs a "
+                                                "WanPipeline"):
+        models.load_backbone("wan2.1-1.3b", pretrained=str(tmp_path / "sd"))
+    models.load_backbone("tiny-cogvideox-2b").pipe.save_pretrained(tmp_path / "cog")
+    with pytest.raises(models.ModelError, match="without rotary embeddings does not match --model cogvideox-5b") as info:
+        models.load_backbone("cogvideox-5b", pretrained=str(tmp_path / "cog"))
+    assert "\n" not in str(info.value)

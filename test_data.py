@@ -1,0 +1,243 @@
+"""data.py: Pick-a-Pic and manifest readers, video frames, the latent cache, and every bad-input message."""
+import io
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import data
+import models
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230), "white": (240, 240, 240)}
+
+
+def image_bytes(colour, size=(40, 24), fmt="JPEG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, COLOURS[colour]).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image(path, colour, size=(40, 24)):
+    path.write_bytes(image_bytes(colour, size, "PNG"))
+    return path.name
+
+
+def write_video(path, frames=7, size=(32, 32)):
+    """Frame k is uniformly grey at level 20 k, so the frames read back can be identified."""
+    video = np.stack([np.full((*size, 3), 20 * k, np.uint8) for k in range(frames)])
+    iio.imwrite(path, video, fps=8, codec="libx264", macro_block_size=8)
+    return path.name
+
+
+def mean_colour(pixels):
+    return ((pixels.flatten(1).mean(1) + 1) * 127.5).round().tolist()
+
+
+@pytest.fixture(scope="module")
+def sd():
+    torch.manual_seed(0)
+    return models.load_backbone("tiny-sd1.5")
+
+
+@pytest.fixture(scope="module")
+def wan():
+    torch.manual_seed(0)
+    return models.load_backbone("tiny-wan2.1-1.3b")
+
+
+def test_pickapic_pairs_are_winner_first_and_ties_are_dropped_and_counted(tmp_path):
+    table = pa.table({
+        "caption": ["a", "b", "tie", "d"],
+        "jpg_0": [image_bytes("red"), image_bytes("green"), image_bytes("white"), image_bytes("blue")],
+        "jpg_1": [image_bytes("blue"), image_bytes("red"), image_bytes("white"), image_bytes("green")],
+        "label_0": [1.0, 0.0, 0.5, 1.0],
+        "label_1": [0.0, 1.0, 0.5, 0.0],
+        "best_image_uid": ["x", "y", "z", "w"],
+    })
+    pq.write_table(table, tmp_path / "train-0000.parquet")
+    pairs, summary = data.read_pairs(tmp_path)
+    assert [p.prompt for p in pairs] == ["a", "b", "d"]
+    assert summary.read == 3 and summary.skipped == {"ties": 1} and "1 ties" in str(summary)
+    dataset = data.PairDataset(pairs, 16, 16)
+    winners = [mean_colour(dataset[i]["pixels_w"]) for i in range(3)]
+    losers = [mean_colour(dataset[i]["pixels_l"]) for i in range(3)]
+    for got, want in zip(winners + losers, ["red", "red", "blue", "blue", "green", "green"]):
+        assert np.allclose(got, COLOURS[want], atol=3), (got, want)
+    assert len(data.read_pairs(tmp_path, keep_ties=True)[0]) == 4
+
+
+def test_manifest_of_images_resizes_centre_crops_and_keeps_extra_fields(tmp_path):
+    write_image(tmp_path / "a.png", "red")
+    write_image(tmp_path / "b.png", "blue", size=(24, 40))
+    (tmp_path / "sub").mkdir()
+    write_image(tmp_path / "sub" / "c.png", "green")
+    rows = [{"prompt": "p1", "chosen": "a.png", "rejected": "b.png", "score": 0.7},
+            {"prompt": "p2", "chosen": "sub/c.png", "rejected": "a.png"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pairs, summary = data.read_pairs(tmp_path / "pairs.jsonl")
+    assert [p.prompt for p in pairs] == ["p1", "p2"] and pairs[0].extra == {"score": 0.7}
+    item = data.PairDataset(pairs, 32, 32)[1]
+    assert item["pixels_w"].shape == (3, 32, 32) and -1 <= item["pixels_w"].min() <= item["pixels_w"].max() <= 1
+    assert np.allclose(mean_colour(item["pixels_w"]), COLOURS["green"], atol=2)
+    assert np.allclose(mean_colour(item["pixels_l"]), COLOURS["red"], atol=2)
+
+
+def test_flip_is_identical_for_both_members_and_deterministic(tmp_path):
+    left_white = np.zeros((16, 16, 3), np.uint8)
+    left_white[:, :8] = 255
+    Image.fromarray(left_white).save(tmp_path / "a.png")
+    Image.fromarray(left_white).save(tmp_path / "b.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"prompt": str(i), "chosen": "a.png",
+                                                            "rejected": "b.png"}) for i in range(16)))
+    pairs, _ = data.read_pairs(tmp_path / "m.jsonl")
+    dataset = data.PairDataset(pairs, 16, 16, flip=True, seed=3)
+    flipped = []
+    for i in range(16):
+        item = dataset[i]
+        assert torch.equal(item["pixels_w"], item["pixels_l"])
+        flipped.append(item["pixels_w"][0, 0, 0].item() < 0)
+        assert torch.equal(item["pixels_w"], dataset[i]["pixels_w"])
+    assert 0 < sum(flipped) < 16
+
+
+def test_manifest_of_videos_takes_frames_at_the_stride(tmp_path, wan):
+    write_video(tmp_path / "a.mp4", frames=12)
+    write_video(tmp_path / "b.mp4", frames=12)
+    (tmp_path / "v.jsonl").write_text(json.dumps({"prompt": "a video", "chosen": "a.mp4", "rejected": "b.mp4"}))
+    pairs, _ = data.read_pairs(tmp_path / "v.jsonl")
+    item = data.PairDataset(pairs, *wan.resolution, wan.num_frames, frame_stride=2)[0]
+    assert item["pixels_w"].shape == (3, 5, 32, 32)
+    levels = [(item["pixels_w"][:, f].mean().item() + 1) * 127.5 for f in range(5)]
+    assert np.allclose(levels, [0, 40, 80, 120, 160], atol=6), levels
+
+
+def test_cache_round_trips_the_tensors_of_on_the_fly_encoding(tmp_path, sd, wan):
+    for backbone, media in ((sd, "png"), (wan, "mp4")):
+        folder = tmp_path / backbone.name
+        folder.mkdir()
+        rows = []
+        for i, colour in enumerate(["red", "green", "blue"]):
+            if media == "png":
+                names = write_image(folder / f"w{i}.png", colour), write_image(folder / f"l{i}.png", "white")
+            else:
+                names = write_video(folder / f"w{i}.mp4", 5 + i), write_video(folder / f"l{i}.mp4", 6)
+            rows.append({"prompt": f"a {colour} thing", "chosen": names[0], "rejected": names[1]})
+        (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        dataset, _ = data.open_dataset(folder / "m.jsonl", backbone)
+        summary = data.write_cache(backbone, dataset, folder / "cache", batch_size=2, shard_size=2)
+        assert summary.read == 3 and len(list((folder / "cache").glob("shard-*.safetensors"))) == 2
+        cached, _ = data.open_dataset(folder / "cache", backbone)
+        on_the_fly = data.encode_batch(backbone, data.collate([dataset[i] for i in range(3)]))
+        from_cache = data.encode_batch(backbone, data.collate([cached[i] for i in range(3)]))
+        assert on_the_fly.keys() == from_cache.keys()
+        for key in on_the_fly:
+            assert torch.allclose(on_the_fly[key], from_cache[key], atol=1e-6), key
+
+
+def test_cache_refuses_another_backbone_and_an_unfinished_cache(tmp_path, sd):
+    write_image(tmp_path / "a.png", "red")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a.png", "rejected": "a.png"}) + "\n" +
+                                      json.dumps({"prompt": "y", "chosen": "a.png", "rejected": "gone.png"}))
+    with pytest.raises(data.DataError, match="row 2: rejected file .*gone.png does not exist"):
+        data.read_pairs(tmp_path / "m.jsonl")
+    pairs, _ = data.read_pairs(tmp_path / "m.jsonl", skip_bad=True)
+    data.write_cache(sd, data.PairDataset(pairs, *sd.resolution), tmp_path / "cache")
+    sdxl = models.load_backbone("tiny-sdxl")
+    with pytest.raises(data.DataError, match="cache was made with model='tiny-sd1.5', but this run has "
+                                             "model='tiny-sdxl'"):
+        data.CachedPairs(tmp_path / "cache", sdxl)
+    # an interrupted rerun: the first shard is written, then a pair fails; the old index is gone, no index is new
+    write_image(tmp_path / "b.png", "blue")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
+    broken = [pairs[0], data.Pair("z", tmp_path / "a.png", tmp_path / "b.png", "m.jsonl row 3")]
+    with pytest.raises(data.DataError, match="row 3: .*b.png cannot be decoded"):
+        data.write_cache(sd, data.PairDataset(broken, *sd.resolution), tmp_path / "cache", batch_size=1,
+                         shard_size=1)
+    assert (tmp_path / "cache" / "shard-00000.safetensors").exists()
+    with pytest.raises(data.DataError, match="not a finished latent cache"):
+        data.CachedPairs(tmp_path / "cache", sd)
+
+
+def bad_manifest(tmp_path, wan_backbone):
+    """One good pair and one pair for each kind of bad input."""
+    write_image(tmp_path / "ok.png", "red")
+    write_video(tmp_path / "ok.mp4", 8)
+    write_video(tmp_path / "short.mp4", 3)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
+    rows = [
+        {"prompt": "good", "chosen": "ok.mp4", "rejected": "ok.mp4"},
+        {"prompt": "missing file", "chosen": "ok.mp4", "rejected": "nowhere.mp4"},
+        {"prompt": "no rejected", "chosen": "ok.mp4"},
+        {"prompt": "corrupt image", "chosen": "corrupt.png", "rejected": "ok.png"},
+        {"prompt": "corrupt video", "chosen": "ok.mp4", "rejected": "corrupt.mp4"},
+        {"prompt": "short video", "chosen": "short.mp4", "rejected": "ok.mp4"},
+        {"prompt": "sizes differ", "chosen": "ok.png", "rejected": "ok.mp4"},
+    ]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    return tmp_path / "bad.jsonl"
+
+
+@pytest.mark.parametrize("row,message", [
+    (2, r"row 2: rejected file \S*nowhere.mp4 does not exist"),
+    (3, r"row 3: missing required field 'rejected'"),
+    (4, r"row 4: \S*corrupt.png cannot be decoded"),
+    (5, r"row 5: \S*corrupt.mp4 cannot be decoded"),
+    (6, r"row 6: \S*short.mp4 has too few frames \(3 at stride 1, needs 5\)"),
+    (7, r"row 7: chosen \S*ok.png and rejected \S*ok.mp4 differ in size after preprocessing"),
+    (8, r"row 8: not valid JSON"),
+])
+def test_each_bad_input_names_its_row_and_file(tmp_path, wan, row, message):
+    manifest = bad_manifest(tmp_path, wan)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(lines[0] + "\n" + "\n" * (row - 2) + lines[row - 1] + "\n")
+    with pytest.raises(data.DataError, match=message) as info:
+        dataset, _ = data.open_dataset(manifest, wan)
+        dataset[1]
+    assert "\n" not in str(info.value) and str(manifest) in str(info.value)
+
+
+def test_skip_bad_skips_and_counts_every_bad_pair(tmp_path, wan):
+    dataset, summary = data.open_dataset(bad_manifest(tmp_path, wan), wan, skip_bad=True)
+    assert len(dataset) == 1 and summary.read == 1
+    assert summary.skipped == {"does not exist": 1, "missing required field": 1, "not valid JSON": 1,
+                               "cannot be decoded": 2, "too few frames": 1, "differ in size": 1}
+
+
+def test_empty_dataset_and_unknown_sources_fail_clearly(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(data.DataError, match="empty.jsonl: empty dataset"):
+        data.read_pairs(tmp_path / "empty.jsonl")
+    with pytest.raises(data.DataError, match="no \\*.parquet shards and no cache.json"):
+        data.read_pairs(tmp_path)
+    with pytest.raises(data.DataError, match="pairs.csv: expected a .jsonl manifest"):
+        data.read_pairs(tmp_path / "pairs.csv")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 nonsense")
+    with pytest.raises(data.DataError, match="x.parquet: not a Pick-a-Pic v2 parquet shard"):
+        data.read_pairs(tmp_path / "x.parquet")
+
+
+def test_rank_batches_are_deterministic_disjoint_and_equal_in_number():
+    epoch0 = [data.rank_batches(23, 4, rank, 2, seed=5, epoch=0) for rank in range(2)]
+    assert epoch0 == [data.rank_batches(23, 4, rank, 2, seed=5, epoch=0) for rank in range(2)]
+    assert len(epoch0[0]) == len(epoch0[1]) == 2
+    flat = [i for batches in epoch0 for batch in batches for i in batch]
+    assert len(flat) == len(set(flat)) == 16
+    assert data.rank_batches(23, 4, 0, 2, seed=5, epoch=1) != epoch0[0]
+
+
+def test_cache_command_line(tmp_path, capsys):
+    write_image(tmp_path / "a.png", "red")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a.png", "rejected": "a.png"}) + "\n" +
+                                      json.dumps({"prompt": "y", "chosen": "a.png"}))
+    argv = ["cache", "--model", "tiny-sd1.5", "--data", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit, match="error: .*m.jsonl row 2: missing required field 'rejected'"):
+        data.main(argv)
+    data.main(argv + ["--skip-bad"])
+    assert "1 pairs read; skipped: 1 missing required field" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["pairs"] == 1

@@ -207,7 +207,7 @@ class PairDataset(torch.utils.data.Dataset):
             generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2 ** 63)
             if torch.rand((), generator=generator) < 0.5:
                 chosen, rejected = chosen.flip(-1), rejected.flip(-1)
-        return {"prompt": pair.prompt, "pixels_w": chosen, "pixels_l": rejected}
+        return {"prompt": pair.prompt, "pixels_w": chosen, "pixels_l": rejected, "index": torch.tensor(index)}
 
 
 def _name(source):
@@ -308,6 +308,7 @@ class CachedPairs(torch.utils.data.Dataset):
         self.files = [self.directory / shard["file"] for shard in self.index["shards"]]
         self.offsets = np.cumsum([0] + [shard["pairs"] for shard in self.index["shards"]])
         self.handles = {}
+        self.epoch = 0
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -317,7 +318,8 @@ class CachedPairs(torch.utils.data.Dataset):
         if shard not in self.handles:
             self.handles[shard] = safe_open(self.files[shard], framework="pt")
         handle, row = self.handles[shard], index - int(self.offsets[shard])
-        return {key: handle.get_slice(key)[row:row + 1][0] for key in handle.keys()}
+        item = {key: handle.get_slice(key)[row:row + 1][0] for key in handle.keys()}
+        return {**item, "index": torch.tensor(index)}
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "handles": {}}
@@ -355,7 +357,7 @@ def encode_batch(backbone, batch):
     """Latents and conditioning of a batch: read from the cache, or encoded now (winners and losers together)."""
     device = backbone.denoiser.device
     if "latents_w" in batch:
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "index"}
     pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
     latents_w, latents_l = backbone.encode_pixels(pixels).chunk(2)
     cond = backbone.encode_prompts(batch["prompt"])
@@ -374,6 +376,21 @@ def rank_batches(num_pairs, batch_size, rank, world_size, seed, epoch):
     sampler.set_epoch(epoch)
     indices = list(sampler)
     return [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
+
+
+def pair_batches(dataset, batch_size, rank, world_size, seed, start=0, workers=0):
+    """Endless (epoch, batch) of this rank from micro-batch number `start` on: a run resumed at step k reads
+    exactly what a straight run reads after k."""
+    batches_per_epoch = len(rank_batches(len(dataset), batch_size, rank, world_size, seed, 0))
+    epoch, position = divmod(start, batches_per_epoch)
+    while True:
+        dataset.epoch = epoch  # before the loader starts, so that worker copies see it
+        batches = rank_batches(len(dataset), batch_size, rank, world_size, seed, epoch)[position:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                             pin_memory=torch.cuda.is_available())
+        for batch in loader:
+            yield epoch, batch
+        epoch, position = epoch + 1, 0
 
 
 def open_dataset(source, backbone, pretrained=None, skip_bad=False, flip=False, seed=0, frame_stride=1):

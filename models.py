@@ -383,6 +383,13 @@ def prepare_for_training(backbone, gradient_checkpointing=False):
     return backbone
 
 
+def denoiser_blocks(denoiser):
+    """The units FSDP shards one by one: a UNet's down, mid and up blocks; a transformer's blocks."""
+    if hasattr(denoiser, "down_blocks"):
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+    return list(denoiser.transformer_blocks if hasattr(denoiser, "transformer_blocks") else denoiser.blocks)
+
+
 def parameter_counts(backbone):
     pipe = backbone.pipe
     parts = {"denoiser": backbone.denoiser, "vae": getattr(pipe, "vae", None),

@@ -1,0 +1,434 @@
+"""Preference fine-tuning of diffusion models: SIPO, DPO-C&M, Diffusion-DPO, or SFT.
+
+    torchrun --nproc_per_node N train.py --model wan2.1-1.3b --pretrained PATH --data PAIRS --loss sipo
+    python train.py --model tiny-sd1.5 --data pairs.jsonl --steps 10          # one process works too
+
+torch.distributed (NCCL on GPUs, gloo on CPU) with FSDP2 per block, activation checkpointing, DCP checkpoints.
+The run directory --out holds: args.json, log.jsonl (one line per step), checkpoints/step-NNNNNN (DCP, complete
+ones only), model/ (the final pipeline in the diffusers layout) and, with --lora, lora/.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import data
+import models
+import sipo
+
+LOSSES = ("sipo", "dpo-cm", "dpo", "sft")
+# beta convention of METHOD §2 (the 1/2 included). Diffusion-DPO's 5000 for images [baseline]; DPO-C&M and SIPO
+# use 1/5 of it for images and 1/100 for video [paper, Table A1 ratio], applied to the same base.
+DPO_BETA = 5000.0
+RATIO = {"image": 0.2, "video": 0.01}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL",
+                   help=f"backbone: {', '.join(models.NAMES)}")
+    p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (full-size models)")
+    p.add_argument("--random-weights", action="store_true", help="full-size architecture, random weights (benchmarks)")
+    p.add_argument("--data", required=True, help="a .jsonl manifest, Pick-a-Pic .parquet shard(s), or a latent cache")
+    p.add_argument("--out", help="run directory (default: runs/MODEL-LOSS)")
+    p.add_argument("--loss", default="sipo", choices=LOSSES, help="objective (default: sipo)")
+    p.add_argument("--beta", type=float, help="DPO temperature, METHOD §2 convention (default: 5000 for dpo; "
+                                              "1000 for images and 50 for video with sipo and dpo-cm)")
+    p.add_argument("--tau", type=float, default=0.9, help="mask pairs whose step weight is below tau (default 0.9)")
+    p.add_argument("--eps", type=float, default=0.1, help="clip weights to [1-eps, 1+eps] (default 0.1)")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampler steps that set the weight's stride T/n")
+    p.add_argument("--temperature", type=float, default=1.0, help="lambda, the scale of the log weight")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per rank per micro-batch (default 1)")
+    p.add_argument("--global-batch-size", type=int, help="pairs per optimizer step; sets --grad-accum")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (peft)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="DCP checkpoint every N steps (default 250)")
+    p.add_argument("--keep", type=int, default=2, help="complete checkpoints kept (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad pairs instead of stopping")
+    p.add_argument("--flip", action="store_true", help="random horizontal flip (raw data only)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (needs tensorboard)")
+    p.add_argument("--no-export", action="store_true", help="skip exporting the final pipeline")
+    args = p.parse_args(argv)
+    args.out = Path(args.out or f"runs/{args.model}-{args.loss}")
+    return args
+
+
+def check_args(args, world_size):
+    """Every flag error that can be found before a model is built; raises ValueError with one line."""
+    if args.global_batch_size is not None:
+        per_step = args.batch_size * world_size
+        if args.global_batch_size % per_step:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
+                             f"{args.batch_size} x {world_size} ranks")
+        args.grad_accum = args.global_batch_size // per_step
+    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.eps < 1 or args.tau < 0:
+        raise ValueError("--eps must be in [0, 1) and --tau non-negative")
+    if not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: does not exist")
+    cache = data.read_cache_index(args.data)
+    if cache is not None and cache.get("model") != args.model:
+        raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
+                         f"not --model {args.model}")
+    if args.model in models.FULL and not (args.pretrained or args.random_weights):
+        raise ValueError(f"--model {args.model} needs --pretrained PATH_OR_ID or --random-weights")
+    if args.resume and latest_checkpoint(args.out) is None:
+        raise ValueError(f"--resume: no complete checkpoint in {args.out / 'checkpoints'}")
+    if not args.resume and (args.out / "log.jsonl").exists():
+        raise ValueError(f"--out {args.out} already holds a run; pass --resume to continue it, or another --out")
+
+
+def default_beta(args, backbone):
+    if args.beta is not None:
+        return args.beta
+    return DPO_BETA if args.loss == "dpo" else DPO_BETA * RATIO["video" if backbone.is_video else "image"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distribution: FSDP2 per block, then the root (Wan2.1's recipe)
+# ---------------------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so the code path is the same
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def shard(denoiser, param_dtype):
+    """fully_shard each block, then the root; bf16 compute with fp32 reductions when param_dtype is bf16."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in models.denoiser_blocks(denoiser):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(denoiser, mp_policy=policy)
+    return denoiser
+
+
+def build(args, device):
+    """The backbone, the trainable policy, and the frozen reference (None for SFT; the adapter-less policy
+    for LoRA, so no second copy is held). With a latent cache the VAE and text encoders stay on the CPU."""
+    torch.manual_seed(args.seed)  # the same random or LoRA init on every rank
+    backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights)
+    if data.read_cache_index(args.data) is None:
+        backbone.to(device)
+    else:
+        backbone.denoiser.to(device)
+    models.prepare_for_training(backbone, args.gradient_checkpointing)
+    policy = backbone.denoiser
+    reference = None
+    if args.lora:
+        from peft import LoraConfig
+        policy.requires_grad_(False)
+        policy.add_adapter(LoraConfig(r=args.lora, lora_alpha=args.lora, init_lora_weights="gaussian",
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    elif args.loss != "sft":
+        reference = models.freeze(copy.deepcopy(policy))
+    param_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    shard(policy, param_dtype)
+    if reference is not None:
+        shard(reference, param_dtype)
+    return backbone, policy, reference
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The training step: the whole algorithm
+# ---------------------------------------------------------------------------------------------------------
+
+def pair_noise(backbone, indices, epoch, shape, args, device):
+    """One noise level and one noise tensor per pair, seeded by (seed, epoch, pair): independent of ranks and
+    resumes, so 1 and N ranks, and straight and resumed runs, draw the same."""
+    levels, noises = [], []
+    for index in indices.tolist():
+        generator = torch.Generator(device).manual_seed(hash((args.seed, epoch, index)) % 2 ** 62)
+        levels.append(backbone.sample_noise_levels(1, generator, device))
+        noises.append(torch.randn(shape, generator=generator, device=device))
+    return torch.cat(levels), torch.stack(noises)
+
+
+def reference_errors(backbone, reference, policy, x_t, levels, cond, target):
+    with torch.no_grad():
+        if reference is None:  # LoRA: the reference is the policy with its adapters off
+            policy.disable_adapters()
+            pred = backbone.predict(policy, x_t, levels, cond)
+            policy.enable_adapters()
+        else:
+            pred = backbone.predict(reference, x_t, levels, cond)
+        return sipo.per_sample_error(pred, target)
+
+
+def preference_loss(backbone, policy, reference, batch, epoch, args, world_size):
+    """Noise each pair (winner and loser share t and eps), one policy forward over 2B, one reference forward,
+    then the chosen loss of sipo.py. Returns (loss to backpropagate, statistics)."""
+    indices = batch.pop("index")
+    batch = data.encode_batch(backbone, batch)
+    x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], data.conditioning(batch)
+    levels, noise = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
+    if args.loss == "sft":
+        (a, s), _ = backbone.coefficients(levels, args.sample_steps)
+        x_t = sipo.add_noise(x0_w, noise, a, s)
+        error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond),
+                                      sipo.native_target(x0_w, noise, a, s, backbone.prediction))
+        return sipo.sft_loss(error)
+
+    x0, noise, levels = torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), torch.cat([levels, levels])
+    cond = {key: torch.cat([value, value]) for key, value in cond.items()}
+    (a, s), (a_prev, s_prev) = backbone.coefficients(levels, args.sample_steps)
+    x_t = sipo.add_noise(x0, noise, a, s)
+    target = sipo.native_target(x0, noise, a, s, backbone.prediction)
+    model_error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
+    ref_error = reference_errors(backbone, reference, policy, x_t, levels, cond, target)
+    e_w, e_l = model_error.chunk(2)
+    r_w, r_l = ref_error.chunk(2)
+    if args.loss == "dpo":
+        return sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, args.beta)
+
+    x0_error = model_error * sipo.x0_error_scale(a, s, backbone.prediction)
+    log_w_w, log_w_l = sipo.importance_log_weight(x0_error, sipo.snr(a, s), sipo.snr(a_prev, s_prev),
+                                                  args.temperature).chunk(2)
+    sums = sipo.masked_weight_sums(log_w_w, log_w_l, args.tau, args.loss)
+    dist.all_reduce(sums)  # METHOD §4-5: mean weight and unmasked count over the global batch
+    loss_fn = sipo.sipo_loss if args.loss == "sipo" else sipo.dpo_cm_loss
+    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, args.beta, args.tau, args.eps,
+                          mean_weight=sums[1] / sums[2], unmasked_count=sums[0])
+    return loss * world_size, stats  # FSDP averages gradients over ranks; the loss is a global sum / count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: DCP into checkpoints/step-N.tmp, renamed when complete
+# ---------------------------------------------------------------------------------------------------------
+
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+def latest_checkpoint(out):
+    steps = sorted(Path(out, "checkpoints").glob("step-[0-9]*[0-9]"))
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(out, step, policy, optimizer, scheduler, keep, rank):
+    final = Path(out, "checkpoints", f"step-{step:06d}")
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(policy, options=STATE_OPTIONS),
+             "optimizer": get_optimizer_state_dict(policy, optimizer, options=STATE_OPTIONS)}
+    dcp.save(state, checkpoint_id=tmp)
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(final.parent.glob("step-[0-9]*[0-9]"))[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(path, policy, optimizer, scheduler):
+    state = {"model": get_model_state_dict(policy, options=STATE_OPTIONS),
+             "optimizer": get_optimizer_state_dict(policy, optimizer, options=STATE_OPTIONS)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(policy, state["model"], options=STATE_OPTIONS)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=STATE_OPTIONS)
+    trainer = json.loads((path / "trainer.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    return trainer["step"]
+
+
+def export(out, backbone, policy, lora_rank, rank):
+    """The final pipeline in the diffusers layout (safetensors); for LoRA the merged model plus the adapter."""
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        denoiser = type(backbone.denoiser).from_config(backbone.denoiser.config)
+        if lora_rank:
+            from peft import LoraConfig, get_peft_model_state_dict
+            from safetensors.torch import save_file
+            denoiser.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            denoiser.load_state_dict(full)
+            (out / "lora").mkdir(parents=True, exist_ok=True)
+            save_file(get_peft_model_state_dict(denoiser), out / "lora" / "adapter_model.safetensors")
+            denoiser.fuse_lora()
+            denoiser.unload_lora()
+        else:
+            denoiser.load_state_dict(full)
+        name = "unet" if hasattr(backbone.pipe, "unet") else "transformer"
+        sharded = getattr(backbone.pipe, name)
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        backbone.pipe.register_modules(**{name: denoiser})
+        backbone.pipe.save_pretrained(tmp, safe_serialization=True)
+        backbone.pipe.register_modules(**{name: sharded})
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------------------
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def reduce_stats(stats, world_size):
+    """Mean of each statistic over ranks, in one all-reduce."""
+    keys = sorted(stats)
+    values = torch.stack([stats[k].float().reshape(()) for k in keys])
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------------------
+
+def train(args):
+    device, rank, world_size = setup_distributed()
+    try:
+        check_args(args, world_size)
+        if args.precision is None:
+            args.precision = "bf16" if device.type == "cuda" else "fp32"
+        backbone, policy, reference = build(args, device)
+        args.beta = default_beta(args, backbone)
+        dataset, summary = data.open_dataset(args.data, backbone, args.pretrained, args.skip_bad, args.flip,
+                                             args.seed)
+        if len(data.rank_batches(len(dataset), args.batch_size, rank, world_size, args.seed, 0)) == 0:
+            raise ValueError(f"--data {args.data}: {len(dataset)} pairs give no full batch of {args.batch_size} "
+                             f"pairs on each of {world_size} ranks")
+    except (ValueError, models.ModelError, data.DataError) as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        dist.destroy_process_group()
+        sys.exit(1)
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
+    step = 0
+    if args.resume:
+        step = load_checkpoint(latest_checkpoint(args.out), policy, optimizer, scheduler)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "world_size": world_size,
+                                                        "data_summary": str(summary)}, indent=1))
+        print(f"{args.model}: {sum(p.numel() for p in trainable):,} trainable parameters; data: {summary}; "
+              f"{world_size} rank(s); loss {args.loss}, beta {args.beta:g}")
+    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    writer = None
+    if args.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(args.out / "tensorboard")
+
+    stop = {"signal": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.loss, unit="step")
+    batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, step * args.grad_accum,
+                                args.workers)
+    nonfinite_in_a_row, nonfinite_total = 0, 0
+    while step < args.steps:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step_stats, skipped = [], False
+        for _ in range(args.grad_accum):
+            epoch, batch = next(batches)
+            loss, stats = preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
+            finite = torch.isfinite(loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks skip together, or none does
+            if finite.item() < 1:
+                skipped = True
+                break
+            (loss / args.grad_accum).backward()
+            step_stats.append({"loss": loss.detach(), **stats})  # its mean over ranks is the global loss
+        if skipped:
+            nonfinite_in_a_row += 1
+            nonfinite_total += 1
+            optimizer.zero_grad(set_to_none=True)
+            if nonfinite_in_a_row >= args.max_nonfinite:
+                if rank == 0:
+                    print(f"error: {nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping "
+                          f"(lower --lr or --beta)", file=sys.stderr)
+                dist.destroy_process_group()
+                sys.exit(1)
+            continue
+        nonfinite_in_a_row = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        step += 1
+
+        stats = {k: torch.stack([s[k] for s in step_stats]).mean() for k in step_stats[0]}
+        record = reduce_stats({**stats, "grad_norm": grad_norm}, world_size)
+        elapsed = time.perf_counter() - start
+        stop_now = torch.tensor(float(stop["signal"]))
+        dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            pairs = args.batch_size * args.grad_accum * world_size
+            record.update(step=step, lr=scheduler.get_last_lr()[0], step_time=elapsed, pairs_per_s=pairs / elapsed,
+                          peak_memory_gb=peak_memory_gb(device), nonfinite_skipped=nonfinite_total, epoch=epoch)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if writer:
+                for key, value in record.items():
+                    writer.add_scalar(key, value, step)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', math.nan):.2f}",
+                                 masked=f"{record.get('mask_fraction', 0.0):.2f}", refresh=False)
+            progress.update(1)
+        if step % args.checkpoint_every == 0 or step == args.steps or stop_now.item():
+            save_checkpoint(args.out, step, policy, optimizer, scheduler, args.keep, rank)
+        if stop_now.item():
+            if rank == 0:
+                print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)
+            dist.destroy_process_group()
+            return
+    progress.close()
+    if not args.no_export:
+        export(args.out, backbone, policy, args.lora, rank)
+    if rank == 0:
+        print(f"done: {args.out}" + ("" if args.no_export else f"; pipeline in {args.out / 'model'}"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(parse_args())

@@ -1,0 +1,463 @@
+"""Did alignment work, and why: sampling with rewards, the paper's timestep analysis, training curves.
+
+    python evaluate.py compare --model NAME --base PATH --tuned RUN_DIR --prompts FILE --reward R[,R...]
+    python evaluate.py timesteps --model NAME [--pretrained PATH] --data PAIRS [--reference PATH]
+    python evaluate.py curves RUN_DIR [RUN_DIR ...]
+
+compare writes report.json, report.md and grid.png (or side-by-side.gif for video) into --out;
+timesteps writes timesteps.csv and timesteps.png; curves writes curves.png. Same seeds, same numbers.
+"""
+import argparse
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import data
+import models
+import sipo
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards: (images (N, 3, H, W) or videos (N, F, 3, H, W) in [0, 1], prompts) -> scores (N,), higher is better
+# ---------------------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0), "yellow": (1.0, 1.0, 0.0),
+           "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
+
+
+def _frames(images):
+    return images.flatten(0, 1) if images.dim() == 5 else images
+
+
+def _jpeg_kb(images):
+    sizes = []
+    for image in _frames(images):
+        buffer = io.BytesIO()
+        Image.fromarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(
+            buffer, format="JPEG", quality=95)
+        sizes.append(len(buffer.getvalue()) / 1000)
+    return torch.tensor(sizes).view(len(images), -1).mean(1)
+
+
+def jpeg_compressibility(images, prompts):
+    """-(JPEG size in kB) at quality 95, as DDPO's compressibility reward (frames averaged for video)."""
+    return -_jpeg_kb(images)
+
+
+def jpeg_incompressibility(images, prompts):
+    """+(JPEG size in kB), as DDPO's incompressibility reward."""
+    return _jpeg_kb(images)
+
+
+def temporal_flicker(images, prompts):
+    """1 - mean |frame_k+1 - frame_k| (VBench temporal flickering, in [0, 1]; higher is steadier)."""
+    if images.dim() != 5:
+        raise ValueError("reward temporal_flicker needs videos")
+    return 1 - (images[:, 1:] - images[:, :-1]).abs().flatten(1).mean(1)
+
+
+def named_colour(images, prompts):
+    """How strongly the image leans from grey toward the colour its prompt names: the mean over pixels of the
+    projection of (pixel - 0.5) on the unit direction of (colour - 0.5). The toy task's preference."""
+    scores = []
+    for image, prompt in zip(_frames(images) if images.dim() == 4 else images.mean(1), prompts):
+        name = next((c for c in COLOURS if re.search(rf"\b{c}\b", prompt.lower())), None)
+        if name is None:
+            raise ValueError(f"reward named_colour: prompt {prompt!r} names none of {', '.join(COLOURS)}")
+        direction = torch.tensor(COLOURS[name]) - 0.5
+        direction = direction / direction.norm()
+        scores.append(((image - 0.5) * direction.view(3, 1, 1)).sum(0).mean())
+    return torch.stack(scores)
+
+
+class ClipReward:
+    """CLIP-based rewards from a local directory in the published layout (CLIPModel + CLIPProcessor):
+    PickScore (logit_scale x cosine, Kirstain et al. 2023), CLIP score (100 x cosine) or, with a head file,
+    the LAION aesthetic predictor (a chain of linear layers on the normalised image embedding)."""
+
+    def __init__(self, kind, path, head=None):
+        from transformers import CLIPModel, CLIPProcessor
+        self.kind = kind
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
+        self.processor = CLIPProcessor.from_pretrained(path)
+        self.head = None
+        if head is not None:
+            state = load_file(head) if str(head).endswith(".safetensors") else \
+                torch.load(head, map_location="cpu", weights_only=True)
+            weights = [k for k in state if k.endswith("weight")]
+            layers = [torch.nn.Linear(state[k].shape[1], state[k].shape[0]) for k in weights]
+            for layer, key in zip(layers, weights):
+                layer.weight.data, layer.bias.data = state[key].float(), state[key[:-6] + "bias"].float()
+            self.head = torch.nn.Sequential(*layers).eval()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        frames = images.mean(1) if images.dim() == 5 else images  # video: the mean frame
+        pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
+        inputs = self.processor(text=list(prompts), images=pil, return_tensors="pt", padding=True, truncation=True)
+        image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        image = getattr(image, "pooler_output", image)
+        image = image / image.norm(dim=-1, keepdim=True)
+        if self.kind == "aesthetic":
+            return self.head(image).squeeze(-1)
+        text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        text = getattr(text, "pooler_output", text)
+        cosine = (image * text / text.norm(dim=-1, keepdim=True)).sum(-1)
+        return cosine * (self.model.logit_scale.exp() if self.kind == "pickscore" else 100.0)
+
+
+BUILTIN = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
+           "temporal_flicker": temporal_flicker, "named_colour": named_colour}
+MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model"}
+
+
+def load_rewards(names, args):
+    """The reward functions for comma-separated `names`; model-based ones need their local path flags."""
+    rewards = {}
+    for name in names.split(","):
+        if name in BUILTIN:
+            rewards[name] = BUILTIN[name]
+        elif name in MODEL_BASED:
+            flag = MODEL_BASED[name]
+            path = getattr(args, flag[2:].replace("-", "_"))
+            if path is None or not Path(path).exists():
+                raise ValueError(f"reward {name} needs {flag} PATH (a local CLIP directory)" if path is None else
+                                 f"{flag} {path}: does not exist")
+            head = args.aesthetic_head if name == "aesthetic" else None
+            if name == "aesthetic" and (head is None or not Path(head).is_file()):
+                raise ValueError("reward aesthetic needs --aesthetic-head FILE (the linear/MLP head weights)")
+            rewards[name] = ClipReward(name, path, head)
+        else:
+            raise ValueError(f"unknown reward {name!r}; choose from {', '.join([*BUILTIN, *MODEL_BASED])}")
+    return rewards
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics: bootstrap confidence intervals and a paired sign-flip permutation test
+# ---------------------------------------------------------------------------------------------------------
+
+def bootstrap_ci(values, seed=0, resamples=10_000):
+    """95% percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def paired_permutation_p(differences, seed=0, resamples=20_000):
+    """Two-sided p-value of mean(differences) = 0 by random sign flips (exact under the null of symmetry)."""
+    differences = np.asarray(differences, dtype=np.float64)
+    observed = abs(differences.mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, len(differences)))
+    return float(((np.abs((signs * differences).mean(1)) >= observed - 1e-12).sum() + 1) / (resamples + 1))
+
+
+def compare_scores(base, tuned, seed=0):
+    """base, tuned: (prompts, K) scores with the same seeds. Per-prompt means are the paired units."""
+    base_prompt, tuned_prompt = base.mean(1), tuned.mean(1)
+    differences = tuned_prompt - base_prompt
+    wins = (differences > 0).astype(float) + 0.5 * (differences == 0)
+    return {"base_mean": float(base.mean()), "base_ci": bootstrap_ci(base_prompt, seed),
+            "tuned_mean": float(tuned.mean()), "tuned_ci": bootstrap_ci(tuned_prompt, seed),
+            "improvement": float(differences.mean()), "improvement_ci": bootstrap_ci(differences, seed),
+            "win_rate": float(wins.mean()), "p_value": paired_permutation_p(differences, seed)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------------------------------------
+
+def read_prompts(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts {path}: does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts")
+    return prompts
+
+
+def model_dir(path):
+    """A run directory's exported pipeline, or the path itself."""
+    return str(Path(path) / "model") if (Path(path) / "model" / "model_index.json").is_file() else str(path)
+
+
+def sample_all(backbone, prompts, samples, seed, steps, guidance):
+    """(prompts, K, ...) samples; sample k of every prompt uses seed + k, for every model alike."""
+    return torch.stack([backbone.sample(prompts, seed + k, steps, guidance) for k in range(samples)], 1)
+
+
+def score(rewards, images, prompts):
+    flat = images.flatten(0, 1)
+    repeated = [p for p in prompts for _ in range(images.shape[1])]
+    return {name: fn(flat, repeated).view(images.shape[:2]).double().numpy() for name, fn in rewards.items()}
+
+
+def save_grid(path, base, tuned, columns=8):
+    """Row pairs: base above tuned, same prompt and seed in each column."""
+    count = min(columns, base.shape[0] * base.shape[1])
+    b, t = base.flatten(0, 1)[:count], tuned.flatten(0, 1)[:count]
+    grid = torch.cat([torch.cat(list(b), 2), torch.cat(list(t), 2)], 1)
+    image = Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+    scale = max(1, 256 // base.shape[-1])
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def save_side_by_side(path, base, tuned, count=4):
+    """A GIF of videos: base on the left, tuned on the right, one row per prompt."""
+    import imageio.v3 as iio
+    side = torch.cat([base[:count, 0], tuned[:count, 0]], -1)  # (P, F, 3, H, 2W)
+    frames = side.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (F, 3, P*H, 2W)
+    iio.imwrite(path, (frames.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8),
+                duration=125, loop=0)
+
+
+def compare(args):
+    prompts = read_prompts(args.prompts)
+    rewards = load_rewards(args.reward, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for label, path in (("base", args.base), ("tuned", model_dir(args.tuned))):
+        backbone = models.load_backbone(args.model, pretrained=path, device=args.device)
+        samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance)
+        results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
+    report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
+              "samples_per_prompt": args.samples, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "rewards": {name: compare_scores(results["base"][1][name], results["tuned"][1][name], args.seed)
+                          for name in rewards}}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# {args.model}: tuned vs base", "",
+             f"{len(prompts)} prompts x {args.samples} seeds, {args.steps} sampling steps, guidance {args.guidance}.",
+             "", "| reward | base (95% CI) | tuned (95% CI) | improvement (95% CI) | win rate | p (paired) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in report["rewards"].items():
+        lines.append(f"| {name} | {r['base_mean']:.4f} [{r['base_ci'][0]:.4f}, {r['base_ci'][1]:.4f}] | "
+                     f"{r['tuned_mean']:.4f} [{r['tuned_ci'][0]:.4f}, {r['tuned_ci'][1]:.4f}] | "
+                     f"{r['improvement']:+.4f} [{r['improvement_ci'][0]:+.4f}, {r['improvement_ci'][1]:+.4f}] | "
+                     f"{r['win_rate']:.2f} | {r['p_value']:.4f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    base, tuned = results["base"][0], results["tuned"][0]
+    if base.dim() == 6:
+        save_side_by_side(out / "side-by-side.gif", base, tuned)
+    else:
+        save_grid(out / "grid.png", base.transpose(0, 1), tuned.transpose(0, 1))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timesteps: the paper's analysis of the step weight over the schedule
+# ---------------------------------------------------------------------------------------------------------
+
+def fixed_batch(backbone, source, pairs):
+    dataset, _ = data.open_dataset(source, backbone)
+    items = [dataset[i] for i in range(min(pairs, len(dataset)))]
+    for item in items:
+        item.pop("index")
+    return data.encode_batch(backbone, data.collate(items))
+
+
+def bucket_levels(backbone, buckets):
+    """Bucket edges over the whole schedule: t in [0, T) for DDPM, sigma in (0, 1] for flow."""
+    if backbone.prediction == "flow":
+        return np.linspace(0.0, 1.0, buckets + 1)
+    return np.linspace(0, backbone.num_train_timesteps, buckets + 1)
+
+
+def timestep_analysis(args):
+    backbone = models.load_backbone(args.model, args.pretrained, device=args.device)
+    reference = None
+    if args.reference:
+        reference = models.load_backbone(args.model, pretrained=model_dir(args.reference), device=args.device).denoiser
+        models.freeze(reference)
+    batch = fixed_batch(backbone, args.data, args.pairs)
+    x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
+    cond = {k: torch.cat([v, v]) for k, v in data.conditioning(batch).items()}
+    pairs = len(batch["latents_w"])
+    policy = backbone.denoiser
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    edges = bucket_levels(backbone, args.buckets)
+    rows = []
+    generator = torch.Generator().manual_seed(args.seed)
+    for low, high in zip(edges[:-1], edges[1:]):
+        weights_w, weights_l, gaps, margins, grads = [], [], [], [], []
+        for _ in range(args.draws):
+            u = torch.rand(pairs, generator=generator)
+            levels = low + u * (high - low)
+            levels = levels.clamp(1e-4, 1.0) if backbone.prediction == "flow" else levels.long()
+            levels = levels.repeat(2).to(x0.device)
+            noise = torch.randn(x0[:pairs].shape, generator=generator).to(x0.device).repeat(
+                2, *[1] * (x0.dim() - 1))
+            (a, s), (a_prev, s_prev) = backbone.coefficients(levels, args.sample_steps)
+            x_t = sipo.add_noise(x0, noise, a, s)
+            target = sipo.native_target(x0, noise, a, s, backbone.prediction)
+            error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
+            log_w = sipo.importance_log_weight(error * sipo.x0_error_scale(a, s, backbone.prediction),
+                                               sipo.snr(a, s), sipo.snr(a_prev, s_prev), args.temperature)
+            w_w, w_l = log_w.exp().chunk(2)
+            e_w, e_l = error.chunk(2)
+            weights_w.append(w_w.detach())
+            weights_l.append(w_l.detach())
+            gaps.append((e_l - e_w).detach())
+            if reference is not None:
+                with torch.no_grad():
+                    r_w, r_l = sipo.per_sample_error(backbone.predict(reference, x_t, levels, cond), target).chunk(2)
+                margins.append(-0.5 * ((e_w - r_w) - (e_l - r_l)).detach())
+            # the preference gradient: d/dtheta mean(e_w - e_l), Diffusion-DPO's direction up to sigmoid factors
+            grad = torch.autograd.grad((e_w - e_l).mean(), trainable)
+            grads.append(torch.cat([g.flatten() for g in grad]))
+        w_w, w_l, grads = torch.cat(weights_w), torch.cat(weights_l), torch.stack(grads)
+        both = torch.cat([w_w, w_l]).double()
+        row = {"level_low": float(low), "level_high": float(high),
+               "weight_w_mean": w_w.mean().item(), "weight_l_mean": w_l.mean().item(),
+               "weight_q10": both.quantile(0.1).item(), "weight_q50": both.quantile(0.5).item(),
+               "weight_q90": both.quantile(0.9).item(),
+               "mask_fraction": (torch.minimum(w_w, w_l) < args.tau).float().mean().item(),
+               "error_gap": torch.cat(gaps).mean().item(),
+               "grad_norm": grads.norm(dim=1).mean().item(),
+               "grad_variance": (grads - grads.mean(0)).square().sum(1).mean().item()}
+        if margins:
+            row["margin_per_beta"] = torch.cat(margins).mean().item()
+        rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "timesteps.csv", "w") as f:
+        f.write(",".join(rows[0]) + "\n")
+        for row in rows:
+            f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
+    plot_timesteps(out / "timesteps.png", rows, backbone, args.tau)
+    return rows
+
+
+def plot_timesteps(path, rows, backbone, tau):
+    centre = [(r["level_low"] + r["level_high"]) / 2 for r in rows]
+    label = "sigma" if backbone.prediction == "flow" else "timestep t"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(centre, [r["weight_w_mean"] for r in rows], "o-", label="winner, mean")
+    axes[0].plot(centre, [r["weight_l_mean"] for r in rows], "s-", label="loser, mean")
+    axes[0].fill_between(centre, [r["weight_q10"] for r in rows], [r["weight_q90"] for r in rows], alpha=0.2,
+                         label="10-90% quantiles")
+    axes[0].axhline(tau, color="grey", ls="--", label=f"tau = {tau}")
+    axes[0].set(title="step importance weight w", xlabel=label, ylim=(-0.02, 1.02))
+    axes[0].legend(fontsize=8)
+    axes[1].plot(centre, [r["mask_fraction"] for r in rows], "o-", color="C3")
+    axes[1].set(title=f"fraction masked at tau = {tau}", xlabel=label, ylim=(-0.02, 1.02))
+    axes[2].plot(centre, [r["grad_variance"] for r in rows], "o-", color="C4", label="variance over noise draws")
+    axes[2].plot(centre, [r["grad_norm"] ** 2 for r in rows], "^--", color="C5", label="squared norm")
+    axes[2].set(title="preference gradient", xlabel=label, yscale="log")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{backbone.name}: timestep analysis")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# curves
+# ---------------------------------------------------------------------------------------------------------
+
+CURVES = [("loss", "loss"), ("accuracy", "implicit accuracy"), ("mask_fraction", "mask fraction"),
+          (("err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l"), "errors"),
+          ("heldout_accuracy", "held-out accuracy"), ("heldout_reward", "held-out reward")]
+
+
+def smooth(values, window):
+    values = np.asarray(values, dtype=float)
+    if len(values) < window or window < 2:
+        return values
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def curves(args):
+    runs = {}
+    for run in args.runs:
+        log = Path(run) / "log.jsonl"
+        if not log.is_file():
+            raise ValueError(f"{run}: no log.jsonl (not a run directory)")
+        runs[Path(run).name] = [json.loads(line) for line in log.read_text().splitlines()]
+    panels = [(k, t) for k, t in CURVES if any(all(key in r for key in ((k,) if isinstance(k, str) else k))
+                                                 for records in runs.values() for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (keys, title) in zip(axes[0], panels):
+        for index, (name, records) in enumerate(runs.items()):
+            for style, key in zip(("-", "--", ":", "-."), (keys,) if isinstance(keys, str) else keys):
+                points = [(r["step"], r[key]) for r in records if key in r]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                window = args.smooth if key not in ("heldout_accuracy", "heldout_reward") else 1
+                ax.plot(steps[len(steps) - len(smooth(values, window)):], smooth(values, window), style,
+                        color=f"C{index}", label=f"{name} {key}" if not isinstance(keys, str) else name)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    c = commands.add_parser("compare", help="sample base and tuned with the same seeds, score, compare")
+    c.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL")
+    c.add_argument("--base", required=True, help="the base pipeline (diffusers directory or hub id)")
+    c.add_argument("--tuned", required=True, help="a run directory of train.py, or a diffusers directory")
+    c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    c.add_argument("--reward", required=True, help=f"comma-separated: {', '.join([*BUILTIN, *MODEL_BASED])}")
+    c.add_argument("--samples", type=int, default=4, help="samples per prompt (seeds seed..seed+K-1)")
+    c.add_argument("--steps", type=int, default=20, help="sampling steps")
+    c.add_argument("--guidance", type=float, default=5.0)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="eval", help="output directory")
+    c.add_argument("--pickscore-model", help="local PickScore directory (CLIPModel + processor)")
+    c.add_argument("--clip-model", help="local CLIP directory for the CLIP score")
+    c.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
+    c.add_argument("--aesthetic-head", help="the aesthetic predictor's head weights (.pth or .safetensors)")
+    c.add_argument("--device", default=device)
+
+    t = commands.add_parser("timesteps", help="importance weights, masking and gradient variance over the schedule")
+    t.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL")
+    t.add_argument("--pretrained", help="diffusers directory (or a run directory's model/)")
+    t.add_argument("--reference", help="a reference pipeline: adds the DPO margin per bucket")
+    t.add_argument("--data", required=True, help="pairs: manifest, parquet, or latent cache")
+    t.add_argument("--pairs", type=int, default=16, help="pairs in the fixed batch")
+    t.add_argument("--buckets", type=int, default=20)
+    t.add_argument("--draws", type=int, default=4, help="noise draws per bucket")
+    t.add_argument("--tau", type=float, default=0.9)
+    t.add_argument("--sample-steps", type=int, default=50)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="eval")
+    t.add_argument("--device", default=device)
+
+    k = commands.add_parser("curves", help="loss, accuracy, mask fraction, errors, held-out metrics per step")
+    k.add_argument("runs", nargs="+", help="run directories")
+    k.add_argument("--smooth", type=int, default=5, help="moving-average window")
+    k.add_argument("--out", default="curves.png")
+    args = parser.parse_args(argv)
+    if args.command == "timesteps" and args.pretrained:
+        args.pretrained = model_dir(args.pretrained)
+    try:
+        torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
+        return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
+    except (ValueError, models.ModelError, data.DataError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

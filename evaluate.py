@@ -129,11 +129,11 @@ def load_rewards(names, args):
             rewards[name] = BUILTIN[name]
         elif name in MODEL_BASED:
             flag = MODEL_BASED[name]
-            path = getattr(args, flag[2:].replace("-", "_"))
+            path = getattr(args, flag[2:].replace("-", "_"), None)
             if path is None or not Path(path).exists():
                 raise ValueError(f"reward {name} needs {flag} PATH (a local CLIP directory)" if path is None else
                                  f"{flag} {path}: does not exist")
-            head = args.aesthetic_head if name == "aesthetic" else None
+            head = getattr(args, "aesthetic_head", None) if name == "aesthetic" else None
             if name == "aesthetic" and (head is None or not Path(head).is_file()):
                 raise ValueError("reward aesthetic needs --aesthetic-head FILE (the linear/MLP head weights)")
             rewards[name] = ClipReward(name, path, head)
@@ -163,12 +163,13 @@ def paired_permutation_p(differences, seed=0, resamples=20_000):
 
 
 def compare_scores(base, tuned, seed=0):
-    """base, tuned: (prompts, K) scores with the same seeds. Per-prompt means are the paired units."""
-    base_prompt, tuned_prompt = base.mean(1), tuned.mean(1)
-    differences = tuned_prompt - base_prompt
-    wins = (differences > 0).astype(float) + 0.5 * (differences == 0)
-    return {"base_mean": float(base.mean()), "base_ci": bootstrap_ci(base_prompt, seed),
-            "tuned_mean": float(tuned.mean()), "tuned_ci": bootstrap_ci(tuned_prompt, seed),
+    """base, tuned: (prompts, K) scores, sample k of each prompt drawn with the same seed for both models: the
+    (prompt, seed) samples are the paired units of the intervals and the test; the win rate is over prompts."""
+    differences = (tuned - base).ravel()
+    by_prompt = tuned.mean(1) - base.mean(1)
+    wins = (by_prompt > 0).astype(float) + 0.5 * (by_prompt == 0)
+    return {"base_mean": float(base.mean()), "base_ci": bootstrap_ci(base.ravel(), seed),
+            "tuned_mean": float(tuned.mean()), "tuned_ci": bootstrap_ci(tuned.ravel(), seed),
             "improvement": float(differences.mean()), "improvement_ci": bootstrap_ci(differences, seed),
             "win_rate": float(wins.mean()), "p_value": paired_permutation_p(differences, seed)}
 

@@ -72,6 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad pairs instead of stopping")
     p.add_argument("--flip", action="store_true", help="random horizontal flip (raw data only)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--eval-data", help="held-out pairs: implicit accuracy every --eval-every steps")
+    p.add_argument("--eval-prompts", help="held-out prompts (one a line): mean --eval-reward of samples")
+    p.add_argument("--eval-reward", default="named_colour", help="reward for --eval-prompts (evaluate.py's names)")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (default 100)")
+    p.add_argument("--eval-sample-steps", type=int, default=20, help="sampling steps for --eval-prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (needs tensorboard)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the final pipeline")
@@ -88,13 +93,15 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
-    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep"):
+    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep", "eval_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0 <= args.eps < 1 or args.tau < 0:
         raise ValueError("--eps must be in [0, 1) and --tau non-negative")
-    if not Path(args.data).exists():
-        raise ValueError(f"--data {args.data}: does not exist")
+    for flag in ("data", "eval_data", "eval_prompts"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: does not exist")
     cache = data.read_cache_index(args.data)
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
@@ -194,27 +201,41 @@ def reference_errors(backbone, reference, policy, x_t, levels, cond, target):
         return sipo.per_sample_error(pred, target)
 
 
-def preference_loss(backbone, policy, reference, batch, epoch, args, world_size):
-    """Noise each pair (winner and loser share t and eps), one policy forward over 2B, one reference forward,
-    then the chosen loss of sipo.py. Returns (loss to backpropagate, statistics)."""
+def pair_errors(backbone, policy, reference, batch, epoch, args):
+    """Noise each pair (winner and loser share t and eps); one policy forward over winners and losers together,
+    one reference forward without autograd. Returns the 2B policy and reference errors and the coefficients."""
     indices = batch.pop("index")
     batch = data.encode_batch(backbone, batch)
     x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], data.conditioning(batch)
     levels, noise = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
-    if args.loss == "sft":
-        (a, s), _ = backbone.coefficients(levels, args.sample_steps)
-        x_t = sipo.add_noise(x0_w, noise, a, s)
-        error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond),
-                                      sipo.native_target(x0_w, noise, a, s, backbone.prediction))
-        return sipo.sft_loss(error)
-
     x0, noise, levels = torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), torch.cat([levels, levels])
     cond = {key: torch.cat([value, value]) for key, value in cond.items()}
-    (a, s), (a_prev, s_prev) = backbone.coefficients(levels, args.sample_steps)
+    (a, s), previous = backbone.coefficients(levels, args.sample_steps)
     x_t = sipo.add_noise(x0, noise, a, s)
     target = sipo.native_target(x0, noise, a, s, backbone.prediction)
     model_error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
     ref_error = reference_errors(backbone, reference, policy, x_t, levels, cond, target)
+    return model_error, ref_error, (a, s), previous
+
+
+def sft_step(backbone, policy, batch, epoch, args):
+    """The plain denoising loss on winners only: no loser, no reference."""
+    indices = batch.pop("index")
+    batch = data.encode_batch(backbone, batch)
+    x0, cond = batch["latents_w"], data.conditioning(batch)
+    levels, noise = pair_noise(backbone, indices, epoch, x0.shape[1:], args, x0.device)
+    (a, s), _ = backbone.coefficients(levels, args.sample_steps)
+    x_t = sipo.add_noise(x0, noise, a, s)
+    error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond),
+                                  sipo.native_target(x0, noise, a, s, backbone.prediction))
+    return sipo.sft_loss(error)
+
+
+def preference_loss(backbone, policy, reference, batch, epoch, args, world_size):
+    """The training objective of one micro-batch: (loss to backpropagate, statistics)."""
+    if args.loss == "sft":
+        return sft_step(backbone, policy, batch, epoch, args)
+    model_error, ref_error, (a, s), (a_prev, s_prev) = pair_errors(backbone, policy, reference, batch, epoch, args)
     e_w, e_l = model_error.chunk(2)
     r_w, r_l = ref_error.chunk(2)
     if args.loss == "dpo":
@@ -229,6 +250,34 @@ def preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
     loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, args.beta, args.tau, args.eps,
                           mean_weight=sums[1] / sums[2], unmasked_count=sums[0])
     return loss * world_size, stats  # FSDP averages gradients over ranks; the loss is a global sum / count
+
+
+@torch.no_grad()
+def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank, world_size):
+    """Implicit accuracy on held-out pairs with fixed noise (epoch -1), and the mean reward of samples of fixed
+    prompts and seeds. Every rank takes an equal share: the sharded policy's forwards are collective."""
+    totals = torch.zeros(4, dtype=torch.float64)  # correct, pairs, reward sum, samples
+    if heldout is not None and args.loss != "sft":
+        for indices in data.rank_batches(len(heldout), args.batch_size, rank, world_size, args.seed, 0):
+            model_error, ref_error, _, _ = pair_errors(backbone, policy, reference,
+                                                       data.collate([heldout[i] for i in indices]), -1, args)
+            e_w, e_l = model_error.chunk(2)
+            r_w, r_l = ref_error.chunk(2)
+            totals[0] += (((e_l - r_l) - (e_w - r_w)) > 0).sum().item()
+            totals[1] += len(indices)
+    if prompts:
+        share = -(-len(prompts) // world_size)
+        mine = (prompts[rank::world_size] + prompts[:share])[:share]
+        real = len(prompts[rank::world_size])
+        scores = reward(backbone.sample(mine, seed=args.seed, steps=args.eval_sample_steps).cpu(), mine)[:real]
+        totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
+    dist.all_reduce(totals)
+    metrics = {}
+    if totals[1]:
+        metrics["heldout_accuracy"] = (totals[0] / totals[1]).item()
+    if totals[3]:
+        metrics["heldout_reward"] = (totals[2] / totals[3]).item()
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,6 +385,12 @@ def train(args):
         if len(data.rank_batches(len(dataset), args.batch_size, rank, world_size, args.seed, 0)) == 0:
             raise ValueError(f"--data {args.data}: {len(dataset)} pairs give no full batch of {args.batch_size} "
                              f"pairs on each of {world_size} ranks")
+        heldout = data.open_dataset(args.eval_data, backbone, args.pretrained)[0] if args.eval_data else None
+        prompts, reward = [], None
+        if args.eval_prompts:
+            import evaluate
+            prompts = evaluate.read_prompts(args.eval_prompts)
+            reward = evaluate.load_rewards(args.eval_reward, args)[args.eval_reward]
     except (ValueError, models.ModelError, data.DataError) as error:
         if rank == 0:
             print(f"error: {error}", file=sys.stderr)
@@ -401,6 +456,9 @@ def train(args):
         stats = {k: torch.stack([s[k] for s in step_stats]).mean() for k in step_stats[0]}
         record = reduce_stats({**stats, "grad_norm": grad_norm}, world_size)
         elapsed = time.perf_counter() - start
+        if (heldout is not None or prompts) and (step % args.eval_every == 0 or step == args.steps):
+            record.update(heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank,
+                                          world_size))
         stop_now = torch.tensor(float(stop["signal"]))
         dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
         if rank == 0:

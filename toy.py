@@ -70,21 +70,23 @@ def make_base_data(folder, count, seed):
     return write_pairs(folder, rows)
 
 
-def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance):
-    """Two samples of the base per pair (seeds differ), the one with the higher named_colour reward first."""
+def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance, chunk=8):
+    """Two samples of the base per pair, the one with the higher named_colour reward first. Sampled `chunk`
+    per prompt at a time (64 images a call); the seeds of training and held-out pairs never overlap."""
     if (folder / "pairs.jsonl").exists():
         return folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     backbone = models.load_backbone("toy", pretrained=str(base))
+    prompts = PROMPTS * chunk
     rows = []
-    for k in tqdm(range(per_prompt), desc=f"sampling pairs in {folder.name}"):
-        a = backbone.sample(PROMPTS, first_seed + 2 * k, steps, guidance)
-        b = backbone.sample(PROMPTS, first_seed + 2 * k + 1, steps, guidance)
-        score_a, score_b = evaluate.named_colour(a, PROMPTS), evaluate.named_colour(b, PROMPTS)
-        for i, prompt in enumerate(PROMPTS):
+    for k in tqdm(range(0, per_prompt, chunk), desc=f"sampling pairs in {folder.name}"):
+        a = backbone.sample(prompts, first_seed + 2 * k, steps, guidance)
+        b = backbone.sample(prompts, first_seed + 2 * k + 1, steps, guidance)
+        score_a, score_b = evaluate.named_colour(a, prompts), evaluate.named_colour(b, prompts)
+        for i, prompt in enumerate(prompts[:min(len(prompts), (per_prompt - k) * len(PROMPTS))]):
             names = []
             for label, image in (("a", a[i]), ("b", b[i])):
-                name = f"{k:04d}-{i}-{label}.png"
+                name = f"{k:04d}-{i:03d}-{label}.png"
                 Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / name)
                 names.append(name)
             better = score_a[i] >= score_b[i]
@@ -116,7 +118,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    sample_steps, guidance = 20, 3.0
+    sample_steps, guidance = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
 
     base = out / "base" / "model"
     if not (base / "model_index.json").exists():
@@ -134,7 +136,8 @@ def main(argv=None):
         beta = [] if args.beta is None else ["--beta", args.beta]
         train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
                "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 100,
-               "--eval-data", heldout, "--eval-prompts", out / "prompts.txt", "--eval-every", 25, "--seed", args.seed,
+               "--eval-data", heldout, "--eval-prompts", out / "prompts.txt", "--eval-every", 25, "--eval-guidance",
+               guidance, "--seed", args.seed,
                *beta], args.ranks)
     report = evaluate.main(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
                             str(out / "prompts.txt"), "--reward", "named_colour", "--samples", str(args.samples),

@@ -10,7 +10,6 @@ ones only), model/ (the final pipeline in the diffusers layout) and, with --lora
 import argparse
 import copy
 import json
-import math
 import os
 import resource
 import shutil
@@ -77,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-reward", default="named_colour", help="reward for --eval-prompts (evaluate.py's names)")
     p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (default 100)")
     p.add_argument("--eval-sample-steps", type=int, default=20, help="sampling steps for --eval-prompts")
+    p.add_argument("--eval-guidance", type=float, default=5.0, help="guidance scale for --eval-prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (needs tensorboard)")
     p.add_argument("--no-export", action="store_true", help="skip exporting the final pipeline")
@@ -269,7 +269,8 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
         share = -(-len(prompts) // world_size)
         mine = (prompts[rank::world_size] + prompts[:share])[:share]
         real = len(prompts[rank::world_size])
-        scores = reward(backbone.sample(mine, seed=args.seed, steps=args.eval_sample_steps).cpu(), mine)[:real]
+        samples = backbone.sample(mine, seed=args.seed, steps=args.eval_sample_steps, guidance=args.eval_guidance)
+        scores = reward(samples.cpu(), mine)[:real]
         totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
     dist.all_reduce(totals)
     metrics = {}
@@ -470,8 +471,8 @@ def train(args):
             if writer:
                 for key, value in record.items():
                     writer.add_scalar(key, value, step)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', math.nan):.2f}",
-                                 masked=f"{record.get('mask_fraction', 0.0):.2f}", refresh=False)
+            shown = {"loss": "loss", "acc": "accuracy", "masked": "mask_fraction", "heldout": "heldout_accuracy"}
+            progress.set_postfix({k: f"{record[v]:.4f}" for k, v in shown.items() if v in record}, refresh=False)
             progress.update(1)
         if step % args.checkpoint_every == 0 or step == args.steps or stop_now.item():
             save_checkpoint(args.out, step, policy, optimizer, scheduler, args.keep, rank)

@@ -1,0 +1,456 @@
+"""Benchmarks: where the time and memory go. Medians after warm-up; ratios measured side by side, interleaved.
+
+    python bench.py                    # all CPU figures, under 10 minutes on 2 cores
+    python bench.py planner            # the memory planner only (meta-device models, no compute)
+    python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2
+
+Figures: 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step time vs the bare compute floor with a
+breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory per rank with 1 and 2 ranks,
+5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers import UNet2DConditionModel
+
+import data
+import models
+import sipo
+import train
+
+# a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (about 12M parameters) on 32x32 latents
+MEDIUM_UNET = dict(models.TINY_UNET, sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2,
+                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def timed(fn, sync):
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def median_ms(values):
+    return 1000 * statistics.median(values)
+
+
+def make_args(**overrides):
+    args = train.parse_args(["--model", "tiny-sd1.5", "--data", ".", "--warmup", "0", "--steps", "1000000"])
+    args.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def medium_backbone():
+    """tiny-sd1.5's encoders with the medium UNet."""
+    torch.manual_seed(0)
+    backbone = models.load_backbone("tiny-sd1.5")
+    backbone.pipe.register_modules(unet=UNet2DConditionModel(**MEDIUM_UNET))
+    backbone.resolution = (64, 64)
+    return backbone
+
+
+class Trainer:
+    """train.py's pieces on one backbone: the same functions, so the benchmark measures the real path."""
+
+    def __init__(self, backbone, dataset, batch_size, device, loss="sipo", gradient_checkpointing=False):
+        self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, gradient_checkpointing=False)
+        self.backbone, self.dataset, self.device = backbone, dataset, device
+        models.prepare_for_training(backbone, gradient_checkpointing)
+        backbone.denoiser.to(device)
+        self.reference = models.freeze(copy.deepcopy(backbone.denoiser))
+        param_dtype = torch.bfloat16 if self.args.precision == "bf16" else None
+        self.policy = train.shard(backbone.denoiser, param_dtype)
+        train.shard(self.reference, param_dtype)
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-6)
+        self.batches = data.pair_batches(dataset, batch_size, 0, 1, 0)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step(self, loss=None, phases=None):
+        """One full training step, as train.py runs it; `phases` collects the time of each part."""
+        args = self.args
+        if loss is not None:
+            args.loss = loss
+        clock = {"t": time.perf_counter()}
+
+        def mark(name):
+            self.sync()
+            now = time.perf_counter()
+            if phases is not None:
+                phases.setdefault(name, []).append(now - clock["t"])
+            clock["t"] = now
+
+        self.optimizer.zero_grad(set_to_none=True)
+        epoch, batch = next(self.batches)
+        mark("data")
+        value, stats = train.preference_loss(self.backbone, self.policy, self.reference, batch, epoch, args, 1)
+        mark("encode + policy forward + reference forward + loss")
+        value.backward()
+        mark("policy backward")
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        mark("clip + optimizer")
+        train.reduce_stats(stats, 1)
+        mark("logging (stats all-reduce, host sync)")
+
+    def floor(self, batch_size):
+        """The bare compute floor: policy forward + backward on 2B plus reference forward on 2B, nothing else."""
+        b = self.backbone
+        x = torch.randn(2 * batch_size, *self.dataset[0]["latents_w"].shape, device=self.device)
+        cond = {k: torch.cat([v, v]).to(self.device) for k, v in data.conditioning(
+            data.collate([{k: v for k, v in self.dataset[i].items() if k != "index"} for i in range(batch_size)]))
+            .items()}
+        levels = torch.randint(0, 1000, (2 * batch_size,), device=self.device)
+
+        def run():
+            b.predict(self.policy, x, levels, cond).float().square().mean().backward()
+            with torch.no_grad():
+                b.predict(self.reference, x, levels, cond)
+        return run
+
+
+def init_single_process():
+    if not dist.is_initialized():
+        train.setup_distributed()
+
+
+def loss_overhead(trainer, repeats):
+    """Figure 1: interleaved steps of the three losses on the same model and batch."""
+    times = {"dpo": [], "dpo-cm": [], "sipo": []}
+    for loss in times:  # warm-up
+        trainer.step(loss)
+    for _ in range(repeats):
+        for loss in times:
+            times[loss].append(timed(lambda: trainer.step(loss), trainer.sync))
+    medians = {k: median_ms(v) for k, v in times.items()}
+    return {"median_ms": medians, "sipo_over_dpo": medians["sipo"] / medians["dpo"],
+            "dpo_cm_over_dpo": medians["dpo-cm"] / medians["dpo"]}
+
+
+def floor_distance(trainer, batch_size, repeats):
+    """Figure 2: full step vs the bare compute floor, interleaved, with a breakdown of the full step."""
+    floor = trainer.floor(batch_size)
+    floor()
+    trainer.step("sipo")
+    steps, floors, phases = [], [], {}
+    for _ in range(repeats):
+        steps.append(timed(lambda: trainer.step("sipo", phases), trainer.sync))
+        floors.append(timed(floor, trainer.sync))
+    return {"step_ms": median_ms(steps), "floor_ms": median_ms(floors),
+            "step_over_floor": statistics.median(steps) / statistics.median(floors),
+            "breakdown_ms": {k: median_ms(v) for k, v in phases.items()}}
+
+
+def cache_speedup(repeats, workdir):
+    """Figure 3: tiny video backbone, training step with on-the-fly VAE + text encoding vs the latent cache."""
+    import imageio.v3 as iio
+    import numpy as np
+    backbone = models.load_backbone("tiny-wan2.1-1.3b")
+    rows = []
+    for i in range(8):
+        frames = np.stack([np.full((32, 32, 3), (20 * k + 7 * i) % 255, np.uint8) for k in range(5)])
+        for side in ("w", "l"):
+            iio.imwrite(workdir / f"{side}{i}.mp4", frames if side == "w" else frames[::-1].copy(), fps=8,
+                        codec="libx264", macro_block_size=8)
+        rows.append({"prompt": f"clip {i}", "chosen": f"w{i}.mp4", "rejected": f"l{i}.mp4"})
+    (workdir / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    raw, _ = data.open_dataset(workdir / "v.jsonl", backbone)
+    data.write_cache(backbone, raw, workdir / "vcache")
+    cached, _ = data.open_dataset(workdir / "vcache", backbone)
+    trainer = Trainer(backbone, raw, 2, torch.device("cpu"), "dpo")  # one model; only the batches differ
+    times = {"on the fly": [], "cache": []}
+    sources = {"on the fly": data.pair_batches(raw, 2, 0, 1, 0), "cache": data.pair_batches(cached, 2, 0, 1, 0)}
+    for name in times:
+        trainer.batches = sources[name]
+        trainer.step()
+    for _ in range(repeats):
+        for name in times:
+            trainer.batches = sources[name]
+            times[name].append(timed(trainer.step, trainer.sync))
+    medians = {k: median_ms(v) for k, v in times.items()}
+    return {"median_ms": medians, "speedup": medians["on the fly"] / medians["cache"]}
+
+
+def sharded_bytes(policy, optimizer):
+    """Bytes this rank holds for parameters, gradients and optimizer state (local shards of the DTensors)."""
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    params = sum(local(p) for p in policy.parameters())
+    grads = sum(local(p.grad) for p in policy.parameters() if p.grad is not None)
+    state = sum(local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    return {"parameters": params, "gradients": grads, "optimizer": state, "total": params + grads + state}
+
+
+def fsdp_memory_worker():
+    """Run under torchrun: one step of the medium model, then this rank's sharded bytes and peak RSS."""
+    import resource
+    device, rank, world = train.setup_distributed()
+    backbone = medium_backbone()
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = random_cache(backbone, Path(tmp), 8) if rank == 0 else None
+        dist.barrier()
+        dataset = dataset or data.CachedPairs(Path(tmp) / "cache")
+        trainer = Trainer(backbone, dataset, 2, device, "sipo")
+        trainer.batches = data.pair_batches(dataset, 2, rank, world, 0)
+        value, _ = train.preference_loss(backbone, trainer.policy, trainer.reference, next(trainer.batches)[1], 0,
+                                         trainer.args, world)
+        value.backward()
+        trainer.optimizer.step()
+        result = {**sharded_bytes(trainer.policy, trainer.optimizer),
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+        dist.barrier()
+    if rank == 0:
+        print("RESULT " + json.dumps(result))
+    dist.destroy_process_group()
+
+
+def fsdp_memory():
+    """Figure 4: per-rank bytes of parameters, gradients and optimizer state with 1 and 2 ranks."""
+    results = {}
+    for ranks in (1, 2):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={ranks}", __file__, "fsdp-memory-worker"],
+                             capture_output=True, text=True, timeout=600)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(out.stderr[-2000:])
+        results[ranks] = json.loads(line[7:])
+    return {"per_rank": results, "two_over_one": results[2]["total"] / results[1]["total"],
+            "peak_rss_two_over_one": results[2]["peak_rss_gb"] / results[1]["peak_rss_gb"]}
+
+
+def random_cache(backbone, folder, pairs):
+    """A latent cache of random latents with real prompt embeddings (the benchmark measures compute, not data)."""
+    from safetensors.torch import save_file
+    folder = folder / "cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    size = backbone.denoiser.config.sample_size
+    cond = backbone.encode_prompts([f"prompt {i}" for i in range(pairs)])
+    tensors = {"latents_w": torch.randn(pairs, 4, size, size, generator=generator),
+               "latents_l": torch.randn(pairs, 4, size, size, generator=generator),
+               **{f"cond.{k}": v.cpu().contiguous() for k, v in cond.items()}}
+    save_file(tensors, folder / "shard-00000.safetensors")
+    index = {**data.cache_identity(backbone, None), "pairs": pairs,
+             "shards": [{"file": "shard-00000.safetensors", "pairs": pairs}]}
+    (folder / data.CACHE_INDEX).write_text(json.dumps(index))
+    return data.CachedPairs(folder, backbone)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figure 5: the memory planner, from meta-device models (no weights, no compute)
+# ---------------------------------------------------------------------------------------------------------
+
+def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
+    """Bytes autograd saves for backward in one forward of the denoiser on `batch` samples at native size,
+    counted on the meta device (no memory, no compute). On meta, attention runs as math ops that save the
+    (tokens x tokens) probabilities; flash and memory-efficient attention on GPUs keep only O(tokens) statistics,
+    so square attention matrices of 1024 tokens or more are left out."""
+    denoiser = backbone.denoiser.to(dtype).train()
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    else:
+        denoiser.disable_gradient_checkpointing()
+    with torch.device("meta"):
+        latents = torch.zeros(batch, *native_latent_shape(backbone), dtype=dtype)
+        cond = meta_conditioning(backbone, batch, dtype)
+        levels = torch.full((batch,), 500, dtype=torch.long)
+    saved = [0]
+
+    def pack(tensor):
+        attention_matrix = tensor.dim() >= 3 and tensor.shape[-1] == tensor.shape[-2] >= 1024
+        saved[0] += 0 if attention_matrix else tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backbone.predict(denoiser, latents, levels, cond)
+    return saved[0]
+
+
+def activation_bytes(backbone, batch):
+    """Activation memory without and with checkpointing. With it, backward recomputes one block at a time:
+    what checkpointing saves, plus the largest block's share (by parameters) of the full activations."""
+    full = saved_bytes(backbone, batch, False)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in models.denoiser_blocks(backbone.denoiser)]
+    return {False: full, True: saved_bytes(backbone, batch, True) + int(full * max(blocks) / sum(blocks))}
+
+
+def meta_conditioning(backbone, batch, dtype):
+    """Prompt conditioning of the full-size text encoders' shapes."""
+    if backbone.family == "sdxl":
+        return {"prompt_embeds": torch.zeros(batch, 77, 2048, dtype=dtype),
+                "pooled_embeds": torch.zeros(batch, 1280, dtype=dtype), "time_ids": torch.zeros(batch, 6, dtype=dtype)}
+    length, width = {"sd": (77, 768), "cogvideox": (226, 4096), "wan": (512, 4096)}[backbone.family]
+    return {"prompt_embeds": torch.zeros(batch, length, width, dtype=dtype)}
+
+
+def memory_plan(gpus=(1, 8, 64)):
+    """Per-GPU gigabytes for full fine-tuning and LoRA (rank 64) of each full-size backbone, one pair per GPU:
+    fp32 master weights, fp32 gradients and Adam state sharded over the GPUs (FSDP), a bf16 reference sharded
+    the same way (none for LoRA: the adapter-free policy is the reference), bf16 activations of the 2 samples
+    (winner and loser) with and without checkpointing. Frozen encoders are not counted (use the latent cache)."""
+    plan = {}
+    for name in models.FULL:
+        backbone = models.load_backbone(name, device="meta", random_weights=True)
+        count = sum(p.numel() for p in backbone.denoiser.parameters())
+        lora = lora_parameter_count(backbone.denoiser, 64)
+        act = activation_bytes(backbone, 2)
+        rows = {}
+        for n in gpus:
+            full = {"parameters": 4 * count / n, "gradients": 4 * count / n, "optimizer": 8 * count / n,
+                    "reference": 2 * count / n}
+            low_rank = {"parameters": 2 * count / n + 4 * lora, "gradients": 4 * lora, "optimizer": 8 * lora}
+            for label, parts in (("full", full), ("lora", low_rank)):
+                for ckpt in (False, True):
+                    total = sum(parts.values()) + act[ckpt]
+                    rows[f"{label}, {n} GPU{'s' if n > 1 else ''}, {'ckpt' if ckpt else 'no ckpt'}"] = total / 2 ** 30
+        plan[name] = {"parameters": count, "lora_parameters": lora,
+                      "activations_gb": {"no ckpt": act[False] / 2 ** 30, "ckpt": act[True] / 2 ** 30},
+                      "per_gpu_gb": rows}
+    return plan
+
+
+def lora_parameter_count(denoiser, rank):
+    count = 0
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or \
+                name.endswith("to_out.0"):
+            count += rank * (module.in_features + module.out_features)
+    return count
+
+
+def gpu_benchmarks():
+    """Wan2.1-1.3B at full size (random weights), 81x480x832, one pair per step, FSDP on one GPU with gradient
+    checkpointing and bf16; SD1.5 at 512^2. Seconds per step, peak memory, model FLOPs utilisation."""
+    init_single_process()
+    device = torch.device("cuda", 0)
+    results = {}
+    for name, batch in (("wan2.1-1.3b", 1), ("sd1.5", 8)):
+        torch.manual_seed(0)
+        backbone = models.load_backbone(name, random_weights=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            dataset = random_native_cache(backbone, Path(tmp), batch)
+            trainer = Trainer(backbone, dataset, batch, device, "sipo", gradient_checkpointing=True)
+            for _ in range(2):
+                trainer.step()
+            torch.cuda.reset_peak_memory_stats()
+            times = [timed(trainer.step, trainer.sync) for _ in range(5)]
+        seconds = statistics.median(times)
+        flops = training_flops(backbone, batch)
+        results[name] = {"pairs_per_step": batch, "seconds_per_step": seconds, "pairs_per_second": batch / seconds,
+                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
+                         "mfu_vs_989_tflops_bf16": flops / seconds / 989e12}
+        del trainer, backbone
+        torch.cuda.empty_cache()
+    return results
+
+
+def random_native_cache(backbone, folder, pairs):
+    from safetensors.torch import save_file
+    folder = folder / "cache"
+    folder.mkdir(parents=True)
+    shape = native_latent_shape(backbone)
+    cond = meta_conditioning(backbone, pairs, torch.float32)
+    tensors = {"latents_w": torch.randn(pairs, *shape), "latents_l": torch.randn(pairs, *shape),
+               **{f"cond.{k}": torch.randn(v.shape) for k, v in cond.items()}}
+    save_file(tensors, folder / "shard-00000.safetensors")
+    (folder / data.CACHE_INDEX).write_text(json.dumps({**data.cache_identity(backbone, None), "pairs": pairs,
+                                                       "shards": [{"file": "shard-00000.safetensors",
+                                                                   "pairs": pairs}]}))
+    return data.CachedPairs(folder, backbone)
+
+
+def native_latent_shape(backbone):
+    """One sample's latent shape at the backbone's native resolution and frame count (VAEs: x8 space, x4 time)."""
+    height, width = backbone.resolution
+    channels, frames = backbone.denoiser.config.in_channels, (backbone.num_frames - 1) // 4 + 1
+    if backbone.family == "wan":
+        return (channels, frames, height // 8, width // 8)
+    if backbone.family == "cogvideox":
+        return (frames, channels, height // 8, width // 8)
+    return (channels, height // 8, width // 8)
+
+
+def training_flops(backbone, pairs):
+    """Model FLOPs of one SIPO step: policy forward + backward (3x) and reference forward (1x) on 2 x pairs
+    samples, the forward counted on the meta device with torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        meta = models.load_backbone(backbone.name, device="meta", random_weights=True)
+        latents = torch.zeros(2 * pairs, *native_latent_shape(backbone))
+        cond = meta_conditioning(backbone, 2 * pairs, torch.float32)
+        levels = torch.full((2 * pairs,), 500)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            meta.predict(meta.denoiser, latents, levels, cond)
+    return 4 * counter.get_total_flops()
+
+
+def print_table(title, rows):
+    print(f"\n## {title}")
+    for key, value in rows.items():
+        print(f"  {key:55s} {value}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="cpu", choices=("cpu", "planner", "gpu", "fsdp-memory-worker"))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", default="bench.json", help="where the figures go as JSON")
+    args = parser.parse_args(argv)
+    if args.what == "fsdp-memory-worker":
+        return fsdp_memory_worker()
+    results = {"machine": machine()}
+    if args.what == "gpu":
+        results["gpu"] = gpu_benchmarks()
+        results["planner"] = memory_plan(gpus=(1,))
+    elif args.what == "planner":
+        results["planner"] = memory_plan()
+    else:
+        init_single_process()
+        with tempfile.TemporaryDirectory() as tmp:
+            backbone = medium_backbone()
+            dataset = random_cache(backbone, Path(tmp), 16)
+            trainer = Trainer(backbone, dataset, 4, torch.device("cpu"))
+            results["1 loss overhead"] = loss_overhead(trainer, args.repeats)
+            print_table("1 loss overhead (target SIPO / DPO <= 1.02)", results["1 loss overhead"])
+            results["2 distance to floor"] = floor_distance(trainer, 4, args.repeats)
+            print_table("2 step / floor (target <= 1.10)", results["2 distance to floor"])
+            results["3 cache speed-up"] = cache_speedup(args.repeats, Path(tmp))
+            print_table("3 latent cache speed-up, tiny-wan2.1-1.3b", results["3 cache speed-up"])
+        dist.destroy_process_group()
+        results["4 fsdp memory"] = fsdp_memory()
+        print_table("4 FSDP memory per rank (target 2 ranks <= 0.6 x 1 rank)", results["4 fsdp memory"])
+        results["5 planner"] = memory_plan()
+    if "planner" in results or "5 planner" in results:
+        for name, plan in results.get("planner", results.get("5 planner")).items():
+            print_table(f"5 planner: {name} ({plan['parameters']:,} parameters)",
+                        {k: f"{v:.1f} GB" for k, v in plan["per_gpu_gb"].items()})
+    if "gpu" in results:
+        print_table("GPU", results["gpu"])
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+def machine():
+    info = {"cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+if __name__ == "__main__":
+    main()

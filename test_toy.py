@@ -1,0 +1,60 @@
+"""toy.py and study.py in miniature: the embedded default end to end, and a 2-beta, 2-seed study."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import study
+import toy
+
+
+def test_drawn_images_match_their_prompts():
+    generator = torch.Generator().manual_seed(0)
+    for prompt in toy.PROMPTS:
+        image = torch.from_numpy(toy.draw(prompt, generator)).permute(2, 0, 1).float() / 255
+        colour = prompt.split()[1]
+        scores = {c: evaluate.named_colour(image[None], [f"a {c} thing"]).item() for c in toy.COLOURS}
+        assert max(scores, key=scores.get) == colour, (prompt, scores)
+
+
+def test_exact_permutation_p_against_hand_counts():
+    assert study.exact_permutation_p(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == pytest.approx(2 / 6)
+    assert study.exact_permutation_p(np.arange(5.0), np.arange(5.0) + 100) == pytest.approx(2 / 252)
+
+
+@pytest.fixture(scope="module")
+def mini_toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    report = toy.main(["--out", str(out), "--base-steps", "3", "--pairs-per-prompt", "8", "--steps", "2",
+                       "--samples", "2"])
+    return out, report
+
+
+def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
+    out, report = mini_toy
+    assert set(report["rewards"]) == {"named_colour"}
+    for path in ("base/model/model_index.json", "sipo/model/model_index.json", "eval/report.md", "eval/grid.png",
+                 "eval/curves.png", "data/pairs/pairs.jsonl", "data/heldout/pairs.jsonl"):
+        assert (out / path).exists(), path
+    rows = [json.loads(line) for line in (out / "data" / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)
+    log = [json.loads(line) for line in (out / "sipo" / "log.jsonl").read_text().splitlines()]
+    assert "heldout_accuracy" in log[-1] and "heldout_reward" in log[-1]
+    stamp = (out / "sipo" / "model" / "model_index.json").stat().st_mtime
+    assert toy.main(["--out", str(out), "--samples", "2"]) == report, "a rerun reuses the models and seeds"
+    assert (out / "sipo" / "model" / "model_index.json").stat().st_mtime == stamp
+
+
+def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
+    out, _ = mini_toy
+    summary = study.main(["--out", str(tmp_path), "--toy", str(out), "--betas", "100,10000", "--seeds", "2",
+                          "--steps", "3", "--samples", "1", "--no-ablations"])
+    assert set(summary["table"]) == {f"{m} beta={b}" for m in study.METHODS for b in ("100", "10000")}
+    for row in summary["table"].values():
+        assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0
+    assert set(summary["significance"]) == {f"{m} vs dpo, beta={b}" for m in ("dpo-cm", "sipo")
+                                            for b in ("100", "10000")}
+    assert (tmp_path / "beta.png").stat().st_size > 10_000 and (tmp_path / "study.json").exists()
+    assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")

@@ -2,7 +2,7 @@
 
     python bench.py                    # all CPU figures, under 10 minutes on 2 cores
     python bench.py planner            # the memory planner only (meta-device models, no compute)
-    python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2
+    python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
 
 Figures: 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step time vs the bare compute floor with a
 breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory per rank with 1 and 2 ranks,
@@ -267,7 +267,7 @@ def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
         denoiser.disable_gradient_checkpointing()
     with torch.device("meta"):
         latents = torch.zeros(batch, *native_latent_shape(backbone), dtype=dtype)
-        cond = meta_conditioning(backbone, batch, dtype)
+        cond = {k: torch.zeros(shape, dtype=dtype) for k, shape in backbone.conditioning_shapes(batch).items()}
         levels = torch.full((batch,), 500, dtype=torch.long)
     saved = [0]
 
@@ -282,20 +282,15 @@ def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
 
 
 def activation_bytes(backbone, batch):
-    """Activation memory without and with checkpointing. With it, backward recomputes one block at a time:
-    what checkpointing saves, plus the largest block's share (by parameters) of the full activations."""
-    full = saved_bytes(backbone, batch, False)
+    """Activation memory of `batch` samples without and with checkpointing: the part of the saved bytes that
+    grows with the batch (autograd also saves weights, already counted as parameters). With checkpointing,
+    backward recomputes one block at a time: add the largest block's share (by parameters) of the full ones."""
+    def per_sample(checkpointing):
+        return saved_bytes(backbone, 2, checkpointing) - saved_bytes(backbone, 1, checkpointing)
+
+    full = batch * per_sample(False)
     blocks = [sum(p.numel() for p in b.parameters()) for b in models.denoiser_blocks(backbone.denoiser)]
-    return {False: full, True: saved_bytes(backbone, batch, True) + int(full * max(blocks) / sum(blocks))}
-
-
-def meta_conditioning(backbone, batch, dtype):
-    """Prompt conditioning of the full-size text encoders' shapes."""
-    if backbone.family == "sdxl":
-        return {"prompt_embeds": torch.zeros(batch, 77, 2048, dtype=dtype),
-                "pooled_embeds": torch.zeros(batch, 1280, dtype=dtype), "time_ids": torch.zeros(batch, 6, dtype=dtype)}
-    length, width = {"sd": (77, 768), "cogvideox": (226, 4096), "wan": (512, 4096)}[backbone.family]
-    return {"prompt_embeds": torch.zeros(batch, length, width, dtype=dtype)}
+    return {False: full, True: batch * per_sample(True) + int(full * max(blocks) / sum(blocks))}
 
 
 def memory_plan(gpus=(1, 8, 64)):
@@ -333,29 +328,33 @@ def lora_parameter_count(denoiser, rank):
     return count
 
 
-def gpu_benchmarks():
-    """Wan2.1-1.3B at full size (random weights), 81x480x832, one pair per step, FSDP on one GPU with gradient
-    checkpointing and bf16; SD1.5 at 512^2. Seconds per step, peak memory, model FLOPs utilisation."""
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
+    """Full-size models with random weights at native size (Wan2.1-1.3B: 81x480x832, latents 21x60x104), SIPO
+    steps under FSDP with gradient checkpointing (bf16 on GPU): seconds per step, pairs per second, peak
+    memory, achieved FLOP/s and, on a known GPU, model FLOPs utilisation."""
     init_single_process()
-    device = torch.device("cuda", 0)
     results = {}
-    for name, batch in (("wan2.1-1.3b", 1), ("sd1.5", 8)):
+    for name, pairs in specs:
         torch.manual_seed(0)
         backbone = models.load_backbone(name, random_weights=True)
         with tempfile.TemporaryDirectory() as tmp:
-            dataset = random_native_cache(backbone, Path(tmp), batch)
-            trainer = Trainer(backbone, dataset, batch, device, "sipo", gradient_checkpointing=True)
+            dataset = random_native_cache(backbone, Path(tmp), pairs)
+            trainer = Trainer(backbone, dataset, pairs, device, "sipo", gradient_checkpointing=True)
             for _ in range(2):
                 trainer.step()
-            torch.cuda.reset_peak_memory_stats()
-            times = [timed(trainer.step, trainer.sync) for _ in range(5)]
-        seconds = statistics.median(times)
-        flops = training_flops(backbone, batch)
-        results[name] = {"pairs_per_step": batch, "seconds_per_step": seconds, "pairs_per_second": batch / seconds,
-                         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2 ** 30,
-                         "mfu_vs_989_tflops_bf16": flops / seconds / 989e12}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = statistics.median(timed(trainer.step, trainer.sync) for _ in range(5))
+        flops = training_flops(backbone, pairs) / seconds
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if device.type == "cuda" and k in
+                     torch.cuda.get_device_name(device)), None)
+        results[name] = {"pairs_per_step": pairs, "seconds_per_step": seconds, "pairs_per_second": pairs / seconds,
+                         "peak_memory_gb": train.peak_memory_gb(device), "achieved_tflops": flops / 1e12,
+                         "mfu": flops / peak if peak else None}
         del trainer, backbone
-        torch.cuda.empty_cache()
     return results
 
 
@@ -364,9 +363,8 @@ def random_native_cache(backbone, folder, pairs):
     folder = folder / "cache"
     folder.mkdir(parents=True)
     shape = native_latent_shape(backbone)
-    cond = meta_conditioning(backbone, pairs, torch.float32)
     tensors = {"latents_w": torch.randn(pairs, *shape), "latents_l": torch.randn(pairs, *shape),
-               **{f"cond.{k}": torch.randn(v.shape) for k, v in cond.items()}}
+               **{f"cond.{k}": torch.randn(v) for k, v in backbone.conditioning_shapes(pairs).items()}}
     save_file(tensors, folder / "shard-00000.safetensors")
     (folder / data.CACHE_INDEX).write_text(json.dumps({**data.cache_identity(backbone, None), "pairs": pairs,
                                                        "shards": [{"file": "shard-00000.safetensors",
@@ -392,7 +390,7 @@ def training_flops(backbone, pairs):
     with torch.device("meta"):
         meta = models.load_backbone(backbone.name, device="meta", random_weights=True)
         latents = torch.zeros(2 * pairs, *native_latent_shape(backbone))
-        cond = meta_conditioning(backbone, 2 * pairs, torch.float32)
+        cond = {k: torch.zeros(v) for k, v in backbone.conditioning_shapes(2 * pairs).items()}
         levels = torch.full((2 * pairs,), 500)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             meta.predict(meta.denoiser, latents, levels, cond)
@@ -415,7 +413,7 @@ def main(argv=None):
         return fsdp_memory_worker()
     results = {"machine": machine()}
     if args.what == "gpu":
-        results["gpu"] = gpu_benchmarks()
+        results["gpu"] = device_benchmarks(torch.device("cuda", 0))
         results["planner"] = memory_plan(gpus=(1,))
     elif args.what == "planner":
         results["planner"] = memory_plan()

@@ -90,6 +90,16 @@ class Backbone:
                                             device=device)
         return {"prompt_embeds": embeds}
 
+    def conditioning_shapes(self, batch):
+        """The shapes encode_prompts returns, from the configs alone (for meta-device planning)."""
+        length = self.pipe.tokenizer.model_max_length
+        text = self.pipe.text_encoder.config
+        if self.family == "sdxl":
+            text_2 = self.pipe.text_encoder_2.config
+            return {"prompt_embeds": (batch, length, text.hidden_size + text_2.hidden_size),
+                    "pooled_embeds": (batch, text_2.projection_dim), "time_ids": (batch, 6)}
+        return {"prompt_embeds": (batch, length, getattr(text, "d_model", None) or text.hidden_size)}
+
     @torch.no_grad()
     def encode_pixels(self, pixels):
         """Pixels in [-1, 1], (B, 3, H, W) or video (B, 3, F, H, W), to normalised latents (the VAE's mean)."""

@@ -98,7 +98,7 @@ def plot_beta(path, table, betas, base_mean):
     for i, method in enumerate(METHODS):
         means = [table[f"{method} beta={b:g}"]["final_mean"] for b in betas]
         sds = [table[f"{method} beta={b:g}"]["final_sd"] for b in betas]
-        rough = [table[f"{method} beta={b:g}"]["roughness"] for b in betas]
+        rough = [max(table[f"{method} beta={b:g}"]["roughness"], 1e-9) for b in betas]  # a log axis
         axes[0].errorbar(betas, means, yerr=sds, marker="os^"[i], capsize=3, label=method)
         axes[1].plot(betas, rough, marker="os^"[i], label=method)
     axes[0].axhline(base_mean, color="grey", ls="--", label="base")
@@ -127,6 +127,7 @@ def main(argv=None):
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--collapse-margin", type=float, default=0.02, help="reward drop below base = collapse")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     args = parser.parse_args(argv)
     out, toy_dir = Path(args.out), Path(args.toy)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +195,8 @@ def main(argv=None):
     for label, model in (("base", base), ("sipo", seed0["sipo"] / "model")):
         if (model / "model_index.json").exists():
             evaluate.main(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
-                           "--data", str(heldout), "--pairs", "32", "--out", str(out / f"timesteps-{label}")])
+                           "--data", str(heldout), "--pairs", str(args.timestep_pairs), "--out",
+                           str(out / f"timesteps-{label}")])
     write_results(out / "RESULTS.md", summary, betas, ablations)
     print(f"study done in {summary['minutes']:.1f} min: {out / 'RESULTS.md'}")
     return summary

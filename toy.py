@@ -31,12 +31,12 @@ PROMPTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 SIZE = 16
 
 
-def draw(prompt, generator):
-    """One 16x16 image of the prompt's shape in its colour, mixed with grey by a random vividness, on a dark
-    noisy background. Returns uint8 (16, 16, 3)."""
+def draw(prompt, generator, vividness=None):
+    """One 16x16 image of the prompt's shape in its colour, mixed with grey by a random vividness (or the one
+    given), on a dark noisy background. Returns uint8 (16, 16, 3)."""
     _, colour, shape = prompt.split()
     u = torch.rand(6, generator=generator)
-    vividness = 0.25 + 0.75 * u[0]
+    vividness = 0.25 + 0.75 * u[0] if vividness is None else vividness
     rgb = 0.5 + vividness * (torch.tensor(COLOURS[colour]) - 0.5)
     radius = 3.0 + 3.0 * u[1]
     cy, cx = radius + (SIZE - 2 * radius) * u[2], radius + (SIZE - 2 * radius) * u[3]

@@ -28,8 +28,8 @@ import models
 import sipo
 import train
 
-# a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (about 12M parameters) on 32x32 latents
-MEDIUM_UNET = dict(models.TINY_UNET, sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2,
+# a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
+MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
@@ -46,38 +46,46 @@ def median_ms(values):
 
 
 def make_args(**overrides):
-    args = train.parse_args(["--model", "tiny-sd1.5", "--data", ".", "--warmup", "0", "--steps", "1000000"])
+    args = train.parse_args(["--model", "tiny-sd1.5", "--data", ".", "--warmup", "0", "--steps", "1000000",
+                             "--lr", "1e-6"])
     args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     for key, value in overrides.items():
         setattr(args, key, value)
     return args
 
 
-def medium_backbone():
-    """tiny-sd1.5's encoders with the medium UNet."""
+def cpu_backbone(size):
+    """tiny-sd1.5 as it is ("tiny"), or with the medium UNet ("medium")."""
     torch.manual_seed(0)
     backbone = models.load_backbone("tiny-sd1.5")
-    backbone.pipe.register_modules(unet=UNet2DConditionModel(**MEDIUM_UNET))
-    backbone.resolution = (64, 64)
+    if size == "medium":
+        backbone.pipe.register_modules(unet=UNet2DConditionModel(**MEDIUM_UNET))
+        backbone.resolution = (32, 32)
     return backbone
 
 
 class Trainer:
     """train.py's pieces on one backbone: the same functions, so the benchmark measures the real path."""
 
-    def __init__(self, backbone, dataset, batch_size, device, loss="sipo", gradient_checkpointing=False):
+    def __init__(self, backbone, batch_size, device, loss="sipo", gradient_checkpointing=False):
         self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, gradient_checkpointing=False)
-        self.backbone, self.dataset, self.device = backbone, dataset, device
+        self.backbone, self.device = backbone, device
         models.prepare_for_training(backbone, gradient_checkpointing)
         backbone.denoiser.to(device)
+        self.plain = copy.deepcopy(backbone.denoiser)  # unsharded: the compute floor has no FSDP in it
         self.reference = models.freeze(copy.deepcopy(backbone.denoiser))
         param_dtype = torch.bfloat16 if self.args.precision == "bf16" else None
         self.policy = train.shard(backbone.denoiser, param_dtype)
         train.shard(self.reference, param_dtype)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-6)
-        self.batches = data.pair_batches(dataset, batch_size, 0, 1, 0)
+        self.optimizer = train.make_optimizer(self.trainable, self.args)
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def use(self, dataset, rank=0, world_size=1):
+        """Train on `dataset` from its first batch (this rank's share)."""
+        self.dataset = dataset
+        self.batches = data.pair_batches(dataset, self.args.batch_size, rank, world_size, 0)
+        return self
 
     def step(self, loss=None, phases=None):
         """One full training step, as train.py runs it; `phases` collects the time of each part."""
@@ -100,14 +108,15 @@ class Trainer:
         mark("encode + policy forward + reference forward + loss")
         value.backward()
         mark("policy backward")
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        train.clip_gradients(self.trainable, 1.0)
         self.optimizer.step()
         mark("clip + optimizer")
         train.reduce_stats(stats, 1)
         mark("logging (stats all-reduce, host sync)")
 
     def floor(self, batch_size):
-        """The bare compute floor: policy forward + backward on 2B plus reference forward on 2B, nothing else."""
+        """The bare compute floor: forward + backward of the plain (unsharded) denoiser on 2B samples plus a
+        forward on the same 2B, nothing else."""
         b = self.backbone
         x = torch.randn(2 * batch_size, *self.dataset[0]["latents_w"].shape, device=self.device)
         cond = {k: torch.cat([v, v]).to(self.device) for k, v in data.conditioning(
@@ -116,9 +125,9 @@ class Trainer:
         levels = torch.randint(0, 1000, (2 * batch_size,), device=self.device)
 
         def run():
-            b.predict(self.policy, x, levels, cond).float().square().mean().backward()
+            b.predict(self.plain, x, levels, cond).float().square().mean().backward()
             with torch.no_grad():
-                b.predict(self.reference, x, levels, cond)
+                b.predict(self.plain, x, levels, cond)
         return run
 
 
@@ -170,7 +179,7 @@ def cache_speedup(repeats, workdir):
     raw, _ = data.open_dataset(workdir / "v.jsonl", backbone)
     data.write_cache(backbone, raw, workdir / "vcache")
     cached, _ = data.open_dataset(workdir / "vcache", backbone)
-    trainer = Trainer(backbone, raw, 2, torch.device("cpu"), "dpo")  # one model; only the batches differ
+    trainer = Trainer(backbone, 2, torch.device("cpu"), "dpo").use(raw)  # one model; only the batches differ
     times = {"on the fly": [], "cache": []}
     sources = {"on the fly": data.pair_batches(raw, 2, 0, 1, 0), "cache": data.pair_batches(cached, 2, 0, 1, 0)}
     for name in times:
@@ -195,17 +204,14 @@ def sharded_bytes(policy, optimizer):
     return {"parameters": params, "gradients": grads, "optimizer": state, "total": params + grads + state}
 
 
-def fsdp_memory_worker():
-    """Run under torchrun: one step of the medium model, then this rank's sharded bytes and peak RSS."""
+def fsdp_memory_worker(size):
+    """Run under torchrun: one SIPO step, then this rank's sharded bytes and peak RSS."""
     import resource
     device, rank, world = train.setup_distributed()
-    backbone = medium_backbone()
+    backbone = cpu_backbone(size)
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = random_cache(backbone, Path(tmp), 8) if rank == 0 else None
-        dist.barrier()
-        dataset = dataset or data.CachedPairs(Path(tmp) / "cache")
-        trainer = Trainer(backbone, dataset, 2, device, "sipo")
-        trainer.batches = data.pair_batches(dataset, 2, rank, world, 0)
+        dataset = random_cache(backbone, Path(tmp), 8)  # each rank its own, identical (seeded)
+        trainer = Trainer(backbone, 2, device, "sipo").use(dataset, rank, world)
         value, _ = train.preference_loss(backbone, trainer.policy, trainer.reference, next(trainer.batches)[1], 0,
                                          trainer.args, world)
         value.backward()
@@ -218,12 +224,12 @@ def fsdp_memory_worker():
     dist.destroy_process_group()
 
 
-def fsdp_memory():
+def fsdp_memory(size):
     """Figure 4: per-rank bytes of parameters, gradients and optimizer state with 1 and 2 ranks."""
     results = {}
     for ranks in (1, 2):
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={ranks}", __file__, "fsdp-memory-worker"],
+                              f"--nproc_per_node={ranks}", __file__, "fsdp-memory-worker", "--size", size],
                              capture_output=True, text=True, timeout=600)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -342,7 +348,7 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
         backbone = models.load_backbone(name, random_weights=True)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = random_native_cache(backbone, Path(tmp), pairs)
-            trainer = Trainer(backbone, dataset, pairs, device, "sipo", gradient_checkpointing=True)
+            trainer = Trainer(backbone, pairs, device, "sipo", gradient_checkpointing=True).use(dataset)
             for _ in range(2):
                 trainer.step()
             if device.type == "cuda":
@@ -408,9 +414,10 @@ def main(argv=None):
     parser.add_argument("what", nargs="?", default="cpu", choices=("cpu", "planner", "gpu", "fsdp-memory-worker"))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="bench.json", help="where the figures go as JSON")
+    parser.add_argument("--size", default="medium", choices=("tiny", "medium"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
-        return fsdp_memory_worker()
+        return fsdp_memory_worker(args.size)
     results = {"machine": machine()}
     if args.what == "gpu":
         results["gpu"] = device_benchmarks(torch.device("cuda", 0))
@@ -420,18 +427,21 @@ def main(argv=None):
     else:
         init_single_process()
         with tempfile.TemporaryDirectory() as tmp:
-            backbone = medium_backbone()
-            dataset = random_cache(backbone, Path(tmp), 16)
-            trainer = Trainer(backbone, dataset, 4, torch.device("cpu"))
-            results["1 loss overhead"] = loss_overhead(trainer, args.repeats)
-            print_table("1 loss overhead (target SIPO / DPO <= 1.02)", results["1 loss overhead"])
-            results["2 distance to floor"] = floor_distance(trainer, 4, args.repeats)
-            print_table("2 step / floor (target <= 1.10)", results["2 distance to floor"])
+            for size in ("medium", "tiny"):
+                backbone = cpu_backbone(size)
+                trainer = Trainer(backbone, 4, torch.device("cpu")).use(random_cache(backbone, Path(tmp) / size, 16))
+                if size == "medium":
+                    results["1 loss overhead"] = loss_overhead(trainer, args.repeats)
+                    print_table("1 loss overhead, medium (target SIPO / DPO <= 1.02)", results["1 loss overhead"])
+                results[f"2 distance to floor, {size}"] = floor_distance(trainer, 4, args.repeats)
+                print_table(f"2 step / floor, {size} (target <= 1.10)", results[f"2 distance to floor, {size}"])
             results["3 cache speed-up"] = cache_speedup(args.repeats, Path(tmp))
             print_table("3 latent cache speed-up, tiny-wan2.1-1.3b", results["3 cache speed-up"])
         dist.destroy_process_group()
-        results["4 fsdp memory"] = fsdp_memory()
-        print_table("4 FSDP memory per rank (target 2 ranks <= 0.6 x 1 rank)", results["4 fsdp memory"])
+        for size in ("medium", "tiny"):
+            results[f"4 fsdp memory, {size}"] = fsdp_memory(size)
+            print_table(f"4 FSDP memory per rank, {size} (target 2 ranks <= 0.6 x 1 rank)",
+                        results[f"4 fsdp memory, {size}"])
         results["5 planner"] = memory_plan()
     if "planner" in results or "5 planner" in results:
         for name, plan in results.get("planner", results.get("5 planner")).items():

@@ -190,6 +190,17 @@ def pair_noise(backbone, indices, epoch, shape, args, device):
     return torch.cat(levels), torch.stack(noises)
 
 
+def make_optimizer(trainable, args):
+    """AdamW, fused: on FSDP's DTensors the default per-parameter loop is 13x slower on CPU (bench.py)."""
+    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+def clip_gradients(trainable, max_norm):
+    """The global gradient norm (all ranks), clipped; foreach: the per-tensor loop is 50x slower on DTensors."""
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm, foreach=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def reference_errors(backbone, reference, policy, x_t, levels, cond, target):
     with torch.no_grad():
         if reference is None:  # LoRA: the reference is the policy with its adapters off
@@ -399,7 +410,7 @@ def train(args):
         sys.exit(1)
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(trainable, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
     step = 0
     if args.resume:
@@ -448,8 +459,7 @@ def train(args):
                 sys.exit(1)
             continue
         nonfinite_in_a_row = 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = clip_gradients(trainable, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1

@@ -125,18 +125,20 @@ def default_beta(args, backbone):
 # ---------------------------------------------------------------------------------------------------------
 
 def setup_distributed():
-    if "RANK" not in os.environ:  # plain `python train.py`: a group of one, so the code path is the same
+    """torchrun's group, or for plain `python train.py` a group of one (so the code path is the same), made
+    without touching os.environ: processes this one starts must not think they are part of it."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, **kwargs)
+    else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
     return device, dist.get_rank(), dist.get_world_size()
 
 

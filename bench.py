@@ -25,7 +25,6 @@ from diffusers import UNet2DConditionModel
 
 import data
 import models
-import sipo
 import train
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
@@ -143,7 +142,7 @@ def loss_overhead(trainer, repeats):
         trainer.step(loss)
     for _ in range(repeats):
         for loss in times:
-            times[loss].append(timed(lambda: trainer.step(loss), trainer.sync))
+            times[loss].append(timed(lambda loss=loss: trainer.step(loss), trainer.sync))
     medians = {k: median_ms(v) for k, v in times.items()}
     return {"median_ms": medians, "sipo_over_dpo": medians["sipo"] / medians["dpo"],
             "dpo_cm_over_dpo": medians["dpo-cm"] / medians["dpo"]}

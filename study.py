@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("dpo", "dpo-cm", "sipo")
+LOADING = threading.Lock()  # from_pretrained patches torch.nn globally (empty-weight init): one load at a time
 EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 2_000_000, 20, 1.0
 
 
@@ -48,7 +50,8 @@ def run_one(name, flags, common, out):
 
 def final_scores(run, samples):
     """named_colour of the run's final model on held-out seeds: (prompts, samples)."""
-    backbone = models.load_backbone("toy", pretrained=str(run / "model"))
+    with LOADING:
+        backbone = models.load_backbone("toy", pretrained=str(run / "model"))
     images = evaluate.sample_all(backbone, toy.PROMPTS, samples, EVAL_SEED, SAMPLE_STEPS, GUIDANCE)
     return evaluate.score({"r": evaluate.named_colour}, images, toy.PROMPTS)["r"]
 

@@ -49,7 +49,7 @@ def test_a_model_compared_with_itself_ties(saved, tmp_path, name, reward, pictur
     saved_report = json.loads((out / "report.json").read_text())
     assert saved_report == json.loads(json.dumps(report))
     assert saved_report["prompts"] == 3 and saved_report["samples_per_prompt"] == 3
-    for name_, result in saved_report["rewards"].items():
+    for result in saved_report["rewards"].values():
         assert set(result) == REPORT_KEYS
         assert result["win_rate"] == 0.5 and result["p_value"] == 1.0 and result["improvement"] == 0.0
         assert result["base_ci"][0] <= result["base_mean"] <= result["base_ci"][1]

@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--max-nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad pairs instead of stopping")
     p.add_argument("--flip", action="store_true", help="random horizontal flip (raw data only)")
+    p.add_argument("--frame-stride", type=int, default=1, help="take every k-th video frame (raw data only)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--eval-data", help="held-out pairs: implicit accuracy every --eval-every steps")
     p.add_argument("--eval-prompts", help="held-out prompts (one a line): mean --eval-reward of samples")
@@ -93,7 +94,8 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
-    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep", "eval_every"):
+    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep", "eval_every",
+                 "frame_stride"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0 <= args.eps < 1 or args.tau < 0:
@@ -395,7 +397,7 @@ def train(args):
         backbone, policy, reference = build(args, device)
         args.beta = default_beta(args, backbone)
         dataset, summary = data.open_dataset(args.data, backbone, args.pretrained, args.skip_bad, args.flip,
-                                             args.seed)
+                                             args.seed, args.frame_stride)
         if len(data.rank_batches(len(dataset), args.batch_size, rank, world_size, args.seed, 0)) == 0:
             raise ValueError(f"--data {args.data}: {len(dataset)} pairs give no full batch of {args.batch_size} "
                              f"pairs on each of {world_size} ranks")

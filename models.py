@@ -403,7 +403,8 @@ def denoiser_blocks(denoiser):
 def parameter_counts(backbone):
     pipe = backbone.pipe
     parts = {"denoiser": backbone.denoiser, "vae": getattr(pipe, "vae", None),
-             "text_encoder": getattr(pipe, "text_encoder", None), "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+             "text_encoder": getattr(pipe, "text_encoder", None),
+             "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
     return {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
 
 

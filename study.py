@@ -236,7 +236,8 @@ def write_results(path, summary, betas, ablations):
         row = table[config]
         method, beta = config.split(" beta=")
         lines.append(f"| {method} | {beta} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
-                     f"{row['final_mean'] - base_mean:+.4f} | {row['collapse_fraction']:.0%} | {row['roughness']:.4f} | "
+                     f"{row['final_mean'] - base_mean:+.4f} | {row['collapse_fraction']:.0%} | "
+                     f"{row['roughness']:.4f} | "
                      f"{row['late_degradation']:.0%} | {row['mask_fraction']:.2f} |")
     lines += ["", "## Matched beta: each method against Diffusion-DPO (exact permutation test over seeds)", "",
               "| comparison | difference in final reward | p |", "|---|---|---|"]

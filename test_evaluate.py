@@ -68,7 +68,8 @@ def test_rewards_rank_hand_made_images():
     assert scores[0].item() == pytest.approx(0.0, abs=1e-6)
     noisy = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     smooth = torch.full((1, 3, 32, 32), 0.3)
-    assert (evaluate.jpeg_compressibility(torch.cat([noisy, smooth]), ["x", "x"]).argsort() == torch.tensor([0, 1])).all()
+    compressibility = evaluate.jpeg_compressibility(torch.cat([noisy, smooth]), ["x", "x"])
+    assert compressibility[1] > compressibility[0]
     assert evaluate.jpeg_incompressibility(torch.cat([noisy, smooth]), ["x", "x"]).argmax().item() == 0
     steady = torch.full((1, 6, 3, 8, 8), 0.5)
     flicker = steady.clone()

@@ -145,12 +145,17 @@ def main(argv=None):
                             "--out", str(out / "eval")])
     evaluate.main(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
     r = report["rewards"]["named_colour"]
+
+    def interval(bounds, sign=""):
+        return f"95% CI [{bounds[0]:{sign}.4f}, {bounds[1]:{sign}.4f}]"
+
     print(f"\n{args.loss} on the toy task, held-out seeds, {report['prompts']} prompts x {args.samples} samples:\n"
-          f"  named_colour reward  base  {r['base_mean']:.4f}  95% CI [{r['base_ci'][0]:.4f}, {r['base_ci'][1]:.4f}]\n"
-          f"                       tuned {r['tuned_mean']:.4f}  95% CI [{r['tuned_ci'][0]:.4f}, {r['tuned_ci'][1]:.4f}]\n"
-          f"  improvement {r['improvement']:+.4f}  95% CI [{r['improvement_ci'][0]:+.4f}, {r['improvement_ci'][1]:+.4f}]"
-          f"  win rate over prompts {r['win_rate']:.2f}  paired p = {r['p_value']:.4f}\n"
-          f"  report {out / 'eval' / 'report.md'}, grid {out / 'eval' / 'grid.png'}, curves {out / 'eval' / 'curves.png'}")
+          f"  named_colour reward  base  {r['base_mean']:.4f}  {interval(r['base_ci'])}\n"
+          f"                       tuned {r['tuned_mean']:.4f}  {interval(r['tuned_ci'])}\n"
+          f"  improvement {r['improvement']:+.4f}  {interval(r['improvement_ci'], '+')}  "
+          f"win rate over prompts {r['win_rate']:.2f}  paired p = {r['p_value']:.4f}\n"
+          f"  report {out / 'eval' / 'report.md'}, grid {out / 'eval' / 'grid.png'}, "
+          f"curves {out / 'eval' / 'curves.png'}")
     return report
 
 

@@ -66,16 +66,13 @@ def cpu_backbone(size):
 class Trainer:
     """train.py's pieces on one backbone: the same functions, so the benchmark measures the real path."""
 
-    def __init__(self, backbone, batch_size, device, loss="sipo", gradient_checkpointing=False):
-        self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, gradient_checkpointing=False)
+    def __init__(self, backbone, batch_size, device, loss="sipo", gradient_checkpointing=False, data_path="."):
+        """`data_path` a latent cache keeps the VAE and text encoders off the device, as in train.py."""
+        self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, data=str(data_path),
+                              gradient_checkpointing=gradient_checkpointing)
         self.backbone, self.device = backbone, device
-        models.prepare_for_training(backbone, gradient_checkpointing)
-        backbone.denoiser.to(device)
-        self.plain = copy.deepcopy(backbone.denoiser)  # unsharded: the compute floor has no FSDP in it
-        self.reference = models.freeze(copy.deepcopy(backbone.denoiser))
-        param_dtype = torch.bfloat16 if self.args.precision == "bf16" else None
-        self.policy = train.shard(backbone.denoiser, param_dtype)
-        train.shard(self.reference, param_dtype)
+        self.plain = copy.deepcopy(backbone.denoiser).to(device)  # unsharded: the compute floor has no FSDP in it
+        self.policy, self.reference = train.prepare(backbone, self.args, device)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = train.make_optimizer(self.trainable, self.args)
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -210,7 +207,7 @@ def fsdp_memory_worker(size):
     backbone = cpu_backbone(size)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = random_cache(backbone, Path(tmp), 8)  # each rank its own, identical (seeded)
-        trainer = Trainer(backbone, 2, device, "sipo").use(dataset, rank, world)
+        trainer = Trainer(backbone, 2, device, "sipo", data_path=dataset.directory).use(dataset, rank, world)
         value, _ = train.preference_loss(backbone, trainer.policy, trainer.reference, next(trainer.batches)[1], 0,
                                          trainer.args, world)
         value.backward()
@@ -347,7 +344,8 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
         backbone = models.load_backbone(name, random_weights=True)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = random_native_cache(backbone, Path(tmp), pairs)
-            trainer = Trainer(backbone, pairs, device, "sipo", gradient_checkpointing=True).use(dataset)
+            trainer = Trainer(backbone, pairs, device, "sipo", gradient_checkpointing=True,
+                              data_path=dataset.directory).use(dataset)
             for _ in range(2):
                 trainer.step()
             if device.type == "cuda":

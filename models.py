@@ -63,9 +63,11 @@ class Backbone:
     def num_train_timesteps(self):
         return self.pipe.scheduler.config.num_train_timesteps
 
+    def text_encoders(self):
+        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")) if m is not None]
+
     def frozen_modules(self):
-        names = ("vae", "text_encoder", "text_encoder_2")
-        return [m for m in (getattr(self.pipe, n, None) for n in names) if m is not None]
+        return [m for m in (getattr(self.pipe, "vae", None), *self.text_encoders()) if m is not None]
 
     def to(self, device):
         self.pipe.to(device)

@@ -155,7 +155,7 @@ def main(argv=None):
     (out / "prompts.txt").write_text("\n".join(toy.PROMPTS) + "\n")
     common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.steps, "--batch-size", 8,
               "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 10_000, "--eval-data", heldout,
-              "--eval-every", max(1, args.steps // 6)]
+              "--eval-every", max(1, args.steps // 6), "--no-gradient-checkpointing"]
 
     betas = [float(b) for b in args.betas.split(",")]
     configs = {f"{m} beta={b:g}": ["--loss", m, "--beta", b] for m in METHODS for b in betas}

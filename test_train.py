@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import models
 import train
 
@@ -146,7 +148,9 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
     process.wait()
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     assert done and done[-1] >= "step-000004" and len(log(out)) < 400
-    run(2, *args, "--steps", 6 if done[-1] <= "step-000006" else int(done[-1][5:]) + 2, "--resume")
+    steps = 6 if done[-1] <= "step-000006" else int(done[-1][5:]) + 2
+    run(2, *args, "--steps", steps, "--resume")
+    assert [r["step"] for r in log(out)] == list(range(1, steps + 1)), "each step logged once, none lost"
     if done[-1] <= "step-000006":
         assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight).values()))
 
@@ -229,3 +233,21 @@ def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"error: --data {tmp_path / 'cache'}: cache was made with "
                                                       "model='tiny-sdxl', not --model tiny-sd1.5")
     assert not (tmp_path / "r").exists(), "nothing is written for a bad flag"
+
+
+def test_bf16_holds_frozen_parts_in_bf16_and_keeps_fp32_master_weights(pairs):
+    if not dist.is_initialized():
+        train.setup_distributed()
+    args = train.parse_args(["--model", "tiny-sd1.5", "--data", str(pairs), "--precision", "bf16", "--beta", "1000",
+                             "--tau", "0.3", "--temperature", "0.2"])
+    backbone, policy, reference = train.build(args, torch.device("cpu"))
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m in backbone.text_encoders() for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in backbone.pipe.vae.parameters()} == {torch.float32}
+    dataset, _ = data.open_dataset(pairs, backbone)
+    loss, stats = train.preference_loss(backbone, policy, reference, data.collate([dataset[0], dataset[1]]), 0, args,
+                                        1)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6), "policy = reference in bf16 compute"
+    assert all(torch.isfinite(p.grad.full_tensor()).all() for p in policy.parameters())

@@ -154,15 +154,22 @@ def shard(denoiser, param_dtype):
 
 
 def build(args, device):
-    """The backbone, the trainable policy, and the frozen reference (None for SFT; the adapter-less policy
-    for LoRA, so no second copy is held). With a latent cache the VAE and text encoders stay on the CPU."""
-    torch.manual_seed(args.seed)  # the same random or LoRA init on every rank
+    """The backbone named by --model, with its policy and reference placed by prepare()."""
+    torch.manual_seed(args.seed)  # random weights: the same on every rank
     backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights)
-    if data.read_cache_index(args.data) is None:
-        backbone.to(device)
-    else:
-        backbone.denoiser.to(device)
+    return (backbone, *prepare(backbone, args, device))
+
+
+def prepare(backbone, args, device):
+    """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
+    policy, so no second copy is held), both sharded. The reference and text encoders are held in the compute
+    dtype (bf16 on GPU halves them); the VAE stays fp32, as diffusers advises for Wan. The VAE and text encoders
+    stay on the CPU when nothing needs them: training and held-out pairs cached, no held-out prompts to sample."""
+    torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
     models.prepare_for_training(backbone, args.gradient_checkpointing)
+    frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    for encoder in backbone.text_encoders():
+        encoder.to(frozen_dtype)
     policy = backbone.denoiser
     reference = None
     if args.lora:
@@ -171,12 +178,17 @@ def build(args, device):
         policy.add_adapter(LoraConfig(r=args.lora, lora_alpha=args.lora, init_lora_weights="gaussian",
                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     elif args.loss != "sft":
-        reference = models.freeze(copy.deepcopy(policy))
+        reference = models.freeze(copy.deepcopy(policy)).to(device, frozen_dtype)
+    cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
+    if all(cached) and not args.eval_prompts:
+        policy.to(device)
+    else:
+        backbone.to(device)
     param_dtype = torch.bfloat16 if args.precision == "bf16" else None
     shard(policy, param_dtype)
     if reference is not None:
         shard(reference, param_dtype)
-    return backbone, policy, reference
+    return policy, reference
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,7 +320,10 @@ def latest_checkpoint(out):
     return steps[-1] if steps else None
 
 
-def save_checkpoint(out, step, policy, optimizer, scheduler, keep, rank):
+def save_checkpoint(out, counters, policy, optimizer, scheduler, keep, rank):
+    """`counters`: step, micro-batches read and non-finite steps skipped, so that a resumed run reads on from the
+    same data position even after skipped steps."""
+    step = counters["step"]
     final = Path(out, "checkpoints", f"step-{step:06d}")
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -318,7 +333,7 @@ def save_checkpoint(out, step, policy, optimizer, scheduler, keep, rank):
              "optimizer": get_optimizer_state_dict(policy, optimizer, options=STATE_OPTIONS)}
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+        (tmp / "trainer.json").write_text(json.dumps({**counters, "scheduler": scheduler.state_dict()}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(final.parent.glob("step-[0-9]*[0-9]"))[:-keep]:
@@ -333,8 +348,25 @@ def load_checkpoint(path, policy, optimizer, scheduler):
     set_model_state_dict(policy, state["model"], options=STATE_OPTIONS)
     set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=STATE_OPTIONS)
     trainer = json.loads((path / "trainer.json").read_text())
-    scheduler.load_state_dict(trainer["scheduler"])
-    return trainer["step"]
+    scheduler.load_state_dict(trainer.pop("scheduler"))
+    return trainer
+
+
+def truncate_log(log, step):
+    """Drops the lines a killed run wrote after its last checkpoint (and a line cut off mid-write): the resumed
+    run writes those steps again."""
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):
+            pass
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log)
 
 
 def export(out, backbone, policy, lora_rank, rank):
@@ -416,11 +448,13 @@ def train(args):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
-    step = 0
+    counters = {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0}
     if args.resume:
-        step = load_checkpoint(latest_checkpoint(args.out), policy, optimizer, scheduler)
+        counters = load_checkpoint(latest_checkpoint(args.out), policy, optimizer, scheduler)
+    step, micro_batches, nonfinite_total = (counters[k] for k in ("step", "micro_batches", "nonfinite_skipped"))
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
+        truncate_log(args.out / "log.jsonl", step)
         (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "world_size": world_size,
                                                         "data_summary": str(summary)}, indent=1))
         print(f"{args.model}: {sum(p.numel() for p in trainable):,} trainable parameters; data: {summary}; "
@@ -434,15 +468,15 @@ def train(args):
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.loss, unit="step")
-    batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, step * args.grad_accum,
-                                args.workers)
-    nonfinite_in_a_row, nonfinite_total = 0, 0
+    batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, micro_batches, args.workers)
+    nonfinite_in_a_row = 0
     while step < args.steps:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_stats, skipped = [], False
         for _ in range(args.grad_accum):
             epoch, batch = next(batches)
+            micro_batches += 1
             loss, stats = preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
             finite = torch.isfinite(loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks skip together, or none does
@@ -489,7 +523,8 @@ def train(args):
             progress.set_postfix({k: f"{record[v]:.4f}" for k, v in shown.items() if v in record}, refresh=False)
             progress.update(1)
         if step % args.checkpoint_every == 0 or step == args.steps or stop_now.item():
-            save_checkpoint(args.out, step, policy, optimizer, scheduler, args.keep, rank)
+            counters = {"step": step, "micro_batches": micro_batches, "nonfinite_skipped": nonfinite_total}
+            save_checkpoint(args.out, counters, policy, optimizer, scheduler, args.keep, rank)
         if stop_now.item():
             if rank == 0:
                 print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)

@@ -89,10 +89,12 @@ def exact_permutation_p(a, b):
 
 
 def summarise(results, base_mean, collapse_margin):
-    """Per configuration: final reward mean and sd over seeds, collapse fraction, roughness, late degradation."""
+    """Per configuration: final reward and win rate over the base (mean and sd over seeds), collapse fraction,
+    roughness, late degradation."""
     table = {}
     for config, runs in results.items():
         finals = np.array([r["final"] for r in runs if r["final"] is not None])
+        wins = np.array([r["win_rate"] for r in runs if r["final"] is not None])
         failed = sum(r["final"] is None for r in runs)
         collapsed = failed + int((finals < base_mean - collapse_margin).sum())
         late = [r["heldout_accuracy"][-1] < max(r["heldout_accuracy"]) - 0.05 for r in runs
@@ -100,6 +102,8 @@ def summarise(results, base_mean, collapse_margin):
         table[config] = {"final_mean": float(finals.mean()) if len(finals) else float("nan"),
                          "final_sd": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
                          "finals": finals.tolist(), "collapse_fraction": collapsed / len(runs),
+                         "win_rate_mean": float(wins.mean()) if len(wins) else float("nan"),
+                         "win_rate_sd": float(wins.std(ddof=1)) if len(wins) > 1 else 0.0,
                          "roughness": float(np.mean([r["roughness"] for r in runs if r["final"] is not None])),
                          "late_degradation": float(np.mean(late)) if late else 0.0,
                          "step_time": float(np.median([r["step_time"] for r in runs if r["final"] is not None])),
@@ -176,10 +180,13 @@ def main(argv=None):
     def work(job):
         config, flags, seed = job
         run = run_one(run_name(config, seed), flags + ["--seed", seed], common, out)
-        entry = {"seed": seed, "final": None, "heldout_accuracy": [], "heldout_reward": [], "roughness": 0.0,
+        entry = {"seed": seed, "final": None, "win_rate": None, "heldout_accuracy": [], "heldout_reward": [],
+                 "roughness": 0.0,
                  "step_time": 0.0, "mask_fraction": 0.0, "nonfinite": 0}
         if run is not None:
-            entry.update(log_metrics(run), final=float(final_scores(run, args.samples).mean()))
+            scores = final_scores(run, args.samples)  # the same prompts and seeds as base_scores: paired
+            entry.update(log_metrics(run), final=float(scores.mean()),
+                         win_rate=evaluate.compare_scores(base_scores, scores)["win_rate"])
         return config, entry
 
     torch.set_num_threads(1)
@@ -222,6 +229,12 @@ def run_name(config, seed):
     return config.replace(" ", "_").replace("=", "") + f"_seed{seed}"
 
 
+def reward_cells(row, base_mean):
+    """Table cells: final reward mean ± sd, its difference from the base, win rate over the base mean ± sd."""
+    return (f"{row['final_mean']:.4f} ± {row['final_sd']:.4f} | {row['final_mean'] - base_mean:+.4f} | "
+            f"{row['win_rate_mean']:.2f} ± {row['win_rate_sd']:.2f}")
+
+
 def write_results(path, summary, betas, ablations):
     table, base_mean, args = summary["table"], summary["base_mean"], summary["args"]
     lines = ["# Results: Diffusion-DPO, DPO-C&M and SIPO on the toy task", "",
@@ -230,15 +243,13 @@ def write_results(path, summary, betas, ablations):
              f"reward `named_colour` of {args['samples']} held-out samples per prompt; base model "
              f"{base_mean:.4f}). Collapse: final reward below base - {args['collapse_margin']}, or a failed run.", "",
              "## Final reward over the beta grid", "",
-             "| method | beta | final reward (mean ± sd) | vs base | collapsed | loss roughness | held-out acc. "
-             "degrades late | mean mask fraction |", "|---|---|---|---|---|---|---|---|"]
+             "| method | beta | final reward (mean ± sd) | vs base | win rate over base (mean ± sd) | collapsed | "
+             "loss roughness | held-out acc. degrades late | mean mask fraction |", "|---" * 9 + "|"]
     for config in [f"{m} beta={b:g}" for m in METHODS for b in betas]:
         row = table[config]
         method, beta = config.split(" beta=")
-        lines.append(f"| {method} | {beta} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
-                     f"{row['final_mean'] - base_mean:+.4f} | {row['collapse_fraction']:.0%} | "
-                     f"{row['roughness']:.4f} | "
-                     f"{row['late_degradation']:.0%} | {row['mask_fraction']:.2f} |")
+        lines.append(f"| {method} | {beta} | {reward_cells(row, base_mean)} | {row['collapse_fraction']:.0%} | "
+                     f"{row['roughness']:.4f} | {row['late_degradation']:.0%} | {row['mask_fraction']:.2f} |")
     lines += ["", "## Matched beta: each method against Diffusion-DPO (exact permutation test over seeds)", "",
               "| comparison | difference in final reward | p |", "|---|---|---|"]
     lines += [f"| {k} | {v['difference']:+.4f} | {v['p']:.3f} |" for k, v in summary["significance"].items()]
@@ -250,12 +261,11 @@ def write_results(path, summary, betas, ablations):
               "| method | spread |", "|---|---|"]
     lines += [f"| {m} | {v:.4f} |" for m, v in summary["beta_spread"].items()]
     if ablations:
-        lines += ["", "## SIPO ablations", "", "| setting | final reward (mean ± sd) | vs base | mean mask fraction |",
-                  "|---|---|---|---|"]
+        lines += ["", "## SIPO ablations", "", "| setting | final reward (mean ± sd) | vs base | win rate over base | "
+                  "mean mask fraction |", "|---|---|---|---|---|"]
         for config in ablations:
             row = table[config]
-            lines.append(f"| {config} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
-                         f"{row['final_mean'] - base_mean:+.4f} | {row['mask_fraction']:.2f} |")
+            lines.append(f"| {config} | {reward_cells(row, base_mean)} | {row['mask_fraction']:.2f} |")
     lines += ["", "## Plots", "", "![final reward and roughness against beta](beta.png)", "",
               "![training curves, seed 0, middle beta](curves.png)", "",
               "![timestep analysis of the base](timesteps-base/timesteps.png)", "",

@@ -56,6 +56,7 @@ def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
     assert set(summary["table"]) == {f"{m} beta={b}" for m in study.METHODS for b in ("100", "10000")}
     for row in summary["table"].values():
         assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0
+        assert 0 <= row["win_rate_mean"] <= 1
     assert set(summary["significance"]) == {f"{m} vs dpo, beta={b}" for m in ("dpo-cm", "sipo")
                                             for b in ("100", "10000")}
     assert (tmp_path / "beta.png").stat().st_size > 10_000 and (tmp_path / "study.json").exists()

@@ -4,9 +4,9 @@
     python bench.py planner            # the memory planner only (meta-device models, no compute)
     python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
 
-Figures: 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step time vs the bare compute floor with a
-breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory per rank with 1 and 2 ranks,
-5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs.
+Figures: 0 the SIPO step time of each tiny backbone, 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step
+time vs the bare compute floor with a breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory
+per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs.
 """
 import argparse
 import copy
@@ -132,6 +132,20 @@ def init_single_process():
         train.setup_distributed()
 
 
+def tiny_step_times(repeats, workdir):
+    """Figure 0: one full SIPO training step (2 pairs from a latent cache, fp32, one process) of each tiny backbone."""
+    results = {}
+    for name in [f"tiny-{name}" for name in models.FULL]:
+        torch.manual_seed(0)
+        backbone = models.load_backbone(name)
+        cache = random_cache(backbone, workdir / name, 4)
+        trainer = Trainer(backbone, 2, torch.device("cpu"), data_path=cache.directory).use(cache)
+        trainer.step()
+        results[name] = {"parameters": sum(p.numel() for p in trainer.policy.parameters()),
+                         "step_ms": median_ms([timed(trainer.step, trainer.sync) for _ in range(repeats)])}
+    return results
+
+
 def loss_overhead(trainer, repeats):
     """Figure 1: interleaved steps of the three losses on the same model and batch."""
     times = {"dpo": [], "dpo-cm": [], "sipo": []}
@@ -235,17 +249,24 @@ def fsdp_memory(size):
             "peak_rss_two_over_one": results[2]["peak_rss_gb"] / results[1]["peak_rss_gb"]}
 
 
-def random_cache(backbone, folder, pairs):
-    """A latent cache of random latents with real prompt embeddings (the benchmark measures compute, not data)."""
+def random_cache(backbone, folder, pairs, native=False):
+    """A latent cache of random latents (the benchmarks measure compute, not data): at the backbone's own size with
+    real prompt embeddings, or (native) at the full-size native resolution and frame count with random embeddings
+    of the right shapes, so that no text encoder or VAE runs."""
     from safetensors.torch import save_file
+    if native:
+        shape = native_latent_shape(backbone)
+        cond = {k: torch.randn(v) for k, v in backbone.conditioning_shapes(pairs).items()}
+    else:
+        frames = (backbone.num_frames,) if backbone.is_video else ()
+        shape = backbone.encode_pixels(torch.zeros(1, 3, *frames, *backbone.resolution)).shape[1:]
+        cond = {k: v.cpu() for k, v in backbone.encode_prompts([f"prompt {i}" for i in range(pairs)]).items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"latents_w": torch.randn(pairs, *shape, generator=generator),
+               "latents_l": torch.randn(pairs, *shape, generator=generator),
+               **{f"cond.{k}": v.contiguous() for k, v in cond.items()}}
     folder = folder / "cache"
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    size = backbone.denoiser.config.sample_size
-    cond = backbone.encode_prompts([f"prompt {i}" for i in range(pairs)])
-    tensors = {"latents_w": torch.randn(pairs, 4, size, size, generator=generator),
-               "latents_l": torch.randn(pairs, 4, size, size, generator=generator),
-               **{f"cond.{k}": v.cpu().contiguous() for k, v in cond.items()}}
     save_file(tensors, folder / "shard-00000.safetensors")
     index = {**data.cache_identity(backbone, None), "pairs": pairs,
              "shards": [{"file": "shard-00000.safetensors", "pairs": pairs}]}
@@ -343,7 +364,7 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
         torch.manual_seed(0)
         backbone = models.load_backbone(name, random_weights=True)
         with tempfile.TemporaryDirectory() as tmp:
-            dataset = random_native_cache(backbone, Path(tmp), pairs)
+            dataset = random_cache(backbone, Path(tmp), pairs, native=True)
             trainer = Trainer(backbone, pairs, device, "sipo", gradient_checkpointing=True,
                               data_path=dataset.directory).use(dataset)
             for _ in range(2):
@@ -359,20 +380,6 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
                          "mfu": flops / peak if peak else None}
         del trainer, backbone
     return results
-
-
-def random_native_cache(backbone, folder, pairs):
-    from safetensors.torch import save_file
-    folder = folder / "cache"
-    folder.mkdir(parents=True)
-    shape = native_latent_shape(backbone)
-    tensors = {"latents_w": torch.randn(pairs, *shape), "latents_l": torch.randn(pairs, *shape),
-               **{f"cond.{k}": torch.randn(v) for k, v in backbone.conditioning_shapes(pairs).items()}}
-    save_file(tensors, folder / "shard-00000.safetensors")
-    (folder / data.CACHE_INDEX).write_text(json.dumps({**data.cache_identity(backbone, None), "pairs": pairs,
-                                                       "shards": [{"file": "shard-00000.safetensors",
-                                                                   "pairs": pairs}]}))
-    return data.CachedPairs(folder, backbone)
 
 
 def native_latent_shape(backbone):
@@ -424,6 +431,8 @@ def main(argv=None):
     else:
         init_single_process()
         with tempfile.TemporaryDirectory() as tmp:
+            results["0 tiny backbones"] = tiny_step_times(args.repeats, Path(tmp))
+            print_table("0 tiny backbones: SIPO step, 2 pairs, 1 process", results["0 tiny backbones"])
             for size in ("medium", "tiny"):
                 backbone = cpu_backbone(size)
                 trainer = Trainer(backbone, 4, torch.device("cpu")).use(random_cache(backbone, Path(tmp) / size, 16))

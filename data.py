@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -231,14 +232,8 @@ def drop_bad_pairs(dataset, summary):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The latent cache: safetensors shards plus cache.json, written last, so only a finished cache reads
+# The latent cache: safetensors shards plus cache.json, written into DIR.tmp and renamed to DIR when finished
 # ---------------------------------------------------------------------------------------------------------
-
-def _atomic_write(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def cache_identity(backbone, pretrained):
     if pretrained is not None and Path(pretrained).exists():
@@ -249,10 +244,15 @@ def cache_identity(backbone, pretrained):
 
 @torch.no_grad()
 def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_size=1024, skip_bad=False, summary=None):
-    """Encodes every pair once with the backbone's VAE and text encoder(s) into safetensors shards."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CACHE_INDEX).unlink(missing_ok=True)  # the old index no longer describes what is being written
+    """Encodes every pair once with the backbone's VAE and text encoder(s) into safetensors shards. They are
+    written into `out`.tmp, which replaces `out` only when complete: an interrupted run leaves no cache that a reader
+    would take as complete, and an older cache in `out` stays readable until then."""
+    final = Path(out)
+    if final.exists() and any(final.iterdir()) and not (final / CACHE_INDEX).is_file():
+        raise DataError(f"--out {final}: exists and is not a latent cache; choose an empty or new directory")
+    out = final.with_name(final.name + ".tmp")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     summary = summary or Summary(read=len(dataset))
     shards, buffer, total = [], [], 0
     progress = tqdm(total=len(dataset), desc=f"caching {backbone.name}", unit="pair")
@@ -261,7 +261,7 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
         nonlocal buffer, total
         tensors = {key: torch.cat([b[key] for b in buffer]).contiguous() for key in buffer[0]}
         name = f"shard-{len(shards):05d}.safetensors"
-        _atomic_write(out / name, lambda tmp: save_file(tensors, tmp))
+        save_file(tensors, out / name)
         count = len(tensors["latents_w"])
         shards.append({"file": name, "pairs": count})
         total += count
@@ -289,7 +289,12 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
     if not total:
         raise DataError(f"empty dataset after skipping bad pairs ({summary})")
     index = {**cache_identity(backbone, pretrained), "pairs": total, "shards": shards, "skipped": dict(summary.skipped)}
-    _atomic_write(out / CACHE_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+    (out / CACHE_INDEX).write_text(json.dumps(index, indent=1))
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out, final)
+    shutil.rmtree(old, ignore_errors=True)
     summary.read = total
     return summary
 

@@ -32,3 +32,10 @@ def test_device_benchmark_path_runs_on_tiny_models():
     results = bench.device_benchmarks(torch.device("cpu"), (("tiny-wan2.1-1.3b", 1),))
     row = results["tiny-wan2.1-1.3b"]
     assert row["seconds_per_step"] > 0 and row["achieved_tflops"] > 0 and row["mfu"] is None
+
+
+def test_tiny_step_times_cover_every_family(tmp_path):
+    bench.init_single_process()
+    results = bench.tiny_step_times(1, tmp_path)
+    assert set(results) == {f"tiny-{name}" for name in models.FULL}
+    assert all(row["step_ms"] > 0 and 0 < row["parameters"] < 2_000_000 for row in results.values())

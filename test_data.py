@@ -151,16 +151,24 @@ def test_cache_refuses_another_backbone_and_an_unfinished_cache(tmp_path, sd):
     with pytest.raises(data.DataError, match="cache was made with model='tiny-sd1.5', but this run has "
                                              "model='tiny-sdxl'"):
         data.CachedPairs(tmp_path / "cache", sdxl)
-    # an interrupted rerun: the first shard is written, then a pair fails; the old index is gone, no index is new
-    write_image(tmp_path / "b.png", "blue")
+    # an interrupted rerun: the first shard is written, then a pair fails; what it wrote is not a finished cache,
+    # and the old cache is still whole
+    before = data.CachedPairs(tmp_path / "cache", sd)[0]
     (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
-    broken = [pairs[0], data.Pair("z", tmp_path / "a.png", tmp_path / "b.png", "m.jsonl row 3")]
+    broken = [pairs[0], pairs[0], data.Pair("z", tmp_path / "a.png", tmp_path / "b.png", "m.jsonl row 3")]
     with pytest.raises(data.DataError, match="row 3: .*b.png cannot be decoded"):
         data.write_cache(sd, data.PairDataset(broken, *sd.resolution), tmp_path / "cache", batch_size=1,
                          shard_size=1)
-    assert (tmp_path / "cache" / "shard-00000.safetensors").exists()
+    assert (tmp_path / "cache.tmp" / "shard-00000.safetensors").exists()
     with pytest.raises(data.DataError, match="not a finished latent cache"):
-        data.CachedPairs(tmp_path / "cache", sd)
+        data.CachedPairs(tmp_path / "cache.tmp", sd)
+    after = data.CachedPairs(tmp_path / "cache", sd)
+    assert len(after) == 1 and all(torch.equal(before[k], after[0][k]) for k in before)
+    # a finished rerun replaces it; a directory that is not a cache is never written over
+    data.write_cache(sd, data.PairDataset(broken[:2], *sd.resolution), tmp_path / "cache")
+    assert len(data.CachedPairs(tmp_path / "cache", sd)) == 2 and not (tmp_path / "cache.tmp").exists()
+    with pytest.raises(data.DataError, match=f"--out {tmp_path}: exists and is not a latent cache"):
+        data.write_cache(sd, data.PairDataset(broken[:2], *sd.resolution), tmp_path)
 
 
 def bad_manifest(tmp_path, wan_backbone):

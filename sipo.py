@@ -3,7 +3,7 @@
 Imports torch only: copy this file into any trainer. Every formula names its source:
   [paper]    SIPO, arXiv 2505.21893
   [baseline] Diffusion-DPO, Wallace et al., arXiv 2311.12908
-  [ours]     this project's reconstruction of what the paper leaves open (see README, "Provenance")
+  [ours]     this project's reconstruction of what the paper leaves open (README: "what is whose")
 
 A Gaussian path is x_t = a_t x0 + s_t eps, SNR(t) = a_t^2 / s_t^2. Three parameterisations:
   "epsilon"  DDPM, network predicts eps                   (SD1.5, SDXL)
@@ -43,7 +43,7 @@ def shift_sigma(sigma, shift):
 
 
 def snr(a, s):
-    """SNR = a^2 / s^2; +inf for the clean sample (s = 0), 0 at zero terminal SNR (a = 0)."""
+    """SNR(t) = a_t^2 / s_t^2 [baseline]; +inf for the clean sample (s = 0), 0 at zero terminal SNR (a = 0)."""
     return torch.where(s > 0, a.square() / s.square().clamp_min(1e-30), torch.full_like(a, math.inf))
 
 

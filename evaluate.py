@@ -193,6 +193,12 @@ def model_dir(path):
     return str(Path(path) / "model") if (Path(path) / "model" / "model_index.json").is_file() else str(path)
 
 
+def load(args, path):
+    """The backbone --model from `path` on --device, in --precision (bf16: every part but Wan's VAE)."""
+    backbone = models.load_backbone(args.model, pretrained=path, device=args.device)
+    return backbone.set_dtype(torch.bfloat16 if args.precision == "bf16" else torch.float32, denoiser=True)
+
+
 def sample_all(backbone, prompts, samples, seed, steps, guidance):
     """(prompts, K, ...) samples; sample k of every prompt uses seed + k, for every model alike."""
     return torch.stack([backbone.sample(prompts, seed + k, steps, guidance) for k in range(samples)], 1)
@@ -230,7 +236,7 @@ def compare(args):
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, path in (("base", args.base), ("tuned", model_dir(args.tuned))):
-        backbone = models.load_backbone(args.model, pretrained=path, device=args.device)
+        backbone = load(args, path)
         samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance)
         results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
@@ -276,11 +282,10 @@ def bucket_levels(backbone, buckets):
 
 
 def timestep_analysis(args):
-    backbone = models.load_backbone(args.model, args.pretrained, device=args.device)
+    backbone = load(args, args.pretrained)
     reference = None
     if args.reference:
-        reference = models.load_backbone(args.model, pretrained=model_dir(args.reference), device=args.device).denoiser
-        models.freeze(reference)
+        reference = models.freeze(load(args, model_dir(args.reference)).denoiser)
     batch = fixed_batch(backbone, args.data, args.pairs)
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     cond = {k: torch.cat([v, v]) for k, v in data.conditioning(batch).items()}
@@ -290,9 +295,15 @@ def timestep_analysis(args):
     edges = bucket_levels(backbone, args.buckets)
     rows = []
     generator = torch.Generator().manual_seed(args.seed)
+
+    def predict(model, x_t, levels):
+        dtype = model.dtype  # a bf16 model takes bf16 inputs
+        return backbone.predict(model, x_t.to(dtype), levels, {k: v.to(dtype) for k, v in cond.items()})
+
     for low, high in zip(edges[:-1], edges[1:]):
-        weights_w, weights_l, gaps, margins, grads = [], [], [], [], []
-        for _ in range(args.draws):
+        weights_w, weights_l, gaps, margins, grad_norms = [], [], [], [], []
+        grad_mean, grad_m2 = 0.0, 0.0  # Welford over the draws: one parameter-sized vector, however many draws
+        for draw in range(1, args.draws + 1):
             u = torch.rand(pairs, generator=generator)
             levels = low + u * (high - low)
             levels = levels.clamp(1e-4, 1.0) if backbone.prediction == "flow" else levels.long()
@@ -302,7 +313,7 @@ def timestep_analysis(args):
             (a, s), (a_prev, s_prev) = backbone.coefficients(levels, args.sample_steps)
             x_t = sipo.add_noise(x0, noise, a, s)
             target = sipo.native_target(x0, noise, a, s, backbone.prediction)
-            error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
+            error = sipo.per_sample_error(predict(policy, x_t, levels), target)
             log_w = sipo.importance_log_weight(error * sipo.x0_error_scale(a, s, backbone.prediction),
                                                sipo.snr(a, s), sipo.snr(a_prev, s_prev), args.temperature)
             w_w, w_l = log_w.exp().chunk(2)
@@ -312,12 +323,15 @@ def timestep_analysis(args):
             gaps.append((e_l - e_w).detach())
             if reference is not None:
                 with torch.no_grad():
-                    r_w, r_l = sipo.per_sample_error(backbone.predict(reference, x_t, levels, cond), target).chunk(2)
+                    r_w, r_l = sipo.per_sample_error(predict(reference, x_t, levels), target).chunk(2)
                 margins.append(-0.5 * ((e_w - r_w) - (e_l - r_l)).detach())
             # the preference gradient: d/dtheta mean(e_w - e_l), Diffusion-DPO's direction up to sigmoid factors
-            grad = torch.autograd.grad((e_w - e_l).mean(), trainable)
-            grads.append(torch.cat([g.flatten() for g in grad]))
-        w_w, w_l, grads = torch.cat(weights_w), torch.cat(weights_l), torch.stack(grads)
+            grad = torch.cat([g.flatten().float() for g in torch.autograd.grad((e_w - e_l).mean(), trainable)])
+            grad_norms.append(grad.norm().item())
+            delta = grad - grad_mean
+            grad_mean = grad_mean + delta / draw
+            grad_m2 += (delta * (grad - grad_mean)).sum().item()
+        w_w, w_l = torch.cat(weights_w), torch.cat(weights_l)
         both = torch.cat([w_w, w_l]).double()
         row = {"level_low": float(low), "level_high": float(high),
                "weight_w_mean": w_w.mean().item(), "weight_l_mean": w_l.mean().item(),
@@ -325,8 +339,7 @@ def timestep_analysis(args):
                "weight_q90": both.quantile(0.9).item(),
                "mask_fraction": (torch.minimum(w_w, w_l) < args.tau).float().mean().item(),
                "error_gap": torch.cat(gaps).mean().item(),
-               "grad_norm": grads.norm(dim=1).mean().item(),
-               "grad_variance": (grads - grads.mean(0)).square().sum(1).mean().item()}
+               "grad_norm": float(np.mean(grad_norms)), "grad_variance": grad_m2 / args.draws}
         if margins:
             row["margin_per_beta"] = torch.cat(margins).mean().item()
         rows.append(row)
@@ -430,13 +443,14 @@ def main(argv=None):
     c.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
     c.add_argument("--aesthetic-head", help="the aesthetic predictor's head weights (.pth or .safetensors)")
     c.add_argument("--device", default=device)
+    c.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 
     t = commands.add_parser("timesteps", help="importance weights, masking and gradient variance over the schedule")
     t.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL")
     t.add_argument("--pretrained", help="diffusers directory (or a run directory's model/)")
     t.add_argument("--reference", help="a reference pipeline: adds the DPO margin per bucket")
     t.add_argument("--data", required=True, help="pairs: manifest, parquet, or latent cache")
-    t.add_argument("--pairs", type=int, default=16, help="pairs in the fixed batch")
+    t.add_argument("--pairs", type=int, default=16, help="pairs in the fixed batch (one forward; 1-2 for video)")
     t.add_argument("--buckets", type=int, default=20)
     t.add_argument("--draws", type=int, default=4, help="noise draws per bucket")
     t.add_argument("--tau", type=float, default=0.9)
@@ -445,12 +459,15 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="eval")
     t.add_argument("--device", default=device)
+    t.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 
     k = commands.add_parser("curves", help="loss, accuracy, mask fraction, errors, held-out metrics per step")
     k.add_argument("runs", nargs="+", help="run directories")
     k.add_argument("--smooth", type=int, default=5, help="moving-average window")
     k.add_argument("--out", default="curves.png")
     args = parser.parse_args(argv)
+    if getattr(args, "precision", "") is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.command == "timesteps" and args.pretrained:
         args.pretrained = model_dir(args.pretrained)
     try:

@@ -73,6 +73,17 @@ class Backbone:
         self.pipe.to(device)
         return self
 
+    def set_dtype(self, dtype, denoiser=False):
+        """Text encoders, VAE and, if asked, the denoiser in `dtype` (bf16 on GPUs). Wan's VAE stays fp32, as
+        diffusers advises: its pipeline casts latents to the VAE's dtype, while the others decode in theirs."""
+        modules = self.text_encoders() + ([self.denoiser] if denoiser else [])
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None and self.family != "wan":
+            modules.append(vae)
+        for module in modules:
+            module.to(dtype)
+        return self
+
     # -- conditioning --------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts):
@@ -108,7 +119,7 @@ class Backbone:
         if self.family == "pixel":
             return pixels
         vae = self.pipe.vae
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()  # the noising math runs in fp32
         if self.family == "wan":
             mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
             std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)

@@ -39,12 +39,14 @@ def saved(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("name,reward,picture", [("tiny-sd1.5", "jpeg_compressibility,named_colour", "grid.png"),
                                                  ("tiny-wan2.1-1.3b", "temporal_flicker", "side-by-side.gif")])
-def test_a_model_compared_with_itself_ties(saved, tmp_path, name, reward, picture):
+def test_a_model_compared_with_itself_ties(saved, tmp_path, name, reward, picture, precision):
     out = tmp_path / "eval"
     argv = ["compare", "--model", name, "--base", str(saved / name), "--tuned", str(saved / name), "--prompts",
-            str(saved / "prompts.txt"), "--reward", reward, "--samples", "3", "--steps", "2", "--out", str(out)]
+            str(saved / "prompts.txt"), "--reward", reward, "--samples", "3", "--steps", "2", "--out", str(out),
+            "--precision", precision]
     report = evaluate.main(argv)
     saved_report = json.loads((out / "report.json").read_text())
     assert saved_report == json.loads(json.dumps(report))

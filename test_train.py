@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import evaluate
 import models
 import train
 
@@ -235,19 +236,25 @@ def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
     assert not (tmp_path / "r").exists(), "nothing is written for a bad flag"
 
 
-def test_bf16_holds_frozen_parts_in_bf16_and_keeps_fp32_master_weights(pairs):
+@pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-wan2.1-1.3b"])
+def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(pairs, name, tmp_path):
     if not dist.is_initialized():
         train.setup_distributed()
-    args = train.parse_args(["--model", "tiny-sd1.5", "--data", str(pairs), "--precision", "bf16", "--beta", "1000",
-                             "--tau", "0.3", "--temperature", "0.2"])
+    (tmp_path / "prompts.txt").write_text("a red circle\na green square\n")
+    args = train.parse_args(["--model", name, "--data", str(pairs), "--precision", "bf16", "--beta", "1000",
+                             "--tau", "0.3", "--temperature", "0.2", "--eval-prompts", str(tmp_path / "prompts.txt"),
+                             "--eval-sample-steps", "2"])
     backbone, policy, reference = train.build(args, torch.device("cpu"))
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for m in backbone.text_encoders() for p in m.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in backbone.pipe.vae.parameters()} == {torch.float32}
+    assert {p.dtype for p in backbone.pipe.vae.parameters()} == {torch.float32 if "wan" in name else torch.bfloat16}
     dataset, _ = data.open_dataset(pairs, backbone)
-    loss, stats = train.preference_loss(backbone, policy, reference, data.collate([dataset[0], dataset[1]]), 0, args,
-                                        1)
+    batch = data.collate([dataset[0], dataset[1]])
+    loss, stats = train.preference_loss(backbone, policy, reference, batch, 0, args, 1)
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6), "policy = reference in bf16 compute"
     assert all(torch.isfinite(p.grad.full_tensor()).all() for p in policy.parameters())
+    metrics = train.heldout_metrics(backbone, policy, reference, None, ["a red circle", "a green square"],
+                                    evaluate.named_colour, args, 0, 1)
+    assert math.isfinite(metrics["heldout_reward"]), "samples decode with a bf16 policy and text encoder"

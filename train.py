@@ -162,14 +162,13 @@ def build(args, device):
 
 def prepare(backbone, args, device):
     """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
-    policy, so no second copy is held), both sharded. The reference and text encoders are held in the compute
-    dtype (bf16 on GPU halves them); the VAE stays fp32, as diffusers advises for Wan. The VAE and text encoders
-    stay on the CPU when nothing needs them: training and held-out pairs cached, no held-out prompts to sample."""
+    policy, so no second copy is held), both sharded. The reference, text encoders and VAE are held in the compute
+    dtype (bf16 on GPU halves them; see Backbone.set_dtype). The VAE and text encoders stay on the CPU when nothing
+    needs them: training and held-out pairs cached, no held-out prompts to sample."""
     torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
     models.prepare_for_training(backbone, args.gradient_checkpointing)
     frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    for encoder in backbone.text_encoders():
-        encoder.to(frozen_dtype)
+    backbone.set_dtype(frozen_dtype)
     policy = backbone.denoiser
     reference = None
     if args.lora:

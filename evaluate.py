@@ -195,8 +195,8 @@ def model_dir(path):
 
 def load(args, path):
     """The backbone --model from `path` on --device, in --precision (bf16: every part but Wan's VAE)."""
-    backbone = models.load_backbone(args.model, pretrained=path, device=args.device)
-    return backbone.set_dtype(torch.bfloat16 if args.precision == "bf16" else torch.float32, denoiser=True)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return models.load_backbone(args.model, pretrained=path, device=args.device, dtype=dtype)
 
 
 def sample_all(backbone, prompts, samples, seed, steps, guidance):

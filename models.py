@@ -25,6 +25,9 @@ from tokenizers.pre_tokenizers import ByteLevel
 import sipo
 
 FULL = ("sd1.5", "sdxl", "cogvideox-2b", "cogvideox-5b", "wan2.1-1.3b")
+# Wan's VAE stays fp32 whatever the compute dtype, as diffusers advises; its pipeline casts latents to the VAE's
+# dtype before decoding (the others decode in the latents' dtype, so their VAEs follow the compute dtype).
+FP32_PARTS = {"wan": ("vae",)}
 NAMES = FULL + tuple(f"tiny-{name}" for name in FULL) + ("toy",)
 
 
@@ -73,15 +76,12 @@ class Backbone:
         self.pipe.to(device)
         return self
 
-    def set_dtype(self, dtype, denoiser=False):
-        """Text encoders, VAE and, if asked, the denoiser in `dtype` (bf16 on GPUs). Wan's VAE stays fp32, as
-        diffusers advises: its pipeline casts latents to the VAE's dtype, while the others decode in theirs."""
-        modules = self.text_encoders() + ([self.denoiser] if denoiser else [])
-        vae = getattr(self.pipe, "vae", None)
-        if vae is not None and self.family != "wan":
-            modules.append(vae)
-        for module in modules:
-            module.to(dtype)
+    def set_frozen_dtype(self, dtype):
+        """Text encoders and VAE in `dtype` (bf16 on GPUs), but for the parts FP32_PARTS keeps in fp32."""
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to(torch.float32 if name in FP32_PARTS.get(self.family, ()) else dtype)
         return self
 
     # -- conditioning --------------------------------------------------------------------------------------
@@ -347,7 +347,8 @@ def _load_pretrained(name, path, dtype):
     if family == "pixel":
         kwargs["vae"] = None
     try:
-        pipe = pipeline_cls.from_pretrained(path, dtype=dtype, use_safetensors=True, **kwargs)
+        dtypes = {"default": dtype, **{part: torch.float32 for part in FP32_PARTS.get(family, ())}}
+        pipe = pipeline_cls.from_pretrained(path, dtype=dtypes, use_safetensors=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         raise ModelError(f"{path}: cannot load as {name}: {str(error).splitlines()[0]}") from None
     if family == "cogvideox":
@@ -360,7 +361,8 @@ def _load_pretrained(name, path, dtype):
 
 def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, random_weights=False):
     """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id), from its config with
-    random weights (full-size names need random_weights=True; device="meta" builds it without memory), or tiny."""
+    random weights (full-size names need random_weights=True; device="meta" builds it without memory), or tiny.
+    `dtype` is every part's but FP32_PARTS'; from_pretrained also keeps the modules a model marks fp32."""
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
     base = name.removeprefix("tiny-")
@@ -378,6 +380,8 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
         pipe.to(device)
         if pretrained is None and dtype != torch.float32:
             pipe.to(dtype=dtype)
+            for part in FP32_PARTS.get(SPECS[base][0], ()):
+                getattr(pipe, part).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return _backbone(name, pipe)
 

@@ -126,3 +126,15 @@ def test_bad_names_and_paths_fail_with_one_line(tmp_path):
     with pytest.raises(models.ModelError, match=message) as info:
         models.load_backbone("cogvideox-5b", pretrained=str(tmp_path / "cog"))
     assert "\n" not in str(info.value)
+
+
+def test_bf16_loading_keeps_wans_vae_and_the_modules_diffusers_marks_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    models.load_backbone("tiny-wan2.1-1.3b").pipe.save_pretrained(tmp_path)
+    for backbone in (models.load_backbone("tiny-wan2.1-1.3b", pretrained=str(tmp_path), dtype=torch.bfloat16),
+                     models.load_backbone("tiny-wan2.1-1.3b", dtype=torch.bfloat16)):
+        assert backbone.pipe.vae.dtype == torch.float32 and backbone.pipe.text_encoder.dtype == torch.bfloat16
+        assert backbone.denoiser.dtype == torch.bfloat16
+    loaded = models.load_backbone("tiny-wan2.1-1.3b", pretrained=str(tmp_path), dtype=torch.bfloat16)
+    assert loaded.denoiser.scale_shift_table.dtype == torch.float32, "from_pretrained keeps Wan's fp32 modules"
+    assert models.load_backbone("tiny-sd1.5", dtype=torch.bfloat16).pipe.vae.dtype == torch.bfloat16

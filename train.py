@@ -163,12 +163,12 @@ def build(args, device):
 def prepare(backbone, args, device):
     """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
     policy, so no second copy is held), both sharded. The reference, text encoders and VAE are held in the compute
-    dtype (bf16 on GPU halves them; see Backbone.set_dtype). The VAE and text encoders stay on the CPU when nothing
+    dtype (bf16 on GPU halves them; see Backbone.set_frozen_dtype). The VAE and text encoders stay on the CPU when nothing
     needs them: training and held-out pairs cached, no held-out prompts to sample."""
     torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
     models.prepare_for_training(backbone, args.gradient_checkpointing)
     frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    backbone.set_dtype(frozen_dtype)
+    backbone.set_frozen_dtype(frozen_dtype)
     policy = backbone.denoiser
     reference = None
     if args.lora:

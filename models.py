@@ -81,7 +81,7 @@ class Backbone:
         for name in ("vae", "text_encoder", "text_encoder_2"):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.to(torch.float32 if name in FP32_PARTS.get(self.family, ()) else dtype)
+                cast(module, torch.float32 if name in FP32_PARTS.get(self.family, ()) else dtype)
         return self
 
     # -- conditioning --------------------------------------------------------------------------------------
@@ -393,6 +393,11 @@ def _backbone(name, pipe):
         resolution, frames = TINY_SIZES[base]
     shift = pipe.scheduler.config.get("shift", pipe.scheduler.config.get("flow_shift", 3.0)) or 3.0
     return Backbone(name, family, prediction, pipe, resolution, frames, flow_shift=float(shift))
+
+
+def cast(module, dtype):
+    """module.to(dtype), skipped where it is already in it (diffusers warns on every cast)."""
+    return module if module.dtype == dtype else module.to(dtype)
 
 
 def freeze(module):

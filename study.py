@@ -1,7 +1,7 @@
 """The study: Diffusion-DPO, DPO-C&M and SIPO on the toy task, over a beta grid and seeds, plus SIPO ablations.
 
-    python study.py                     # the full study (about 40 minutes on 2 CPU cores); writes RESULTS.md
-    python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini   # a miniature
+    python study.py                     # the full study: 70 minutes on 2 CPU cores; writes results/RESULTS.md
+    python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base on the same pairs for the same steps (toy.py builds them once), one
 process per run, two runs at a time. Each run's final model is scored on held-out seeds with the known reward;
@@ -133,7 +133,8 @@ def plot_beta(path, table, betas, base_mean):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
+    parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
     parser.add_argument("--toy", default="runs/toy", help="toy.py's directory: base model and pairs (built if absent)")
     parser.add_argument("--betas", default="100,1000,10000", help="comma-separated beta grid")
     parser.add_argument("--seeds", type=int, default=5)
@@ -147,8 +148,9 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     args = parser.parse_args(argv)
-    out, toy_dir = Path(args.out), Path(args.toy)
+    out, toy_dir, report = Path(args.out), Path(args.toy), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    report.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     base = toy_dir / "base" / "model"
@@ -156,7 +158,6 @@ def main(argv=None):
         toy.main(["--out", str(toy_dir)])
     pairs = toy.make_preference_pairs(toy_dir / "data" / "pairs", base, 48, 10_000, SAMPLE_STEPS, GUIDANCE)
     heldout = toy.make_preference_pairs(toy_dir / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
-    (out / "prompts.txt").write_text("\n".join(toy.PROMPTS) + "\n")
     common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.steps, "--batch-size", 8,
               "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 10_000, "--eval-data", heldout,
               "--eval-every", max(1, args.steps // 6), "--no-gradient-checkpointing"]
@@ -210,18 +211,18 @@ def main(argv=None):
                "step_time_ms": timing["median_ms"],
                "runs": results, "minutes": (time.time() - started) / 60, "args": {k: str(v) for k, v in
                                                                                    vars(args).items()}}
-    (out / "study.json").write_text(json.dumps(summary, indent=1))
-    plot_beta(out / "beta.png", table, betas, base_mean)
+    (report / "study.json").write_text(json.dumps(summary, indent=1))
+    plot_beta(report / "beta.png", table, betas, base_mean)
     seed0 = {m: out / "runs" / run_name(f"{m} beta={betas[len(betas) // 2]:g}", 0) for m in METHODS}
     evaluate.main(["curves", *[str(run) for run in seed0.values() if (run / "log.jsonl").exists()],
-                   "--out", str(out / "curves.png")])
+                   "--out", str(report / "curves.png")])
     for label, model in (("base", base), ("sipo", seed0["sipo"] / "model")):
         if (model / "model_index.json").exists():
             evaluate.main(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
                            "--data", str(heldout), "--pairs", str(args.timestep_pairs), "--out",
-                           str(out / f"timesteps-{label}")])
-    write_results(out / "RESULTS.md", summary, betas, ablations)
-    print(f"study done in {summary['minutes']:.1f} min: {out / 'RESULTS.md'}")
+                           str(report / f"timesteps-{label}")])
+    write_results(report / "RESULTS.md", summary, betas, ablations)
+    print(f"study done in {summary['minutes']:.1f} min: {report / 'RESULTS.md'}")
     return summary
 
 

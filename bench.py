@@ -417,7 +417,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu", choices=("cpu", "planner", "gpu", "fsdp-memory-worker"))
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", default="bench.json", help="where the figures go as JSON")
+    parser.add_argument("--out", default="results/bench.json", help="where the figures go as JSON")
     parser.add_argument("--size", default="medium", choices=("tiny", "medium"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
@@ -455,6 +455,7 @@ def main(argv=None):
                         {k: f"{v:.1f} GB" for k, v in plan["per_gpu_gb"].items()})
     if "gpu" in results:
         print_table("GPU", results["gpu"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     return results
 

@@ -66,11 +66,13 @@ class Backbone:
     def num_train_timesteps(self):
         return self.pipe.scheduler.config.num_train_timesteps
 
-    def text_encoders(self):
-        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")) if m is not None]
+    def frozen_parts(self):
+        """{name: module} of the VAE and text encoder(s) the pipeline holds."""
+        parts = {name: getattr(self.pipe, name, None) for name in ("vae", "text_encoder", "text_encoder_2")}
+        return {name: module for name, module in parts.items() if module is not None}
 
     def frozen_modules(self):
-        return [m for m in (getattr(self.pipe, "vae", None), *self.text_encoders()) if m is not None]
+        return list(self.frozen_parts().values())
 
     def to(self, device):
         self.pipe.to(device)
@@ -78,10 +80,8 @@ class Backbone:
 
     def set_frozen_dtype(self, dtype):
         """Text encoders and VAE in `dtype` (bf16 on GPUs), but for the parts FP32_PARTS keeps in fp32."""
-        for name in ("vae", "text_encoder", "text_encoder_2"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                cast(module, torch.float32 if name in FP32_PARTS.get(self.family, ()) else dtype)
+        for name, module in self.frozen_parts().items():
+            cast(module, torch.float32 if name in FP32_PARTS.get(self.family, ()) else dtype)
         return self
 
     # -- conditioning --------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
 
 def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
     out, _ = mini_toy
-    summary = study.main(["--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out), "--betas", "100,10000", "--seeds", "2",
-                          "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2"])
+    summary = study.main(["--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out), "--betas", "100,10000",
+                          "--seeds", "2", "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2"])
     assert set(summary["table"]) == {f"{m} beta={b}" for m in study.METHODS for b in ("100", "10000")}
     for row in summary["table"].values():
         assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0

@@ -247,8 +247,9 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     backbone, policy, reference = train.build(args, torch.device("cpu"))
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
-    assert {p.dtype for m in backbone.text_encoders() for p in m.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in backbone.pipe.vae.parameters()} == {torch.float32 if "wan" in name else torch.bfloat16}
+    parts = backbone.frozen_parts()
+    assert {p.dtype for p in parts["text_encoder"].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in parts["vae"].parameters()} == {torch.float32 if "wan" in name else torch.bfloat16}
     dataset, _ = data.open_dataset(pairs, backbone)
     batch = data.collate([dataset[0], dataset[1]])
     loss, stats = train.preference_loss(backbone, policy, reference, batch, 0, args, 1)

@@ -163,8 +163,8 @@ def build(args, device):
 def prepare(backbone, args, device):
     """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
     policy, so no second copy is held), both sharded. The reference, text encoders and VAE are held in the compute
-    dtype (bf16 on GPU halves them; see Backbone.set_frozen_dtype). The VAE and text encoders stay on the CPU when nothing
-    needs them: training and held-out pairs cached, no held-out prompts to sample."""
+    dtype (bf16 on GPU halves them; see Backbone.set_frozen_dtype). The VAE and text encoders stay on the CPU when
+    nothing needs them: training and held-out pairs cached, no held-out prompts to sample."""
     torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
     models.prepare_for_training(backbone, args.gradient_checkpointing)
     frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32

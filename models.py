@@ -376,14 +376,14 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
             pipe = _build_pipeline(base, tiny=name.startswith("tiny-"))
     else:
         raise ModelError(f"--model {name} needs --pretrained PATH_OR_ID or --random-weights")
+    pipe.set_progress_bar_config(disable=True)
+    backbone = _backbone(name, pipe)
     if device != "meta":
         pipe.to(device)
         if pretrained is None and dtype != torch.float32:
             pipe.to(dtype=dtype)
-            for part in FP32_PARTS.get(SPECS[base][0], ()):
-                getattr(pipe, part).to(torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return _backbone(name, pipe)
+            backbone.set_frozen_dtype(dtype)  # FP32_PARTS back to fp32
+    return backbone
 
 
 def _backbone(name, pipe):

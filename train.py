@@ -177,7 +177,7 @@ def prepare(backbone, args, device):
         policy.add_adapter(LoraConfig(r=args.lora, lora_alpha=args.lora, init_lora_weights="gaussian",
                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     elif args.loss != "sft":
-        reference = models.cast(models.freeze(copy.deepcopy(policy)).to(device), frozen_dtype)
+        reference = models.cast(models.freeze(copy.deepcopy(policy)), frozen_dtype).to(device)  # cast, then move
     cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
     if all(cached) and not args.eval_prompts:
         policy.to(device)

@@ -143,6 +143,18 @@ class Backbone:
         stride = self.num_train_timesteps // sample_steps
         return sipo.ddpm_coefficients(alphas_cumprod, levels), sipo.ddpm_coefficients(alphas_cumprod, levels - stride)
 
+    def sampler_grid(self, sample_steps=50):
+        """(stride, top) of the sampler's grid in noise levels: (T / n, T - 1) for DDPM, (1 / n, 1) for flow."""
+        if self.prediction == "flow":
+            return 1.0 / sample_steps, 1.0
+        return self.num_train_timesteps // sample_steps, self.num_train_timesteps - 1
+
+    def step_log_weight(self, error, levels, sample_steps=50, temperature=1.0):
+        """The step importance log weight (sipo.importance_log_weight) of per-sample native errors at `levels`."""
+        (a, s), (a_prev, s_prev) = self.coefficients(levels, sample_steps)
+        return sipo.importance_log_weight(error * sipo.x0_error_scale(a, s, self.prediction), sipo.snr(a, s),
+                                          sipo.snr(a_prev, s_prev), temperature)
+
     def model_timesteps(self, levels):
         return levels * 1000.0 if self.prediction == "flow" else levels
 

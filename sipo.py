@@ -113,29 +113,81 @@ def importance_log_weight(x0_error, snr_t, snr_s, temperature=1.0):
     return torch.where(finite, log_w, torch.full_like(log_w, -math.inf))
 
 
-def masked_weight_sums(log_w_w, log_w_l, tau, loss):
-    """Local sums behind the global statistics of METHOD §4-5 [ours]: tensor([unmasked pairs,
-    sum of the weights that get self-normalised, how many]). All-reduce (sum) across ranks, then pass
-    mean_weight = sums[1] / sums[2] and unmasked_count = sums[0] to dpo_cm_loss or sipo_loss."""
-    w_w, w_l, mask = _weights_and_mask(log_w_w, log_w_l, tau)
-    m = mask.float()
-    if loss == "dpo-cm":
-        return torch.stack([m.sum(), (m * w_w * w_l).sum(), m.sum()])
-    if loss == "sipo":
-        return torch.stack([m.sum(), (m * (w_w + w_l)).sum(), 2 * m.sum()])
-    raise ValueError(f"masked_weight_sums: loss must be 'dpo-cm' or 'sipo', got {loss!r}")
+def later_steps(level, stride, top, draws, generator=None):
+    """The path weight's sampler steps after t [ours, METHOD §8]: n_later, how many grid steps t + j stride
+    (j >= 1) lie at or below `top` (T - 1 for DDPM, sigma = 1 for flow), and `draws` of them per sample, uniform
+    over those steps: (n_later (B,), later levels (draws, B)). Where n_later = 0 any level <= top is returned; its
+    term gets coefficient 0 in path_log_weight. Integer levels (DDPM timesteps) stay integers."""
+    n_later = torch.floor((top - level) / stride + 1e-6).long().clamp_min(0)
+    u = torch.rand((draws, *level.shape), generator=generator, device=level.device)
+    j = 1 + (u * n_later).long().clamp_max(n_later - 1).clamp_min(0)
+    later = level + j * stride
+    return n_later, later.clamp_max(top) if level.is_floating_point() else later.clamp_max(int(top))
 
 
-def _weights_and_mask(log_w_w, log_w_l, tau):
+def path_log_weight(step_log_w, later_log_w, n_later):
+    """log W_t = log w_t + (n_later / K) sum_j log w_{k_j}: the per-decision importance weight of the step at t,
+    the product of the ratios of every sampler step from pure noise down to t [ours, METHOD §8]. The sum over
+    the n_later steps above t is estimated without bias from K uniform draws (later_steps), each a no-grad policy
+    forward at a fresh x_k ~ q(x_k | x0) whose importance_log_weight is later_log_w (K, B)."""
+    later = later_log_w.detach().float()
+    return step_log_w.detach().float() + n_later.float() / later.shape[0] * later.sum(0)
+
+
+WEIGHTS = ("step", "path")
+NORMALISATIONS = ("after-mask", "before-mask")
+
+
+def _sum_over_ranks(tensor, all_reduce):
+    return tensor if all_reduce is None else all_reduce(tensor)
+
+
+def _ratio(weight, mean):
+    """weight / mean, and 0 where the mean is 0 (every weight 0: nothing is informative)."""
+    return torch.where(mean > 0, weight / mean.clamp_min(1e-30), torch.zeros_like(weight))
+
+
+def clip_and_mask(log_w_w, log_w_l, tau, eps, normalise="after-mask", all_reduce=None):
+    """The mask m and the clipped, self-normalised weights of each branch and of each pair (METHOD §4-5, §8).
+
+    [paper] mask timesteps whose weight is below tau; clip the importance weight to [1 - eps, 1 + eps].
+    [ours]  "after-mask" (METHOD §4-5): m = 1[min(w_w, w_l) >= tau]; then each weight over its mean on the
+            unmasked entries: branches w / mean(w) for SIPO, pairs w_w w_l / mean(w_w w_l) for DPO-C&M.
+            "before-mask" (METHOD §8): rho = w / mean(w) over every branch first; m = 1[min(rho_w, rho_l) >= tau];
+            branch ratios rho, pair ratios rho_w rho_l.
+    Every ratio is clipped to [1 - eps, 1 + eps] and set to 1 where masked. Means and the unmasked count are taken
+    over the global batch: pass all_reduce, a function returning the sum of a tensor over ranks (None: this
+    batch is the global one). Returns mask, clipped branch ratios (w, l), clipped pair ratio, unmasked count and
+    statistics; nothing carries gradient."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalise!r}; expected one of {NORMALISATIONS}")
     w_w, w_l = log_w_w.detach().float().exp(), log_w_l.detach().float().exp()
-    return w_w, w_l, torch.minimum(w_w, w_l) >= tau
+    if normalise == "before-mask":
+        sums = _sum_over_ranks(torch.stack([(w_w + w_l).sum(), w_w.new_tensor(2.0 * len(w_w))]), all_reduce)
+        rho_w, rho_l = _ratio(w_w, sums[0] / sums[1]), _ratio(w_l, sums[0] / sums[1])
+        mask = torch.minimum(rho_w, rho_l) >= tau
+        count = _sum_over_ranks(mask.float().sum(), all_reduce)
+        pair = rho_w * rho_l
+    else:
+        mask = torch.minimum(w_w, w_l) >= tau
+        m = mask.float()
+        sums = _sum_over_ranks(torch.stack([m.sum(), (m * (w_w + w_l)).sum(), (m * w_w * w_l).sum()]), all_reduce)
+        count = sums[0]
+        rho_w, rho_l = _ratio(w_w, sums[1] / (2 * count)), _ratio(w_l, sums[1] / (2 * count))
+        pair = _ratio(w_w * w_l, sums[2] / count)
 
+    def clip(ratio):
+        return torch.where(mask, ratio.clamp(1 - eps, 1 + eps), torch.ones_like(ratio))
 
-def _clipped_ratio(weight, mean_weight, mask, eps):
-    """sg(clip(weight / mean, 1 - eps, 1 + eps)) on unmasked entries, 1 elsewhere (never NaN)."""
-    mean_weight = torch.as_tensor(mean_weight, dtype=weight.dtype, device=weight.device)
-    ratio = torch.where(mean_weight > 0, weight / mean_weight.clamp_min(1e-30), torch.ones_like(weight))
-    return torch.where(mask, ratio.clamp(1 - eps, 1 + eps), torch.ones_like(weight))
+    def clipped_fraction(*ratios):
+        binds = sum(((r < 1 - eps) | (r > 1 + eps)).float() * mask for r in ratios)
+        return binds.sum() / (len(ratios) * mask.float().sum()).clamp_min(1)
+
+    w = torch.cat([w_w, w_l])
+    stats = {"mask_fraction": 1 - mask.float().mean(), "weight_mean": w.mean(), "weight_min": w.min(),
+             "weight_max": w.max(), "clip_fraction_branch": clipped_fraction(rho_w, rho_l),
+             "clip_fraction_pair": clipped_fraction(pair)}
+    return mask, clip(rho_w), clip(rho_l), clip(pair), count, stats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,62 +210,43 @@ def _stats(e_w, e_l, r_w, r_l, dpo_margin, **extra):
     return {k: v.detach() for k, v in stats.items()}
 
 
-def _weight_stats(w_w, w_l, mask):
-    w = torch.cat([w_w, w_l])
-    return {"mask_fraction": 1 - mask.float().mean(), "weight_mean": w.mean(), "weight_min": w.min(),
-            "weight_max": w.max()}
-
-
 def diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta):
     """L = mean -log sigmoid(-(beta / 2) ((e_w - r_w) - (e_l - r_l))) [baseline, Wallace et al. eq. 14]."""
     inside = _dpo_margin(e_w, e_l, r_w, r_l, beta)
     return -F.logsigmoid(inside).mean(), _stats(e_w, e_l, r_w, r_l, inside)
 
 
-def dpo_cm_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta, tau=0.9, eps=0.1, mean_weight=None,
-                unmasked_count=None):
-    """DPO-C&M: L = sum_i m_i sg(c_i) (-log sigmoid(z_i)) / max(1, sum_i m_i).
+def dpo_cm_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta, tau=0.9, eps=0.1, normalise="after-mask",
+                all_reduce=None):
+    """DPO-C&M: L = sum_i m_i sg(c_i) (-log sigmoid(z_i)) / max(1, sum_i m_i), z as in diffusion_dpo_loss.
 
     [paper] mask timesteps whose weight is below tau, clip the importance weight to [1 - eps, 1 + eps].
-    [ours] m = 1[min(w_w, w_l) >= tau]; c = clip(w_w w_l / mean, 1 - eps, 1 + eps), the mean taken over
-    unmasked pairs of the global batch (pass mean_weight and unmasked_count from masked_weight_sums
-    all-reduced; without them the local batch is used).
+    [ours] c_i is the pair's clipped ratio and m its mask from clip_and_mask (see there for `normalise`); the
+    normaliser counts unmasked pairs of the global batch (all_reduce: the sum over ranks, None for one process).
     """
-    w_w, w_l, mask = _weights_and_mask(log_w_w, log_w_l, tau)
-    pair_weight = w_w * w_l
-    m = mask.float()
-    if mean_weight is None:
-        mean_weight = (m * pair_weight).sum() / m.sum().clamp_min(1)
-    if unmasked_count is None:
-        unmasked_count = m.sum()
-    clipped = _clipped_ratio(pair_weight, mean_weight, mask, eps)
+    mask, _, _, clipped, count, weight_stats = clip_and_mask(log_w_w, log_w_l, tau, eps, normalise, all_reduce)
     inside = _dpo_margin(e_w, e_l, r_w, r_l, beta)
-    loss = (m * clipped * -F.logsigmoid(inside)).sum() / torch.as_tensor(unmasked_count).clamp_min(1)
-    return loss, _stats(e_w, e_l, r_w, r_l, inside, **_weight_stats(w_w, w_l, mask),
-                        clip_mean=(m * clipped).sum() / m.sum().clamp_min(1))
+    loss = (mask * clipped * -F.logsigmoid(inside)).sum() / count.clamp_min(1)
+    return loss, _stats(e_w, e_l, r_w, r_l, inside, **weight_stats,
+                        clip_mean=(mask * clipped).sum() / mask.sum().clamp_min(1))
 
 
-def sipo_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta, tau=0.9, eps=0.1, mean_weight=None,
-              unmasked_count=None):
+def sipo_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta, tau=0.9, eps=0.1, normalise="after-mask",
+              all_reduce=None):
     """SIPO: L = sum_i m_i (-log sigmoid(-(beta/2)(w_hat_w Delta_w - w_hat_l Delta_l))) / max(1, sum_i m_i).
 
     [paper] clipped, timestep-aware importance weights re-weight the log-likelihood-ratio terms.
-    [ours] Delta_b = e_b - r_b; w_hat_b = sg(clip(w_b / mean, 1 - eps, 1 + eps)), the mean over unmasked
-    branches of the global batch; m as in dpo_cm_loss. Equals diffusion_dpo_loss when tau = eps = 0.
+    [ours] Delta_b = e_b - r_b; w_hat_b the branch's clipped ratio and m the mask from clip_and_mask (see there for
+    `normalise`); the normaliser counts unmasked pairs of the global batch. Equals diffusion_dpo_loss when
+    tau = eps = 0, for either normalisation and either weight.
     """
-    w_w, w_l, mask = _weights_and_mask(log_w_w, log_w_l, tau)
-    m = mask.float()
-    if mean_weight is None:
-        mean_weight = (m * (w_w + w_l)).sum() / (2 * m.sum()).clamp_min(1)
-    if unmasked_count is None:
-        unmasked_count = m.sum()
-    w_hat_w = _clipped_ratio(w_w, mean_weight, mask, eps)
-    w_hat_l = _clipped_ratio(w_l, mean_weight, mask, eps)
+    mask, w_hat_w, w_hat_l, _, count, weight_stats = clip_and_mask(log_w_w, log_w_l, tau, eps, normalise,
+                                                                    all_reduce)
     inside = _dpo_margin(e_w, e_l, r_w, r_l, beta, w_hat_w, w_hat_l)
-    loss = (m * -F.logsigmoid(inside)).sum() / torch.as_tensor(unmasked_count).clamp_min(1)
+    loss = (mask * -F.logsigmoid(inside)).sum() / count.clamp_min(1)
     dpo_margin = _dpo_margin(e_w, e_l, r_w, r_l, beta)
-    return loss, _stats(e_w, e_l, r_w, r_l, dpo_margin, **_weight_stats(w_w, w_l, mask),
-                        sipo_margin=(m * inside).sum() / m.sum().clamp_min(1))
+    return loss, _stats(e_w, e_l, r_w, r_l, dpo_margin, **weight_stats,
+                        sipo_margin=(mask * inside).sum() / mask.sum().clamp_min(1))
 
 
 def sft_loss(e_w):

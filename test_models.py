@@ -73,22 +73,32 @@ def test_saved_layout_loads_back_with_the_same_outputs_and_samples(name, tmp_pat
     assert index["_class_name"] == models.SPECS[name.removeprefix("tiny-")][2].__name__
     assert list(tmp_path.glob("*/*.safetensors")), "weights are saved as safetensors"
     loaded = models.load_backbone(name, pretrained=str(tmp_path))
+    # The weights round-trip bit for bit; the outputs of two separately loaded models only to a tolerance: kernels
+    # differ with the CPU (AVX2 vs AVX-512) and with memory alignment.
+    for part in ("denoiser", *backbone.frozen_parts()):
+        saved, restored = getattr(backbone, part, None) or getattr(backbone.pipe, part), \
+            getattr(loaded, part, None) or getattr(loaded.pipe, part)
+        saved, restored = saved.state_dict(), restored.state_dict()
+        assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved), part
+    close = {"rtol": 1e-4, "atol": 1e-5}
     prompts = ["a red circle"]
     cond, cond_loaded = backbone.encode_prompts(prompts), loaded.encode_prompts(prompts)
-    assert all(torch.equal(cond[k], cond_loaded[k]) for k in cond)
+    for k in cond:
+        torch.testing.assert_close(cond[k], cond_loaded[k], **close)
     height, width = backbone.resolution
     frames = (backbone.num_frames,) if backbone.is_video else ()
     pixels = torch.rand(1, 3, *frames, height, width) * 2 - 1
     x0 = backbone.encode_pixels(pixels)
-    assert torch.equal(x0, loaded.encode_pixels(pixels))
+    torch.testing.assert_close(x0, loaded.encode_pixels(pixels), **close)
     levels = backbone.sample_noise_levels(1)
     with torch.no_grad():
         out = backbone.predict(backbone.denoiser, x0, levels, cond)
-        assert torch.equal(out, loaded.predict(loaded.denoiser, x0, levels, cond_loaded))
+        torch.testing.assert_close(out, loaded.predict(loaded.denoiser, x0, levels, cond), **close)
     sample = loaded.sample(prompts, seed=1, steps=2)
     expected = (1, backbone.num_frames, 3, height, width) if backbone.is_video else (1, 3, height, width)
     assert tuple(sample.shape) == expected and torch.isfinite(sample).all()
     assert 0 <= sample.min() and sample.max() <= 1
+    torch.testing.assert_close(sample, backbone.sample(prompts, seed=1, steps=2), **close)
     assert torch.equal(sample, loaded.sample(prompts, seed=1, steps=2)), "same seed, same sample"
 
 

@@ -3,6 +3,7 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -229,11 +230,49 @@ def random_batch(pairs=12, seed=3):
     return e_w, e_l, r_w, r_l, log_w_w, log_w_l
 
 
-@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
-def test_clip_and_mask_off_equals_diffusion_dpo(loss_fn):
+LOSS_FNS = [sipo.dpo_cm_loss, sipo.sipo_loss]
+READINGS = [(weight, normalise) for weight in sipo.WEIGHTS for normalise in sipo.NORMALISATIONS]
+
+
+def reading_log_weights(log_w_w, log_w_l, weight, seed=5):
+    """The step log weights as given, or path log weights built on them from random later terms."""
+    if weight == "step":
+        return log_w_w, log_w_l
+    g = torch.Generator().manual_seed(seed)
+    n_later = torch.randint(0, 6, log_w_w.shape, generator=g)
+    later = [-torch.rand(2, *log_w_w.shape, generator=g) * 0.05 for _ in range(2)]
+    return sipo.path_log_weight(log_w_w, later[0], n_later), sipo.path_log_weight(log_w_l, later[1], n_later)
+
+
+def on_ranks(fn, shards):
+    """fn(shard, all_reduce) on each shard in its own thread, as ranks of one group: all_reduce sums a tensor over
+    the threads (a stand-in for torch.distributed's, independent of sipo.py)."""
+    barrier, slots, results = threading.Barrier(len(shards), timeout=20), [None] * len(shards), [None] * len(shards)
+
+    def run(rank):
+        def all_reduce(tensor):
+            slots[rank] = tensor.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+        results[rank] = fn(shards[rank], all_reduce)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(shards))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("weight,normalise", READINGS)
+@pytest.mark.parametrize("loss_fn", LOSS_FNS)
+def test_clip_and_mask_off_equals_diffusion_dpo(loss_fn, weight, normalise):
     e_w, e_l, r_w, r_l, log_w_w, log_w_l = random_batch()
+    log_w_w, log_w_l = reading_log_weights(log_w_w, log_w_l, weight)
     reference = sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta=50.0)[0]
-    loss = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=50.0, tau=0.0, eps=0.0)[0]
+    loss = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=50.0, tau=0.0, eps=0.0, normalise=normalise)[0]
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
 
 
@@ -249,6 +288,7 @@ def test_dpo_cm_hand_values():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert stats["mask_fraction"].item() == pytest.approx(1 / 3)
     assert stats["weight_min"].item() == pytest.approx(0.5)
+    assert stats["clip_fraction_pair"].item() == 1.0
 
 
 def test_sipo_hand_values_and_gradient():
@@ -256,8 +296,8 @@ def test_sipo_hand_values_and_gradient():
     e_l = torch.tensor([0.20, 0.10, 0.25], requires_grad=True)
     r_w, r_l = torch.tensor([0.15, 0.20, 0.20]), torch.tensor([0.25, 0.10, 0.20])
     w_w, w_l = [1.0, 0.5, 0.95], [0.9, 0.95, 1.0]
-    loss, _ = sipo.sipo_loss(e_w, e_l, r_w, r_l, torch.tensor(w_w).log(), torch.tensor(w_l).log(), beta=10.0,
-                             tau=0.9, eps=0.05)
+    loss, stats = sipo.sipo_loss(e_w, e_l, r_w, r_l, torch.tensor(w_w).log(), torch.tensor(w_l).log(), beta=10.0,
+                                 tau=0.9, eps=0.05)
     mean = (1.0 + 0.9 + 0.95 + 1.0) / 4  # unmasked branches only
     clip = lambda w: min(max(w / mean, 0.95), 1.05)  # noqa: E731
     hat_w, hat_l = [clip(1.0), None, clip(0.95)], [clip(0.9), None, clip(1.0)]
@@ -266,6 +306,7 @@ def test_sipo_hand_values_and_gradient():
     z = {i: -5 * (hat_w[i] * delta_w[i] - hat_l[i] * delta_l[i]) for i in (0, 2)}
     expected = (neg_logsigmoid(z[0]) + neg_logsigmoid(z[2])) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert stats["clip_fraction_branch"].item() == pytest.approx(1 / 4), "only 0.9 / mean = 0.935 is clipped"
     loss.backward()
     assert e_w.grad[1].item() == 0.0 and e_l.grad[1].item() == 0.0, "masked pair carries no gradient"
     for i in (0, 2):
@@ -273,7 +314,31 @@ def test_sipo_hand_values_and_gradient():
         assert e_l.grad[i].item() == pytest.approx(-5 * hat_l[i] * sigmoid(-z[i]) / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
+def test_before_mask_hand_values():
+    """METHOD §8: normalise over every branch first (0.5 counts in the mean), mask relative weights below tau,
+    clip the rest; DPO-C&M's pair ratio is rho_w rho_l."""
+    e_w, e_l = torch.tensor([0.10, 0.30, 0.20]), torch.tensor([0.20, 0.10, 0.25])
+    r_w, r_l = torch.tensor([0.15, 0.20, 0.20]), torch.tensor([0.25, 0.10, 0.20])
+    w_w, w_l = [1.0, 0.5, 0.95], [0.9, 0.95, 1.0]
+    mean = (1.0 + 0.5 + 0.95 + 0.9 + 0.95 + 1.0) / 6  # 0.8833: rho = 1.132, 0.566, 1.075 | 1.019, 1.075, 1.132
+    clip = lambda rho: min(max(rho, 0.9), 1.1)  # noqa: E731
+    delta_w, delta_l = [-0.05, None, 0.0], [-0.05, None, 0.05]
+    log_w_w, log_w_l = torch.tensor(w_w).log(), torch.tensor(w_l).log()
+    loss, stats = sipo.sipo_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=10.0, tau=0.9, eps=0.1,
+                                 normalise="before-mask")
+    z = {i: -5 * (clip(w_w[i] / mean) * delta_w[i] - clip(w_l[i] / mean) * delta_l[i]) for i in (0, 2)}
+    assert loss.item() == pytest.approx((neg_logsigmoid(z[0]) + neg_logsigmoid(z[2])) / 2, rel=1e-5)
+    assert stats["mask_fraction"].item() == pytest.approx(1 / 3)
+    assert stats["clip_fraction_branch"].item() == pytest.approx(2 / 4), "1.132 twice; 1.019 and 1.075 not"
+    loss, _ = sipo.dpo_cm_loss(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=10.0, tau=0.9, eps=0.1,
+                               normalise="before-mask")
+    z = [-5 * ((0.10 - 0.15) - (0.20 - 0.25)), -5 * ((0.20 - 0.20) - (0.25 - 0.20))]
+    pair = [clip(w_w[0] * w_l[0] / mean ** 2), clip(w_w[2] * w_l[2] / mean ** 2)]
+    assert loss.item() == pytest.approx((pair[0] * neg_logsigmoid(z[0]) + pair[1] * neg_logsigmoid(z[1])) / 2,
+                                        rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_fn", LOSS_FNS)
 def test_mask_removes_exactly_the_pairs_below_tau(loss_fn):
     e_w, e_l, r_w, r_l, _, _ = random_batch(pairs=6)
     w_w = torch.tensor([0.95, 0.89, 0.99, 0.90, 1.00, 0.0])
@@ -286,8 +351,9 @@ def test_mask_removes_exactly_the_pairs_below_tau(loss_fn):
     assert full[0].item() == pytest.approx(kept[0].item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
-def test_weights_carry_no_gradient(loss_fn):
+@pytest.mark.parametrize("weight,normalise", READINGS)
+@pytest.mark.parametrize("loss_fn", LOSS_FNS)
+def test_weights_carry_no_gradient(loss_fn, weight, normalise):
     """Weights computed from the policy's own error: the gradient must equal that with detached weights."""
     abar = sd_alphas_cumprod()
     t = torch.tensor([100, 300, 500, 700])
@@ -299,41 +365,169 @@ def test_weights_carry_no_gradient(loss_fn):
         ew, el = e_w.clone().requires_grad_(), e_l.clone().requires_grad_()
         log_w_w = sipo.importance_log_weight((ew.detach() if detach else ew) * scale, snr_t, snr_s)
         log_w_l = sipo.importance_log_weight((el.detach() if detach else el) * scale, snr_t, snr_s)
+        log_w_w, log_w_l = reading_log_weights(log_w_w, log_w_l, weight)
         assert not log_w_w.requires_grad
-        loss_fn(ew, el, r_w, r_l, log_w_w, log_w_l, beta=20.0, tau=0.5, eps=0.3)[0].backward()
+        loss_fn(ew, el, r_w, r_l, log_w_w, log_w_l, beta=20.0, tau=0.5, eps=0.3, normalise=normalise)[0].backward()
         grads.append((ew.grad, el.grad))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
-@pytest.mark.parametrize("loss_fn", [sipo.dpo_cm_loss, sipo.sipo_loss])
-def test_fully_masked_batch_gives_zero_loss_and_zero_gradient(loss_fn):
+@pytest.mark.parametrize("weight,normalise", READINGS)
+@pytest.mark.parametrize("loss_fn", LOSS_FNS)
+def test_fully_masked_batch_gives_zero_loss_and_zero_gradient(loss_fn, weight, normalise):
     e_w, e_l, r_w, r_l, _, _ = random_batch(pairs=4)
     e_w.requires_grad_()
-    log_w = torch.tensor([-math.inf, -1.0, -0.5, -math.inf])
-    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w, log_w, beta=20.0, tau=0.9, eps=0.1)
+    # each pair has one branch of weight 0 (a final step): masked under either normalisation
+    log_w_w = torch.tensor([0.0, -math.inf, -0.1, -math.inf])
+    log_w_l = torch.tensor([-math.inf, -0.2, -math.inf, 0.0])
+    log_w_w, log_w_l = reading_log_weights(log_w_w, log_w_l, weight)
+    tau = 0.9
+    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=20.0, tau=tau, eps=0.1, normalise=normalise)
     loss.backward()
     assert loss.item() == 0.0 and stats["mask_fraction"].item() == 1.0
     assert torch.equal(e_w.grad, torch.zeros(4))
     assert all(math.isfinite(v.item()) for v in stats.values())
-    # the same with global statistics of an all-masked global batch (0 / 0 must not leak a NaN)
-    sums = sipo.masked_weight_sums(log_w, log_w, 0.9, "sipo" if loss_fn is sipo.sipo_loss else "dpo-cm")
-    loss = loss_fn(e_w, e_l, r_w, r_l, log_w, log_w, 20.0, 0.9, 0.1, sums[1] / sums[2], sums[0])[0]
-    assert loss.item() == 0.0
+    # the same with global statistics of an all-masked global batch, and with every weight 0 (0 / 0: no NaN)
+    for w_w, w_l in ((log_w_w, log_w_l), (torch.full((4,), -math.inf),) * 2):
+        shards = [slice(0, 1), slice(1, 4)]
+        losses = on_ranks(lambda i, all_reduce: loss_fn(e_w[i], e_l[i], r_w[i], r_l[i], w_w[i], w_l[i], 20.0,
+                                                        tau, 0.1, normalise, all_reduce), shards)
+        assert all(loss.item() == 0.0 and all(math.isfinite(v.item()) for v in stats.values())
+                   for loss, stats in losses)
 
 
-@pytest.mark.parametrize("loss", ["dpo-cm", "sipo"])
-def test_global_statistics_split_across_ranks_reproduce_the_full_batch(loss):
-    loss_fn = {"dpo-cm": sipo.dpo_cm_loss, "sipo": sipo.sipo_loss}[loss]
+@pytest.mark.parametrize("weight,normalise", READINGS)
+@pytest.mark.parametrize("loss_fn", LOSS_FNS)
+def test_global_statistics_split_across_ranks_reproduce_the_full_batch(loss_fn, weight, normalise):
     e_w, e_l, r_w, r_l, log_w_w, log_w_l = random_batch(pairs=12)
-    full = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=40.0, tau=0.8, eps=0.05)[0]
-    shards = [slice(0, 5), slice(5, 12)]  # uneven local batches, as after masking
-    sums = sum(sipo.masked_weight_sums(log_w_w[i], log_w_l[i], 0.8, loss) for i in shards)  # all_reduce
-    parts = [loss_fn(e_w[i], e_l[i], r_w[i], r_l[i], log_w_w[i], log_w_l[i], 40.0, 0.8, 0.05, sums[1] / sums[2],
-                     sums[0])[0] for i in shards]
+    log_w_w, log_w_l = reading_log_weights(log_w_w, log_w_l, weight)
+    tau = 0.8 if weight == "step" or normalise == "before-mask" else 0.6
+    e_w.requires_grad_()
+    full = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta=40.0, tau=tau, eps=0.05, normalise=normalise)[0]
+    assert 0 < full.item()
+    full_grad, = torch.autograd.grad(full, e_w)
+    shards = [slice(0, 5), slice(5, 12)]  # uneven local batches
+
+    def rank_loss(i, all_reduce):
+        return loss_fn(e_w[i], e_l[i], r_w[i], r_l[i], log_w_w[i], log_w_l[i], 40.0, tau, 0.05, normalise,
+                       all_reduce)[0]
+
+    parts = on_ranks(rank_loss, shards)
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-6)
-    local = loss_fn(e_w[shards[0]], e_l[shards[0]], r_w[shards[0]], r_l[shards[0]], log_w_w[shards[0]],
-                    log_w_l[shards[0]], 40.0, 0.8, 0.05)[0]
+    grads = [torch.autograd.grad(part, e_w)[0] for part in parts]
+    torch.testing.assert_close(sum(grads), full_grad, rtol=1e-6, atol=1e-9)
+    local = rank_loss(shards[0], None)
     assert local.item() != pytest.approx(parts[0].item(), rel=1e-6), "local statistics must differ here"
+
+
+# --- The path weight (METHOD §8) ----------------------------------------------------------------------------
+
+def test_later_steps_are_the_grid_above_t_uniformly():
+    t = torch.tensor([0, 900, 979, 980, 999])
+    n_later, later = sipo.later_steps(t, 20, 999, draws=20_000, generator=torch.Generator().manual_seed(0))
+    assert n_later.tolist() == [49, 4, 1, 0, 0] and later.dtype == torch.long
+    for i, n in enumerate(n_later.tolist()):
+        offsets = (later[:, i] - t[i]) / 20
+        if n:
+            assert set(offsets.tolist()) == set(range(1, n + 1)), "every later grid step, and only those"
+            counts = torch.bincount(offsets.long())[1:].float()
+            assert (counts / counts.sum() - 1 / n).abs().max() < 0.02, "uniform"
+    assert (later <= 999).all()
+    sigma = torch.tensor([0.9, 0.5, 0.99])
+    n_later, later = sipo.later_steps(sigma, 0.02, 1.0, draws=5000, generator=torch.Generator().manual_seed(1))
+    assert n_later.tolist() == [5, 25, 0] and (later[:, :2] <= 1.0 + 1e-6).all()
+    assert torch.allclose(later[:, 0].max(), torch.tensor(1.0)) and torch.allclose(later[:, 0].min(),
+                                                                                      torch.tensor(0.92))
+
+
+def test_path_estimator_is_unbiased():
+    """The mean of (n / K) sum_j l(k_j) over many draws equals the full sum of l over the later steps."""
+    t = torch.tensor([100, 500, 940, 999])
+    table = -((torch.arange(1000, dtype=torch.float64) / 1000) ** 2) - 0.01  # l(k), any fixed function of k
+    n_later, later = sipo.later_steps(t, 20, 999, draws=2, generator=torch.Generator().manual_seed(3))
+    estimates = []
+    for seed in range(4000):
+        n_later, later = sipo.later_steps(t, 20, 999, draws=2, generator=torch.Generator().manual_seed(seed))
+        estimates.append(sipo.path_log_weight(table[t].float(), table[later].float(), n_later))
+    estimates = torch.stack(estimates).double()
+    exact = torch.stack([table[range(k, 1000, 20)].sum() for k in t.tolist()])
+    stderr = estimates.std(0) / math.sqrt(len(estimates))
+    assert ((estimates.mean(0) - exact).abs() <= 4 * stderr + 1e-5).all()
+    assert estimates[:, -1].eq(table[999].float()).all(), "no later step at the top: the step term alone"
+
+
+def analytic_x0_hat(x, a, s):
+    """A small analytic 'model': the posterior mean of x0 under the prior N(0, I), a reasonable but imperfect
+    denoiser for a fixed x0."""
+    return a * x / (a ** 2 + s ** 2)
+
+
+PATH_CASES = [("epsilon", 900, 20, 999), ("epsilon", 400, 20, 999), ("v", 900, 20, 999), ("flow", 0.9, 0.02, 1.0),
+              ("flow", 0.5, 0.1, 1.0)]
+
+
+@pytest.mark.parametrize("prediction,t,stride,top", PATH_CASES)
+def test_path_weight_matches_explicit_gaussian_densities_along_trajectories(prediction, t, stride, top):
+    """E log W_t against the explicit product of Gaussian transition densities along trajectories of the
+    reverse posterior: x_top ~ q(x_top | x0), then x_{k - stride} ~ q(. | x_k, x0) down to t - stride, summing
+    log p(x_{k-stride} | x_k) - log q(x_{k-stride} | x_k, x0) with p = q(. | x_k, x0_hat(x_k))."""
+    torch.manual_seed(4)
+    dim, trajectories = 8, 40_000
+    if prediction == "flow":
+        def coef(level):
+            level = torch.as_tensor(level, dtype=torch.float64)
+            return 1 - level, level
+    else:
+        abar = sd_alphas_cumprod() if prediction == "epsilon" else zero_snr_alphas_cumprod()
+
+        def coef(level):
+            return abar[level].sqrt(), (1 - abar[level]).sqrt()
+    x0 = torch.randn(dim, dtype=torch.float64)
+    n = int((top - t) / stride + 1e-6)
+    grid = [t + m * stride for m in range(n + 1)]
+    if prediction != "flow":
+        grid = [int(k) for k in grid]
+
+    # explicit densities along sampled trajectories
+    a, s = coef(grid[-1])
+    x = a * x0 + s * torch.randn(trajectories, dim, dtype=torch.float64)
+    log_ratio = torch.zeros(trajectories, dtype=torch.float64)
+    for k in reversed(grid):
+        (a_t, s_t), (a_s, s_s) = coef(k), coef(k - stride)
+        alpha_ts = a_t / a_s
+        var_ts = s_t ** 2 - alpha_ts ** 2 * s_s ** 2
+        std = (var_ts * s_s ** 2 / s_t ** 2).sqrt()
+
+        def mean(x0_):
+            return alpha_ts * s_s ** 2 / s_t ** 2 * x + a_s * var_ts / s_t ** 2 * x0_
+
+        q, p = torch.distributions.Normal(mean(x0), std), torch.distributions.Normal(mean(analytic_x0_hat(x, a_t, s_t)),
+                                                                                   std)
+        x_s = q.sample()
+        log_ratio += (p.log_prob(x_s) - q.log_prob(x_s)).sum(-1) / dim
+        x = x_s
+    expected, expected_err = log_ratio.mean().item(), log_ratio.std().item() / math.sqrt(trajectories)
+
+    # sipo.py's estimate: the step term at t plus K = 2 uniform later draws, each at a fresh x_k ~ q(x_k | x0)
+    def step_term(levels):
+        a_k, s_k = coef(levels)
+        (a_k, s_k), (a_p, s_p) = (a_k[:, None], s_k[:, None]), [c[:, None] for c in coef(levels - stride)]
+        noise = torch.randn(len(levels), dim, dtype=torch.float64)
+        x_k = a_k * x0 + s_k * noise
+        pred = prediction_for(analytic_x0_hat(x_k, a_k, s_k), x_k, a_k, s_k, prediction)
+        target = sipo.native_target(x0.expand(len(levels), -1), noise, a_k[:, 0], s_k[:, 0], prediction)
+        scale = sipo.x0_error_scale(a_k[:, 0].float(), s_k[:, 0].float(), prediction)
+        return sipo.importance_log_weight(sipo.per_sample_error(pred, target) * scale,
+                                          sipo.snr(a_k[:, 0].float(), s_k[:, 0].float()),
+                                          sipo.snr(a_p[:, 0].float(), s_p[:, 0].float()))
+
+    levels = torch.full((trajectories,), t, dtype=torch.float64 if prediction == "flow" else torch.long)
+    n_later, later = sipo.later_steps(levels, stride, top, draws=2)
+    later_terms = torch.stack([step_term(k) for k in later])
+    estimate = sipo.path_log_weight(step_term(levels), later_terms, n_later).double()
+    got, got_err = estimate.mean().item(), estimate.std().item() / math.sqrt(trajectories)
+    assert n_later[0].item() == n and expected < -1e-3, "a case where the weight is not trivially 1"
+    assert got == pytest.approx(expected, abs=4 * math.hypot(expected_err, got_err) + 2e-4)
 
 
 def test_no_nan_for_bf16_inputs_and_final_steps():
@@ -351,8 +545,8 @@ def test_no_nan_for_bf16_inputs_and_final_steps():
 def test_unknown_names_fail_clearly():
     with pytest.raises(ValueError, match="unknown prediction type 'sample'"):
         sipo.native_target(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1), "sample")
-    with pytest.raises(ValueError, match="'dpo'"):
-        sipo.masked_weight_sums(torch.zeros(2), torch.zeros(2), 0.9, "dpo")
+    with pytest.raises(ValueError, match="unknown normalisation 'before'"):
+        sipo.sipo_loss(*torch.zeros(6, 2), beta=1.0, normalise="before")
 
 
 def test_sipo_py_runs_alone_in_an_empty_directory(tmp_path):

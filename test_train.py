@@ -156,8 +156,10 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
         assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight).values()))
 
 
-def test_two_ranks_match_one_rank_on_the_same_global_batch(pairs, tmp_path):
-    common = ["--model", "tiny-sd1.5", "--data", pairs, "--steps", 1, *COMMON]
+@pytest.mark.parametrize("reading", [("step", "after-mask"), ("path", "before-mask")])
+def test_two_ranks_match_one_rank_on_the_same_global_batch(pairs, tmp_path, reading):
+    common = ["--model", "tiny-sd1.5", "--data", pairs, "--steps", 1, *COMMON, "--weight", reading[0],
+              "--normalise", reading[1]]
     run(0, *common, "--out", tmp_path / "one", "--batch-size", 4)
     run(2, *common, "--out", tmp_path / "two", "--batch-size", 2)
     one, two = log(tmp_path / "one")[0], log(tmp_path / "two")[0]

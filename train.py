@@ -51,6 +51,13 @@ def parse_args(argv=None):
                                               "1000 for images and 50 for video with sipo and dpo-cm)")
     p.add_argument("--tau", type=float, default=0.9, help="mask pairs whose step weight is below tau (default 0.9)")
     p.add_argument("--eps", type=float, default=0.1, help="clip weights to [1-eps, 1+eps] (default 0.1)")
+    p.add_argument("--weight", default="step", choices=sipo.WEIGHTS,
+                   help="importance weight: the step's own ratio, or the path's product from pure noise down to t "
+                        "(METHOD §8; costs --path-draws extra no-grad policy forwards)")
+    p.add_argument("--normalise", default="after-mask", choices=sipo.NORMALISATIONS,
+                   help="self-normalise the weights over the unmasked pairs (after-mask) or over the whole global "
+                        "batch before masking relative weights below tau (before-mask; METHOD §8)")
+    p.add_argument("--path-draws", type=int, default=2, help="K, sampler steps drawn per pair for --weight path")
     p.add_argument("--sample-steps", type=int, default=50, help="sampler steps that set the weight's stride T/n")
     p.add_argument("--temperature", type=float, default=1.0, help="lambda, the scale of the log weight")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (default 1000)")
@@ -94,8 +101,8 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
-    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "checkpoint_every", "keep", "eval_every",
-                 "frame_stride"):
+    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "path_draws", "checkpoint_every", "keep",
+                 "eval_every", "frame_stride"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0 <= args.eps < 1 or args.tau < 0:
@@ -196,13 +203,22 @@ def prepare(backbone, args, device):
 
 def pair_noise(backbone, indices, epoch, shape, args, device):
     """One noise level and one noise tensor per pair, seeded by (seed, epoch, pair): independent of ranks and
-    resumes, so 1 and N ranks, and straight and resumed runs, draw the same."""
-    levels, noises = [], []
+    resumes, so 1 and N ranks, and straight and resumed runs, draw the same. With --weight path, also each pair's
+    K later sampler steps and their noise (METHOD §8), drawn after the rest so that t and eps do not change."""
+    draws = args.path_draws if args.weight == "path" and args.loss in ("sipo", "dpo-cm") else 0
+    stride, top = backbone.sampler_grid(args.sample_steps)
+    levels, noises, n_later, later, later_noises = [], [], [], [], []
     for index in indices.tolist():
         generator = torch.Generator(device).manual_seed(hash((args.seed, epoch, index)) % 2 ** 62)
         levels.append(backbone.sample_noise_levels(1, generator, device))
         noises.append(torch.randn(shape, generator=generator, device=device))
-    return torch.cat(levels), torch.stack(noises)
+        if draws:
+            n, k = sipo.later_steps(levels[-1], stride, top, draws, generator)
+            n_later.append(n)
+            later.append(k)
+            later_noises.append(torch.randn((draws, *shape), generator=generator, device=device))
+    path = (torch.cat(n_later), torch.cat(later, 1), torch.stack(later_noises, 1)) if draws else None
+    return torch.cat(levels), torch.stack(noises), path
 
 
 def make_optimizer(trainable, args):
@@ -227,21 +243,42 @@ def reference_errors(backbone, reference, policy, x_t, levels, cond, target):
         return sipo.per_sample_error(pred, target)
 
 
-def pair_errors(backbone, policy, reference, batch, epoch, args):
+def pair_errors(backbone, policy, reference, batch, epoch, args, with_weights=False):
     """Noise each pair (winner and loser share t and eps); one policy forward over winners and losers together,
-    one reference forward without autograd. Returns the 2B policy and reference errors and the coefficients."""
+    one reference forward without autograd. Returns the 2B policy and reference errors and, with_weights, the
+    2B importance log weights (--weight step or path)."""
     indices = batch.pop("index")
     batch = data.encode_batch(backbone, batch)
     x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], data.conditioning(batch)
-    levels, noise = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
+    levels, noise, path = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
     x0, noise, levels = torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), torch.cat([levels, levels])
     cond = {key: torch.cat([value, value]) for key, value in cond.items()}
-    (a, s), previous = backbone.coefficients(levels, args.sample_steps)
+    (a, s), _ = backbone.coefficients(levels, args.sample_steps)
     x_t = sipo.add_noise(x0, noise, a, s)
     target = sipo.native_target(x0, noise, a, s, backbone.prediction)
     model_error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
     ref_error = reference_errors(backbone, reference, policy, x_t, levels, cond, target)
-    return model_error, ref_error, (a, s), previous
+    if not with_weights:
+        return model_error, ref_error, None
+    log_w = backbone.step_log_weight(model_error, levels, args.sample_steps, args.temperature)
+    if path is not None:
+        n_later, later, later_noise = (torch.cat([x, x], 1 if x.dim() > 1 else 0) for x in path)
+        log_w = sipo.path_log_weight(log_w, later_log_weights(backbone, policy, x0, cond, later, later_noise, args),
+                                     n_later)
+    return model_error, ref_error, log_w
+
+
+@torch.no_grad()
+def later_log_weights(backbone, policy, x0, cond, later, later_noise, args):
+    """The path weight's K extra policy forwards (METHOD §8): the step log weight at each drawn later step k, at a
+    fresh x_k ~ q(x_k | x0). One forward of the 2B samples per draw: the memory of the training forward."""
+    terms = []
+    for levels, noise in zip(later, later_noise):
+        (a, s), _ = backbone.coefficients(levels, args.sample_steps)
+        error = sipo.per_sample_error(backbone.predict(policy, sipo.add_noise(x0, noise, a, s), levels, cond),
+                                      sipo.native_target(x0, noise, a, s, backbone.prediction))
+        terms.append(backbone.step_log_weight(error, levels, args.sample_steps, args.temperature))
+    return torch.stack(terms)
 
 
 def sft_step(backbone, policy, batch, epoch, args):
@@ -249,7 +286,7 @@ def sft_step(backbone, policy, batch, epoch, args):
     indices = batch.pop("index")
     batch = data.encode_batch(backbone, batch)
     x0, cond = batch["latents_w"], data.conditioning(batch)
-    levels, noise = pair_noise(backbone, indices, epoch, x0.shape[1:], args, x0.device)
+    levels, noise, _ = pair_noise(backbone, indices, epoch, x0.shape[1:], args, x0.device)
     (a, s), _ = backbone.coefficients(levels, args.sample_steps)
     x_t = sipo.add_noise(x0, noise, a, s)
     error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond),
@@ -257,24 +294,25 @@ def sft_step(backbone, policy, batch, epoch, args):
     return sipo.sft_loss(error)
 
 
+def all_reduce_sum(tensor):
+    dist.all_reduce(tensor)
+    return tensor
+
+
 def preference_loss(backbone, policy, reference, batch, epoch, args, world_size):
     """The training objective of one micro-batch: (loss to backpropagate, statistics)."""
     if args.loss == "sft":
         return sft_step(backbone, policy, batch, epoch, args)
-    model_error, ref_error, (a, s), (a_prev, s_prev) = pair_errors(backbone, policy, reference, batch, epoch, args)
+    weighted = args.loss in ("sipo", "dpo-cm")
+    model_error, ref_error, log_w = pair_errors(backbone, policy, reference, batch, epoch, args, weighted)
     e_w, e_l = model_error.chunk(2)
     r_w, r_l = ref_error.chunk(2)
-    if args.loss == "dpo":
+    if not weighted:
         return sipo.diffusion_dpo_loss(e_w, e_l, r_w, r_l, args.beta)
-
-    x0_error = model_error * sipo.x0_error_scale(a, s, backbone.prediction)
-    log_w_w, log_w_l = sipo.importance_log_weight(x0_error, sipo.snr(a, s), sipo.snr(a_prev, s_prev),
-                                                  args.temperature).chunk(2)
-    sums = sipo.masked_weight_sums(log_w_w, log_w_l, args.tau, args.loss)
-    dist.all_reduce(sums)  # METHOD §4-5: mean weight and unmasked count over the global batch
+    log_w_w, log_w_l = log_w.chunk(2)
     loss_fn = sipo.sipo_loss if args.loss == "sipo" else sipo.dpo_cm_loss
-    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, args.beta, args.tau, args.eps,
-                          mean_weight=sums[1] / sums[2], unmasked_count=sums[0])
+    loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, args.beta, args.tau, args.eps, args.normalise,
+                          all_reduce=all_reduce_sum)  # METHOD §4-5: statistics over the global batch
     return loss * world_size, stats  # FSDP averages gradients over ranks; the loss is a global sum / count
 
 
@@ -285,7 +323,7 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
     totals = torch.zeros(4, dtype=torch.float64)  # correct, pairs, reward sum, samples
     if heldout is not None and args.loss != "sft":
         for indices in data.rank_batches(len(heldout), args.batch_size, rank, world_size, args.seed, 0):
-            model_error, ref_error, _, _ = pair_errors(backbone, policy, reference,
+            model_error, ref_error, _ = pair_errors(backbone, policy, reference,
                                                        data.collate([heldout[i] for i in indices]), -1, args)
             e_w, e_l = model_error.chunk(2)
             r_w, r_l = ref_error.chunk(2)

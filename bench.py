@@ -83,11 +83,12 @@ class Trainer:
         self.batches = data.pair_batches(dataset, self.args.batch_size, rank, world_size, 0)
         return self
 
-    def step(self, loss=None, phases=None):
-        """One full training step, as train.py runs it; `phases` collects the time of each part."""
+    def step(self, variant=None, phases=None):
+        """One full training step, as train.py runs it; `variant` a loss name or a dict of train.py flags to set
+        first ({"loss": "sipo", "weight": "path"}); `phases` collects the time of each part."""
         args = self.args
-        if loss is not None:
-            args.loss = loss
+        for key, value in ({"loss": variant} if isinstance(variant, str) else variant or {}).items():
+            setattr(args, key, value)
         clock = {"t": time.perf_counter()}
 
         def mark(name):
@@ -146,17 +147,20 @@ def tiny_step_times(repeats, workdir):
     return results
 
 
-def loss_overhead(trainer, repeats):
-    """Figure 1: interleaved steps of the three losses on the same model and batch."""
-    times = {"dpo": [], "dpo-cm": [], "sipo": []}
-    for loss in times:  # warm-up
-        trainer.step(loss)
+def loss_overhead(trainer, repeats, variants=None):
+    """Figure 1: interleaved steps of each loss (or each variant: name -> train.py flags, the first the baseline)
+    on the same model and batch."""
+    variants = variants or {"dpo": {"loss": "dpo"}, "dpo-cm": {"loss": "dpo-cm"}, "sipo": {"loss": "sipo"}}
+    times = {name: [] for name in variants}
+    for name in times:  # warm-up
+        trainer.step(variants[name])
     for _ in range(repeats):
-        for loss in times:
-            times[loss].append(timed(lambda loss=loss: trainer.step(loss), trainer.sync))
+        for name in times:
+            times[name].append(timed(lambda name=name: trainer.step(variants[name]), trainer.sync))
     medians = {k: median_ms(v) for k, v in times.items()}
-    return {"median_ms": medians, "sipo_over_dpo": medians["sipo"] / medians["dpo"],
-            "dpo_cm_over_dpo": medians["dpo-cm"] / medians["dpo"]}
+    baseline = medians[next(iter(medians))]
+    return {"median_ms": medians, **{f"{k}_over_{next(iter(medians))}".replace("-", "_"): v / baseline
+                                     for k, v in list(medians.items())[1:]}}
 
 
 def floor_distance(trainer, batch_size, repeats):

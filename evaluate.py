@@ -116,8 +116,18 @@ class ClipReward:
         return cosine * (self.model.logit_scale.exp() if self.kind == "pickscore" else 100.0)
 
 
+def horizontal_stripes(images, prompts):
+    """Mean squared difference between neighbouring rows minus that between neighbouring columns: about 0 for
+    an image without a preferred direction, 0.02 to 0.05 for the toy's foreign style (horizontal stripes). A style
+    statistic, not a preference: the off-policy study's drift (study.py)."""
+    x = _frames(images)
+    rows = (x[..., 1:, :] - x[..., :-1, :]).square().flatten(1).mean(1)
+    columns = (x[..., :, 1:] - x[..., :, :-1]).square().flatten(1).mean(1)
+    return (rows - columns).view(len(images), -1).mean(1)
+
+
 BUILTIN = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
-           "temporal_flicker": temporal_flicker, "named_colour": named_colour}
+           "temporal_flicker": temporal_flicker, "named_colour": named_colour, "horizontal_stripes": horizontal_stripes}
 MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model"}
 
 

@@ -1,6 +1,7 @@
 """The study: Diffusion-DPO, DPO-C&M and SIPO on the toy task, over a beta grid and seeds, plus SIPO ablations.
 
-    python study.py                     # the full study: 70 minutes on 2 CPU cores; writes results/RESULTS.md
+    python study.py                     # both parts; writes results/RESULTS.md (times in the README)
+    python study.py --part offpolicy    # one part; runs that finished are reused, so a killed study resumes
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base on the same pairs for the same steps (toy.py builds them once), one
@@ -24,6 +25,7 @@ import torch
 
 import evaluate
 import models
+import sipo
 import toy
 
 matplotlib.use("Agg")
@@ -48,12 +50,12 @@ def run_one(name, flags, common, out):
     return run if result.returncode == 0 else None
 
 
-def final_scores(run, samples):
-    """named_colour of the run's final model on held-out seeds: (prompts, samples)."""
+def final_scores(run, samples, rewards=("named_colour",)):
+    """Each reward of the run's final model on held-out seeds: {name: (prompts, samples)}, and the images."""
     with LOADING:
         backbone = models.load_backbone("toy", pretrained=str(run / "model"))
     images = evaluate.sample_all(backbone, toy.PROMPTS, samples, EVAL_SEED, SAMPLE_STEPS, GUIDANCE)
-    return evaluate.score({"r": evaluate.named_colour}, images, toy.PROMPTS)["r"]
+    return evaluate.score({name: evaluate.BUILTIN[name] for name in rewards}, images, toy.PROMPTS), images
 
 
 def log_metrics(run):
@@ -61,22 +63,27 @@ def log_metrics(run):
     loss = np.array([r["loss"] for r in records])
     heldout = [r["heldout_accuracy"] for r in records if "heldout_accuracy" in r]
     rewards = [r["heldout_reward"] for r in records if "heldout_reward" in r]
+    def mean_of(key):
+        return float(np.mean([r.get(key, 0.0) for r in records]))
+
     return {"roughness": float(np.abs(np.diff(loss)).mean()) if len(loss) > 1 else 0.0,
             "nonfinite": records[-1]["nonfinite_skipped"] if records else 0,
             "step_time": float(np.median([r["step_time"] for r in records[1:]])) if len(records) > 1 else 0.0,
             "heldout_accuracy": heldout, "heldout_reward": rewards,
-            "mask_fraction": float(np.mean([r.get("mask_fraction", 0.0) for r in records]))}
+            "mask_fraction": mean_of("mask_fraction"), "clip_fraction_branch": mean_of("clip_fraction_branch"),
+            "clip_fraction_pair": mean_of("clip_fraction_pair")}
 
 
-def method_step_times(base, pairs, repeats=10):
-    """Wall-clock per step of each loss on the toy model and pairs, interleaved in this one process (1 thread)."""
+def method_step_times(base, pairs, repeats=10, variants=None):
+    """Wall-clock per step of each loss (or variant: name -> train.py flags) on the toy model and pairs,
+    interleaved in this one process (1 thread)."""
     import bench
     import data
     bench.init_single_process()
     backbone = models.load_backbone("toy", pretrained=str(base))
     dataset, _ = data.open_dataset(pairs, backbone)
     trainer = bench.Trainer(backbone, 8, torch.device("cpu")).use(dataset)
-    return bench.loss_overhead(trainer, repeats)
+    return bench.loss_overhead(trainer, repeats, variants)
 
 
 def exact_permutation_p(a, b):
@@ -133,6 +140,9 @@ def plot_beta(path, table, betas, base_mean):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", default="all", choices=("all", *PARTS),
+                        help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: METHOD §8's "
+                             "pair sources and weight readings (default: both). Finished runs are reused.")
     parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
     parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
     parser.add_argument("--toy", default="runs/toy", help="toy.py's directory: base model and pairs (built if absent)")
@@ -144,57 +154,82 @@ def main(argv=None):
     parser.add_argument("--ablation-beta", type=float, default=1000.0)
     parser.add_argument("--ablation-seeds", type=int, default=3)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--off-beta", type=float, default=1000.0, help="the off-policy part's matched beta")
+    parser.add_argument("--off-seeds", type=int, default=5)
+    parser.add_argument("--off-steps", type=int, default=60)
+    parser.add_argument("--off-batch", type=int, default=8, help="pairs per step in the off-policy part")
+    parser.add_argument("--off-pairs", type=int, default=48, help="pairs per prompt of each off-policy source")
+    parser.add_argument("--off-configs", default=",".join(OFF_CONFIGS),
+                        help=f"comma-separated, of: {', '.join(OFF_CONFIGS)} (default: all)")
     parser.add_argument("--collapse-margin", type=float, default=0.02, help="reward drop below base = collapse")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--timing-repeats", type=int, default=10, help="interleaved steps per method when timing")
     parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     args = parser.parse_args(argv)
     out, toy_dir, report = Path(args.out), Path(args.toy), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
-    started = time.time()
 
     base = toy_dir / "base" / "model"
     if not (base / "model_index.json").exists():
         toy.main(["--out", str(toy_dir)])
     pairs = toy.make_preference_pairs(toy_dir / "data" / "pairs", base, 48, 10_000, SAMPLE_STEPS, GUIDANCE)
     heldout = toy.make_preference_pairs(toy_dir / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
-    common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.steps, "--batch-size", 8,
-              "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 10_000, "--eval-data", heldout,
-              "--eval-every", max(1, args.steps // 6), "--no-gradient-checkpointing"]
+    torch.set_num_threads(1)
+    summaries = {}
+    if args.part in ("all", "onpolicy"):
+        summaries["onpolicy"] = onpolicy(args, out, report, base, pairs, heldout)
+    if args.part in ("all", "offpolicy"):
+        summaries["offpolicy"] = offpolicy(args, out, report, base, toy_dir, heldout)
+    write_results(report)
+    print(f"study written: {report / 'RESULTS.md'}")
+    return summaries
 
-    betas = [float(b) for b in args.betas.split(",")]
-    configs = {f"{m} beta={b:g}": ["--loss", m, "--beta", b] for m in METHODS for b in betas}
-    ablations = {}
-    if not args.no_ablations:
-        sipo = ["--loss", "sipo", "--beta", args.ablation_beta]
-        for flag, values in (("--tau", (0.0, 0.5, 0.8, 0.95)), ("--eps", (0.0, 0.02, 0.3)),
-                             ("--sample-steps", (10, 200)), ("--temperature", (0.3, 3.0))):
-            for value in values:
-                ablations[f"sipo beta={args.ablation_beta:g} {flag[2:]}={value:g}"] = sipo + [flag, value]
-    jobs = [(config, flags, seed) for config, flags in configs.items() for seed in range(args.seeds)]
-    jobs += [(config, flags, seed) for config, flags in ablations.items() for seed in range(args.ablation_seeds)]
 
-    base_scores = final_scores(base.parent, args.samples)
-    base_mean = float(base_scores.mean())
+def run_jobs(jobs, common, out, args, rewards, base_scores):
+    """Train and score every (config, flags, seed) job, `args.parallel` at a time: {config: [run entries]}."""
     results = {}
 
     def work(job):
         config, flags, seed = job
         run = run_one(run_name(config, seed), flags + ["--seed", seed], common, out)
         entry = {"seed": seed, "final": None, "win_rate": None, "heldout_accuracy": [], "heldout_reward": [],
-                 "roughness": 0.0,
-                 "step_time": 0.0, "mask_fraction": 0.0, "nonfinite": 0}
+                 "roughness": 0.0, "step_time": 0.0, "mask_fraction": 0.0, "nonfinite": 0}
         if run is not None:
-            scores = final_scores(run, args.samples)  # the same prompts and seeds as base_scores: paired
-            entry.update(log_metrics(run), final=float(scores.mean()),
-                         win_rate=evaluate.compare_scores(base_scores, scores)["win_rate"])
+            scores, _ = final_scores(run, args.samples, rewards)  # the same prompts and seeds as base_scores
+            entry.update(log_metrics(run), final=float(scores[rewards[0]].mean()),
+                         win_rate=evaluate.compare_scores(base_scores[rewards[0]], scores[rewards[0]])["win_rate"],
+                         **{f"final_{name}": float(scores[name].mean()) for name in rewards[1:]})
         return config, entry
 
-    torch.set_num_threads(1)
     with ThreadPoolExecutor(args.parallel) as pool:
         for done, (config, entry) in enumerate(pool.map(work, jobs), start=1):
             results.setdefault(config, []).append(entry)
             print(f"[{done}/{len(jobs)}] {config} seed {entry['seed']}: final {entry['final']}", flush=True)
+    return results
+
+
+def onpolicy(args, out, report, base, pairs, heldout):
+    """The beta grid and the ablations on the base's own pairs; writes study.json, beta.png, curves.png and the
+    timestep analyses."""
+    started = time.time()
+    common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.steps, "--batch-size", 8,
+              "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 10_000, "--eval-data", heldout,
+              "--eval-every", max(1, args.steps // 6), "--no-gradient-checkpointing"]
+    betas = [float(b) for b in args.betas.split(",")]
+    configs = {f"{m} beta={b:g}": ["--loss", m, "--beta", b] for m in METHODS for b in betas}
+    ablations = {}
+    if not args.no_ablations:
+        sipo_flags = ["--loss", "sipo", "--beta", args.ablation_beta]
+        for flag, values in (("--tau", (0.0, 0.5, 0.8, 0.95)), ("--eps", (0.0, 0.02, 0.3)),
+                             ("--sample-steps", (10, 200)), ("--temperature", (0.3, 3.0))):
+            for value in values:
+                ablations[f"sipo beta={args.ablation_beta:g} {flag[2:]}={value:g}"] = sipo_flags + [flag, value]
+    jobs = [(config, flags, seed) for config, flags in configs.items() for seed in range(args.seeds)]
+    jobs += [(config, flags, seed) for config, flags in ablations.items() for seed in range(args.ablation_seeds)]
+    base_scores, _ = final_scores(base.parent, args.samples)
+    base_mean = float(base_scores["named_colour"].mean())
+    results = run_jobs(jobs, common, out, args, ("named_colour",), base_scores)
 
     table = summarise(results, base_mean, args.collapse_margin)
     significance = {}
@@ -206,11 +241,11 @@ def main(argv=None):
                 significance[f"{method} vs dpo, beta={beta:g}"] = {
                     "difference": float(other.mean() - dpo.mean()), "p": exact_permutation_p(other, dpo)}
     sensitivity = {m: float(np.ptp([table[f"{m} beta={b:g}"]["final_mean"] for b in betas])) for m in METHODS}
-    timing = method_step_times(base, pairs)
-    summary = {"base_mean": base_mean, "table": table, "significance": significance, "beta_spread": sensitivity,
-               "step_time_ms": timing["median_ms"],
-               "runs": results, "minutes": (time.time() - started) / 60, "args": {k: str(v) for k, v in
-                                                                                   vars(args).items()}}
+    timing = method_step_times(base, pairs, args.timing_repeats)
+    summary = {"base_mean": base_mean, "betas": betas, "ablations": list(ablations), "table": table,
+               "significance": significance, "beta_spread": sensitivity, "step_time_ms": timing["median_ms"],
+               "runs": results, "minutes": (time.time() - started) / 60,
+               "args": {k: str(v) for k, v in vars(args).items()}}
     (report / "study.json").write_text(json.dumps(summary, indent=1))
     plot_beta(report / "beta.png", table, betas, base_mean)
     seed0 = {m: out / "runs" / run_name(f"{m} beta={betas[len(betas) // 2]:g}", 0) for m in METHODS}
@@ -221,9 +256,150 @@ def main(argv=None):
             evaluate.main(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
                            "--data", str(heldout), "--pairs", str(args.timestep_pairs), "--out",
                            str(report / f"timesteps-{label}")])
-    write_results(report / "RESULTS.md", summary, betas, ablations)
-    print(f"study done in {summary['minutes']:.1f} min: {report / 'RESULTS.md'}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The off-policy part (METHOD §8): pair sources x weight readings
+# ---------------------------------------------------------------------------------------------------------
+
+PARTS = ("onpolicy", "offpolicy")
+READINGS = [f"{weight} {normalise}" for weight in sipo.WEIGHTS for normalise in sipo.NORMALISATIONS]
+OFF_CONFIGS = {"dpo": ["--loss", "dpo"], "dpo-cm": ["--loss", "dpo-cm"],
+               **{f"sipo {r}": ["--loss", "sipo", "--weight", r.split()[0], "--normalise", r.split()[1]]
+                  for r in READINGS}}
+DRIFT = "horizontal_stripes"
+
+
+def source_pairs(toy_dir, base, per_prompt):
+    """{source: manifest} of METHOD §8's four sources, the same size each; "on" is toy.py's own pairs."""
+    folder = toy_dir / "data"
+    manifests = {"on": toy.make_preference_pairs(folder / "pairs", base, per_prompt, 10_000, SAMPLE_STEPS, GUIDANCE)}
+    for source in ("data", "foreign"):
+        manifests[source] = toy.make_preference_pairs(folder / f"pairs-{source}", base, per_prompt, 30_000,
+                                                      SAMPLE_STEPS, GUIDANCE, source)
+    if not (folder / "pairs-mixed" / "pairs.jsonl").exists():
+        toy.mix_pairs(folder / "pairs-mixed", [manifests[s] for s in ("on", "data", "foreign")])
+    manifests["mixed"] = folder / "pairs-mixed" / "pairs.jsonl"
+    return manifests
+
+
+@torch.no_grad()
+def weights_by_source(base, manifests, tau=0.9, batch=32):
+    """Under the base: the step and path weights of winners and losers of every pair of each source, at t drawn
+    as in training (epoch 0, seed 0). {source: {weight: {winner/loser: median w, mean log w; masked}}}."""
+    import data
+    import train
+    backbone = models.load_backbone("toy", pretrained=str(base))
+    table = {}
+    for source, manifest in manifests.items():
+        dataset, _ = data.open_dataset(manifest, backbone)
+        for weight in sipo.WEIGHTS:
+            args = train.parse_args(["--model", "toy", "--data", str(manifest), "--weight", weight])
+            logs = []
+            for start in range(0, len(dataset), batch):
+                items = data.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+                _, _, log_w = train.pair_errors(backbone, backbone.denoiser, backbone.denoiser, items, 0, args, True)
+                logs.append(log_w.view(2, -1))
+            log_w = torch.cat(logs, 1)
+            w = log_w.exp()
+            table.setdefault(source, {})[weight] = {
+                "winner_median_w": float(w[0].median()), "loser_median_w": float(w[1].median()),
+                "winner_mean_log_w": float(log_w[0].clamp_min(-50).mean()),
+                "loser_mean_log_w": float(log_w[1].clamp_min(-50).mean()),
+                "winner_lower": float((w[0] < w[1]).float().mean()),
+                "masked_after": float((w.min(0).values < tau).float().mean()),
+                "masked_before": float(((w / w.mean()).min(0).values < tau).float().mean())}
+    return table
+
+
+def offpolicy(args, out, report, base, toy_dir, heldout):
+    """Diffusion-DPO, DPO-C&M and SIPO in each weight x normalisation reading, on each pair source, at one
+    beta; writes offpolicy.json and offpolicy.png."""
+    started = time.time()
+    configs = args.off_configs.split(",")
+    if not set(configs) <= set(OFF_CONFIGS):
+        raise SystemExit(f"error: --off-configs: {', '.join(sorted(set(configs) - set(OFF_CONFIGS)))} unknown; "
+                         f"choose from {', '.join(OFF_CONFIGS)}")
+    manifests = source_pairs(toy_dir, base, args.off_pairs)
+    weights = weights_by_source(base, manifests)
+    rewards = ("named_colour", DRIFT)
+    base_scores, base_images = final_scores(base.parent, args.samples, rewards)
+    base_mean, base_drift = float(base_scores["named_colour"].mean()), float(base_scores[DRIFT].mean())
+    results = {}
+    for source, manifest in manifests.items():
+        common = ["--model", "toy", "--pretrained", base, "--data", manifest, "--steps", args.off_steps,
+                  "--batch-size", args.off_batch, "--lr", args.lr, "--beta", args.off_beta, "--warmup", 10,
+                  "--checkpoint-every", 10_000, "--eval-data", heldout, "--eval-every", max(1, args.off_steps // 6),
+                  "--no-gradient-checkpointing"]
+        jobs = [(f"off {source} {config}", OFF_CONFIGS[config], seed) for config in configs
+                for seed in range(args.off_seeds)]
+        results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
+    table = summarise(results, base_mean, args.collapse_margin)
+    for config, runs in results.items():
+        drifts = np.array([r[f"final_{DRIFT}"] for r in runs if r["final"] is not None])
+        table[config].update(drifts=drifts.tolist(), drift_mean=float(drifts.mean()) if len(drifts) else float("nan"),
+                             drift_sd=float(drifts.std(ddof=1)) if len(drifts) > 1 else 0.0,
+                             clip_fraction_branch=float(np.mean([r.get("clip_fraction_branch", 0) for r in runs])),
+                             clip_fraction_pair=float(np.mean([r.get("clip_fraction_pair", 0) for r in runs])),
+                             heldout_final=float(np.mean([r["heldout_accuracy"][-1] for r in runs
+                                                          if r["heldout_accuracy"]] or [float("nan")])))
+    tests = {}
+    for source in manifests:
+        for reading in READINGS:
+            for other in ("dpo-cm", "dpo"):
+                if f"sipo {reading}" not in configs or other not in configs:
+                    continue
+                sipo_run, versus = table[f"off {source} sipo {reading}"], table[f"off {source} {other}"]
+                tests[f"{source}: sipo {reading} vs {other}"] = {
+                    key: {"difference": float(np.mean(sipo_run[key]) - np.mean(versus[key])),
+                          "p": exact_permutation_p(np.array(sipo_run[key]), np.array(versus[key]))}
+                    for key in ("finals", "drifts")}
+    variants = {"dpo": {"loss": "dpo", "weight": "step", "normalise": "after-mask"},
+                "dpo-cm": {"loss": "dpo-cm", "weight": "step", "normalise": "after-mask"},
+                **{f"sipo {r}": {"loss": "sipo", "weight": r.split()[0], "normalise": r.split()[1]}
+                   for r in READINGS}}
+    variants = {"dpo": variants["dpo"], **{c: variants[c] for c in configs}}  # Diffusion-DPO first: the baseline
+    timing = method_step_times(base, manifests["foreign"], args.timing_repeats, variants)
+    summary = {"base_mean": base_mean, "base_drift": base_drift, "configs": configs, "weights": weights,
+               "table": table, "tests": tests,
+               "step_time_ms": timing["median_ms"], "runs": results, "minutes": (time.time() - started) / 60,
+               "args": {k: str(v) for k, v in vars(args).items()}}
+    (report / "offpolicy.json").write_text(json.dumps(summary, indent=1))
+    plot_offpolicy(report / "offpolicy.png", table, base_mean, base_drift, list(manifests), configs)
+    foreign = [line for line in manifests["foreign"].read_text().splitlines()][:8]
+    save_pairs_grid(report / "foreign-pairs.png", manifests["foreign"].parent, foreign)
+    seed0 = {m: out / "runs" / run_name(f"off foreign {m}", 0) for m in (configs[0], configs[-1])}
+    tuned = [final_scores(run, 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
+    if len(tuned) == 2:
+        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", tuned[0], tuned[1])
+    return summary
+
+
+def save_pairs_grid(path, folder, lines):
+    """Winners above losers, one pair a column, as the training data holds them."""
+    from PIL import Image
+    rows = [json.loads(line) for line in lines]
+    load = [[torch.from_numpy(np.array(Image.open(folder / row[k]).convert("RGB"))).permute(2, 0, 1).float() / 255
+             for row in rows] for k in ("chosen", "rejected")]
+    evaluate.save_grid(path, torch.stack(load[0])[:, None], torch.stack(load[1])[:, None], columns=len(rows))
+
+
+def plot_offpolicy(path, table, base_mean, base_drift, sources, configs):
+    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources), 3.8), sharey=True)
+    for ax, source in zip(axes, sources):
+        for i, config in enumerate(configs):
+            row = table[f"off {source} {config}"]
+            ax.errorbar(row["drift_mean"], row["final_mean"], xerr=row["drift_sd"], yerr=row["final_sd"],
+                        marker="os^vD<"[i], capsize=2, label=config)
+        ax.axhline(base_mean, color="grey", ls="--")
+        ax.axvline(base_drift, color="grey", ls=":")
+        ax.set(title=f"pairs: {source}", xlabel=f"drift ({DRIFT})")
+    axes[0].set_ylabel("held-out named_colour (mean ± sd)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run_name(config, seed):
@@ -236,14 +412,38 @@ def reward_cells(row, base_mean):
             f"{row['win_rate_mean']:.2f} ± {row['win_rate_sd']:.2f}")
 
 
-def write_results(path, summary, betas, ablations):
-    table, base_mean, args = summary["table"], summary["base_mean"], summary["args"]
+def write_results(report):
+    """RESULTS.md from whichever parts have run (study.json, offpolicy.json)."""
     lines = ["# Results: Diffusion-DPO, DPO-C&M and SIPO on the toy task", "",
-             f"Written by `python study.py` in {summary['minutes']:.0f} minutes on {os.cpu_count()} CPU cores "
-             f"({args['seeds']} seeds per method and beta, {args['steps']} steps, lr {args['lr']}, 8 pairs per step; "
-             f"reward `named_colour` of {args['samples']} held-out samples per prompt; base model "
-             f"{base_mean:.4f}). Collapse: final reward below base - {args['collapse_margin']}, or a failed run.", "",
-             "## Final reward over the beta grid", "",
+             f"Written by `python study.py` on {os.cpu_count()} CPU cores ({cpu_name()}). "
+             "`python study.py --part onpolicy` or `--part offpolicy` re-runs one part; finished runs are reused.", ""]
+    if (report / "study.json").exists():
+        lines += onpolicy_lines(json.loads((report / "study.json").read_text()))
+    if (report / "offpolicy.json").exists():
+        lines += offpolicy_lines(json.loads((report / "offpolicy.json").read_text()))
+    (report / "RESULTS.md").write_text("\n".join(lines))
+
+
+def cpu_name():
+    """The CPU's model name and vector extension, from /proc/cpuinfo: timings differ several-fold between them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'}"
+
+
+def onpolicy_lines(summary):
+    table, base_mean, args = summary["table"], summary["base_mean"], summary["args"]
+    betas = summary.get("betas") or [float(b) for b in args["betas"].split(",")]
+    ablations = summary.get("ablations") or [c for c in table if " beta=" in c and len(c.split()) > 2]
+    lines = ["## Part 1: on-policy pairs (the base's own samples)", "",
+             f"`--part onpolicy`: {summary['minutes']:.0f} minutes ({args['seeds']} seeds per method and beta, "
+             f"{args['steps']} steps, lr {args['lr']}, 8 pairs per step; reward `named_colour` of {args['samples']} "
+             f"held-out samples per prompt; base model {base_mean:.4f}). Collapse: final reward below base - "
+             f"{args['collapse_margin']}, or a failed run.", "",
+             "### Final reward over the beta grid", "",
              "| method | beta | final reward (mean ± sd) | vs base | win rate over base (mean ± sd) | collapsed | "
              "loss roughness | held-out acc. degrades late | mean mask fraction |", "|---" * 9 + "|"]
     for config in [f"{m} beta={b:g}" for m in METHODS for b in betas]:
@@ -251,27 +451,74 @@ def write_results(path, summary, betas, ablations):
         method, beta = config.split(" beta=")
         lines.append(f"| {method} | {beta} | {reward_cells(row, base_mean)} | {row['collapse_fraction']:.0%} | "
                      f"{row['roughness']:.4f} | {row['late_degradation']:.0%} | {row['mask_fraction']:.2f} |")
-    lines += ["", "## Matched beta: each method against Diffusion-DPO (exact permutation test over seeds)", "",
+    lines += ["", "### Matched beta: each method against Diffusion-DPO (exact permutation test over seeds)", "",
               "| comparison | difference in final reward | p |", "|---|---|---|"]
     lines += [f"| {k} | {v['difference']:+.4f} | {v['p']:.3f} |" for k, v in summary["significance"].items()]
     times = summary["step_time_ms"]
-    lines += ["", "## Wall-clock per training step (toy model, 8 pairs, 1 thread, the three losses interleaved)", "",
+    lines += ["", "### Wall-clock per training step (toy model, 8 pairs, 1 thread, the three losses interleaved)", "",
               "| method | ms per step | ratio to Diffusion-DPO |", "|---|---|---|"]
     lines += [f"| {m} | {times[m]:.1f} | {times[m] / times['dpo']:.3f} |" for m in METHODS]
-    lines += ["", "## Beta sensitivity: spread (max - min) of the mean final reward across the grid", "",
+    lines += ["", "### Beta sensitivity: spread (max - min) of the mean final reward across the grid", "",
               "| method | spread |", "|---|---|"]
     lines += [f"| {m} | {v:.4f} |" for m, v in summary["beta_spread"].items()]
     if ablations:
-        lines += ["", "## SIPO ablations", "", "| setting | final reward (mean ± sd) | vs base | win rate over base | "
+        lines += ["", "### SIPO ablations", "", "| setting | final reward (mean ± sd) | vs base | win rate over base | "
                   "mean mask fraction |", "|---|---|---|---|---|"]
         for config in ablations:
             row = table[config]
             lines.append(f"| {config} | {reward_cells(row, base_mean)} | {row['mask_fraction']:.2f} |")
-    lines += ["", "## Plots", "", "![final reward and roughness against beta](beta.png)", "",
+    lines += ["", "### Plots", "", "![final reward and roughness against beta](beta.png)", "",
               "![training curves, seed 0, middle beta](curves.png)", "",
               "![timestep analysis of the base](timesteps-base/timesteps.png)", "",
               "![timestep analysis after SIPO](timesteps-sipo/timesteps.png)", ""]
-    path.write_text("\n".join(lines))
+    return lines
+
+
+def offpolicy_lines(summary):
+    table, args, base_mean, base_drift = summary["table"], summary["args"], summary["base_mean"], summary["base_drift"]
+    sources = list(summary["weights"])
+    lines = ["## Part 2: off-policy pairs (METHOD §8)", "",
+             f"`--part offpolicy`: {summary['minutes']:.0f} minutes. Four sources of {args['off_pairs']} pairs per "
+             "prompt, all labelled by `named_colour`: `on` two samples of the base; `data` two draws of the base's "
+             "training distribution; `foreign` a vivid shape on horizontal stripes (another generator's style, "
+             "[foreign-pairs.png](foreign-pairs.png): winners above losers) against a base sample; `mixed` a third "
+             f"of each. Every run: {args['off_steps']} steps of {args['off_batch']} pairs, lr {args['lr']}, beta "
+             f"{float(args['off_beta']):g} for every method, {args['off_seeds']} seeds. Drift: `{DRIFT}` of the "
+             f"final samples (the foreign style; the reward is blind to it). Base: reward {base_mean:.4f}, drift "
+             f"{base_drift:.5f}.", "",
+             "### Importance weights under the base, by source (all pairs, t drawn as in training)", "",
+             "| source | weight | winner median w | loser median w | winner mean log w | loser mean log w | "
+             "winner's w below loser's | pairs masked after-mask / before-mask (tau 0.9) |", "|---" * 8 + "|"]
+    for source, by_weight in summary["weights"].items():
+        for weight, row in by_weight.items():
+            lines.append(f"| {source} | {weight} | {row['winner_median_w']:.3f} | {row['loser_median_w']:.3f} | "
+                         f"{row['winner_mean_log_w']:.3f} | {row['loser_mean_log_w']:.3f} | "
+                         f"{row['winner_lower']:.0%} | {row['masked_after']:.0%} / {row['masked_before']:.0%} |")
+    lines += ["", "### Final reward and drift per method, reading and source (mean ± sd over seeds)", "",
+              "| source | method | final reward | vs base | win rate | drift | collapsed | roughness | "
+              "held-out acc. (final) | masked | clip binds (branch / pair) |", "|---" * 11 + "|"]
+    configs = summary["configs"]
+    for source in sources:
+        for config in configs:
+            row = table[f"off {source} {config}"]
+            lines.append(f"| {source} | {config} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
+                         f"{row['final_mean'] - base_mean:+.4f} | {row['win_rate_mean']:.2f} | "
+                         f"{row['drift_mean']:.5f} ± {row['drift_sd']:.5f} | {row['collapse_fraction']:.0%} | "
+                         f"{row['roughness']:.4f} | {row['heldout_final']:.3f} | {row['mask_fraction']:.2f} | "
+                         f"{row['clip_fraction_branch']:.2f} / {row['clip_fraction_pair']:.2f} |")
+    lines += ["", "### SIPO's readings against DPO-C&M and Diffusion-DPO (exact permutation test over seeds)", "",
+              "| comparison | reward difference | p | drift difference | p |", "|---|---|---|---|---|"]
+    for name, test in summary["tests"].items():
+        lines.append(f"| {name} | {test['finals']['difference']:+.4f} | {test['finals']['p']:.3f} | "
+                     f"{test['drifts']['difference']:+.5f} | {test['drifts']['p']:.3f} |")
+    times = summary["step_time_ms"]
+    lines += ["", "### Wall-clock per training step (toy model, 8 pairs, 1 thread, interleaved in one process)", "",
+              "| method | ms per step | ratio to Diffusion-DPO |", "|---|---|---|"]
+    lines += [f"| {m} | {t:.1f} | {t / times['dpo']:.3f} |" for m, t in times.items()]
+    lines += ["", "![final reward against drift, per source](offpolicy.png)", "",
+              f"Seed 0 on `foreign` pairs, {configs[0]} (top) and {configs[-1]} (bottom), same seeds:", "",
+              "![foreign pairs: DPO vs SIPO samples](foreign-dpo-vs-sipo.png)", ""]
+    return lines
 
 
 if __name__ == "__main__":

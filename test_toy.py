@@ -51,8 +51,9 @@ def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
 
 def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
     out, _ = mini_toy
-    summary = study.main(["--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out), "--betas", "100,10000",
-                          "--seeds", "2", "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2"])
+    summary = study.main(["--part", "onpolicy", "--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out),
+                          "--betas", "100,10000", "--seeds", "2", "--steps", "3", "--samples", "1", "--no-ablations",
+                          "--timestep-pairs", "2", "--timing-repeats", "1"])["onpolicy"]
     assert set(summary["table"]) == {f"{m} beta={b}" for m in study.METHODS for b in ("100", "10000")}
     for row in summary["table"].values():
         assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0
@@ -61,3 +62,42 @@ def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
                                             for b in ("100", "10000")}
     assert (tmp_path / "beta.png").stat().st_size > 10_000 and (tmp_path / "study.json").exists()
     assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")
+
+
+def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_the_reward():
+    generator = torch.Generator().manual_seed(0)
+    for prompt in toy.PROMPTS:
+        base, foreign = (torch.stack([torch.from_numpy(toy.draw(prompt, generator, 0.9, style)).permute(2, 0, 1).float()
+                                      / 255 for _ in range(16)]) for style in ("base", "foreign"))
+        assert evaluate.horizontal_stripes(base, None).abs().mean() < 0.003
+        stripes = evaluate.horizontal_stripes(foreign, None)
+        assert stripes.mean() > 0.025 and stripes.min() > 0.005, "a large shape covers most stripes, never all"
+        # the stripes' mean is the base background's: equal vividness, equal reward up to the shapes' sizes
+        reward = evaluate.named_colour
+        assert abs(reward(foreign, [prompt] * 16).mean() - reward(base, [prompt] * 16).mean()) < 0.03, prompt
+
+
+def test_miniature_offpolicy_study_writes_its_tables(mini_toy, tmp_path):
+    out, _ = mini_toy
+    summary = study.main(["--part", "offpolicy", "--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out),
+                          "--off-seeds", "1", "--off-steps", "2", "--off-pairs", "8", "--off-batch", "4",
+                          "--off-configs", "dpo,sipo path before-mask", "--samples", "1",
+                          "--timing-repeats", "1"])["offpolicy"]
+    sources = ("on", "data", "foreign", "mixed")
+    assert set(summary["weights"]) == set(sources) and all(set(v) == {"step", "path"}
+                                                            for v in summary["weights"].values())
+    for source in sources:
+        rows = [json.loads(line) for line in (out / "data" / ("pairs" if source == "on" else f"pairs-{source}") /
+                                              "pairs.jsonl").read_text().splitlines()]
+        assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
+        for weight in ("step", "path"):
+            row = summary["weights"][source][weight]
+            assert 0 <= row["winner_median_w"] <= 1 and 0 <= row["masked_after"] <= 1
+    configs = ("dpo", "sipo path before-mask")
+    assert set(summary["table"]) == {f"off {s} {c}" for s in sources for c in configs}
+    assert all(len(row["finals"]) == 1 and len(row["drifts"]) == 1 for row in summary["table"].values())
+    assert set(summary["tests"]) == {f"{s}: sipo path before-mask vs dpo" for s in sources}
+    assert set(summary["step_time_ms"]) == set(configs)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Part 2: off-policy pairs" in text and "| foreign | sipo path before-mask |" in text
+    assert (tmp_path / "offpolicy.png").stat().st_size > 10_000 and (tmp_path / "foreign-pairs.png").exists()

@@ -31,19 +31,28 @@ PROMPTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 SIZE = 16
 
 
-def draw(prompt, generator, vividness=None):
+def draw(prompt, generator, vividness=None, style="base"):
     """One 16x16 image of the prompt's shape in its colour, mixed with grey by a random vividness (or the one
-    given), on a dark noisy background. Returns uint8 (16, 16, 3)."""
+    given), on a dark noisy background. Returns uint8 (16, 16, 3).
+
+    style "foreign" is another generator's (METHOD §8's off-policy pairs): vivid shapes (vividness 0.9 to 1) on a
+    background of horizontal stripes two pixels high, 0.0 and 0.35, whose mean is the base background's mean.
+    named_colour is linear in the pixels, so the stripes are worth nothing to it: a style a person sees in the
+    grid, measured by evaluate.horizontal_stripes, that the reward does not ask for."""
     _, colour, shape = prompt.split()
     u = torch.rand(6, generator=generator)
-    vividness = 0.25 + 0.75 * u[0] if vividness is None else vividness
+    if vividness is None:
+        vividness = 0.9 + 0.1 * u[0] if style == "foreign" else 0.25 + 0.75 * u[0]
     rgb = 0.5 + vividness * (torch.tensor(COLOURS[colour]) - 0.5)
     radius = 3.0 + 3.0 * u[1]
     cy, cx = radius + (SIZE - 2 * radius) * u[2], radius + (SIZE - 2 * radius) * u[3]
     y, x = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
     inside = ((y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2) if shape == "circle" else \
         ((y - cy).abs() <= radius * 0.85) & ((x - cx).abs() <= radius * 0.85)
-    background = 0.1 + 0.15 * u[4] + 0.06 * torch.randn(SIZE, SIZE, 3, generator=generator)
+    if style == "foreign":
+        background = (0.35 * ((torch.arange(SIZE) // 2) % 2)).view(SIZE, 1, 1).expand(SIZE, SIZE, 3)
+    else:
+        background = 0.1 + 0.15 * u[4] + 0.06 * torch.randn(SIZE, SIZE, 3, generator=generator)
     image = torch.where(inside[..., None], rgb, background)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
@@ -65,34 +74,62 @@ def make_base_data(folder, count, seed):
     rows = []
     for i in tqdm(range(count), desc="drawing the base data"):
         prompt = PROMPTS[i % len(PROMPTS)]
-        Image.fromarray(draw(prompt, generator)).save(folder / f"{i:05d}.png")
+        save_image(folder, f"{i:05d}.png", draw(prompt, generator))
         rows.append({"prompt": prompt, "chosen": f"{i:05d}.png", "rejected": f"{i:05d}.png"})
     return write_pairs(folder, rows)
 
 
-def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance, chunk=8):
-    """Two samples of the base per pair, the one with the higher named_colour reward first. Sampled `chunk`
-    per prompt at a time (64 images a call); the seeds of training and held-out pairs never overlap."""
+SOURCES = ("on", "data", "foreign", "mixed")
+
+
+def save_image(folder, name, image):
+    """`image` uint8 (H, W, 3) or float (3, H, W) in [0, 1]."""
+    if image.dtype != np.uint8:
+        image = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(image).save(folder / name)
+    return name
+
+
+def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance, source="on", chunk=8):
+    """Pairs labelled by named_colour, the higher-scoring image first, from one of METHOD §8's sources:
+    "on" two samples of the base; "data" two draws of the base's training distribution (draw); "foreign" a draw
+    of the foreign generator (draw(style="foreign")) against a sample of the base ("mixed": mix_pairs).
+    Made `chunk` per prompt at a time (64 images a call); the seeds of training and held-out pairs never overlap."""
     if (folder / "pairs.jsonl").exists():
         return folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
-    backbone = models.load_backbone("toy", pretrained=str(base))
+    backbone = models.load_backbone("toy", pretrained=str(base)) if source in ("on", "foreign") else None
+    generator = torch.Generator().manual_seed(first_seed)
     prompts = PROMPTS * chunk
     rows = []
-    for k in tqdm(range(0, per_prompt, chunk), desc=f"sampling pairs in {folder.name}"):
-        a = backbone.sample(prompts, first_seed + 2 * k, steps, guidance)
-        b = backbone.sample(prompts, first_seed + 2 * k + 1, steps, guidance)
+    for k in tqdm(range(0, per_prompt, chunk), desc=f"sampling {source} pairs in {folder.name}"):
+        def drawn(style):
+            return torch.stack([torch.from_numpy(draw(p, generator, style=style)).permute(2, 0, 1).float() / 255
+                                for p in prompts])
+        a = drawn("foreign") if source == "foreign" else drawn("base") if source == "data" else \
+            backbone.sample(prompts, first_seed + 2 * k, steps, guidance)
+        b = drawn("base") if source == "data" else backbone.sample(prompts, first_seed + 2 * k + 1, steps, guidance)
         score_a, score_b = evaluate.named_colour(a, prompts), evaluate.named_colour(b, prompts)
         for i, prompt in enumerate(prompts[:min(len(prompts), (per_prompt - k) * len(PROMPTS))]):
-            names = []
-            for label, image in (("a", a[i]), ("b", b[i])):
-                name = f"{k:04d}-{i:03d}-{label}.png"
-                Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / name)
-                names.append(name)
+            names = [save_image(folder, f"{k:04d}-{i:03d}-{label}.png", image)
+                     for label, image in (("a", a[i]), ("b", b[i]))]
             better = score_a[i] >= score_b[i]
             rows.append({"prompt": prompt, "chosen": names[0 if better else 1], "rejected": names[1 if better else 0],
                          "score_chosen": float(max(score_a[i], score_b[i])),
                          "score_rejected": float(min(score_a[i], score_b[i]))})
+    return write_pairs(folder, rows)
+
+
+def mix_pairs(folder, manifests):
+    """METHOD §8's "mixed" source: row k of the j-th manifest where k % len(manifests) == j, as many pairs as
+    one source has. The images stay where they are (paths relative to `folder`)."""
+    rows = []
+    for j, manifest in enumerate(manifests):
+        relative = Path("..") / manifest.parent.name
+        for k, line in enumerate(manifest.read_text().splitlines()):
+            if k % len(manifests) == j:
+                row = json.loads(line)
+                rows.append({**row, "chosen": str(relative / row["chosen"]), "rejected": str(relative / row["rejected"])})
     return write_pairs(folder, rows)
 
 

@@ -198,6 +198,9 @@ def read_prompts(path):
     return prompts
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
 def model_dir(path):
     """A run directory's exported pipeline, or the path itself."""
     return str(Path(path) / "model") if (Path(path) / "model" / "model_index.json").is_file() else str(path)
@@ -246,7 +249,10 @@ def compare(args):
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, path in (("base", args.base), ("tuned", model_dir(args.tuned))):
-        backbone = load(args, path)
+        lora = label == "tuned" and (Path(path) / LORA_FILE).is_file()
+        backbone = load(args, args.base if lora else path)
+        if lora:  # a LoRA in diffusers' format (train.py's RUN/lora): the base with the adapter
+            backbone.pipe.load_lora_weights(path)
         samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance)
         results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
@@ -439,7 +445,8 @@ def main(argv=None):
     c = commands.add_parser("compare", help="sample base and tuned with the same seeds, score, compare")
     c.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL")
     c.add_argument("--base", required=True, help="the base pipeline (diffusers directory or hub id)")
-    c.add_argument("--tuned", required=True, help="a run directory of train.py, or a diffusers directory")
+    c.add_argument("--tuned", required=True, help="a run directory of train.py, a diffusers directory, or a LoRA "
+                                                  "directory in diffusers' format (RUN/lora: applied to --base)")
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     c.add_argument("--reward", required=True, help=f"comma-separated: {', '.join([*BUILTIN, *MODEL_BASED])}")
     c.add_argument("--samples", type=int, default=4, help="samples per prompt (seeds seed..seed+K-1)")

@@ -45,7 +45,7 @@ def video_pairs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
     rows = []
     for i in range(4):
-        frames = np.stack([np.full((32, 32, 3), 40 * k + 10 * i, np.uint8) for k in range(5)])
+        frames = np.stack([np.full((32, 32, 3), 25 * k + 10 * i, np.uint8) for k in range(9)])  # CogVideoX: 9
         iio.imwrite(folder / f"w{i}.mp4", frames, fps=8, codec="libx264", macro_block_size=8)
         iio.imwrite(folder / f"l{i}.mp4", frames[::-1].copy(), fps=8, codec="libx264", macro_block_size=8)
         rows.append({"prompt": "rising light", "chosen": f"w{i}.mp4", "rejected": f"l{i}.mp4"})
@@ -181,13 +181,49 @@ def test_lora_reference_is_the_adapter_free_policy_and_exports_merged(pairs, tmp
     records = log(out)
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "LoRA starts as the reference"
     assert records[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)
-    assert (out / "lora" / "adapter_model.safetensors").exists()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     merged = models.load_backbone("tiny-sd1.5", pretrained=str(out / "model"))
     assert not any("lora" in name for name, _ in merged.denoiser.named_parameters())
     torch.manual_seed(0)
     base = models.load_backbone("tiny-sd1.5")
     changed = [k for k, v in merged.denoiser.state_dict().items() if not torch.equal(v, base.denoiser.state_dict()[k])]
     assert changed and all(any(p in k for p in ("to_q", "to_k", "to_v", "to_out")) for k in changed)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-sdxl", "tiny-cogvideox-2b", "tiny-wan2.1-1.3b"])
+def test_lora_loads_with_diffusers_load_lora_weights_and_matches_the_merged_export(name, pairs, video_pairs,
+                                                                                  tmp_path):
+    torch.manual_seed(0)
+    models.load_backbone(name).pipe.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    run(0, "--model", name, "--pretrained", tmp_path / "base", "--data", video_pairs if "video" in name or "wan" in name
+        else pairs, "--out", out, "--steps", 1, "--loss", "dpo", "--lora", 4, "--lr", "1e-2", "--warmup", 0,
+        "--batch-size", 2, "--no-gradient-checkpointing")
+    assert sorted(p.name for p in (out / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    with_adapter = models.load_backbone(name, pretrained=str(tmp_path / "base"))
+    with_adapter.pipe.load_lora_weights(out / "lora")
+    part = "unet" if "sd" in name else "transformer"
+    assert list(with_adapter.pipe.get_list_adapters()) == [part], "diffusers selects the denoiser's keys"
+    merged = models.load_backbone(name, pretrained=str(out / "model"))
+    base = models.load_backbone(name, pretrained=str(tmp_path / "base"))
+    generator = torch.Generator().manual_seed(1)
+    height, width = base.resolution
+    frames = (base.num_frames,) if base.is_video else ()
+    x0 = base.encode_pixels(torch.rand(2, 3, *frames, height, width, generator=generator) * 2 - 1)
+    cond = base.encode_prompts(["a red circle", "a blue square"])
+    levels = base.sample_noise_levels(2, generator)
+    with torch.no_grad():
+        outputs = [b.predict(b.denoiser, x0, levels, cond) for b in (with_adapter, merged, base)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-4, "the adapter changes the output"
+    if name == "tiny-sd1.5":  # evaluate.py compare takes the LoRA directory: base + adapter = the merged export
+        (tmp_path / "prompts.txt").write_text("a red circle\n")
+        common = ["compare", "--model", name, "--base", str(tmp_path / "base"), "--prompts",
+                  str(tmp_path / "prompts.txt"), "--reward", "named_colour", "--samples", "2", "--steps", "2"]
+        via_lora = evaluate.main([*common, "--tuned", str(out / "lora"), "--out", str(tmp_path / "eval-lora")])
+        merged = evaluate.main([*common, "--tuned", str(out), "--out", str(tmp_path / "eval-merged")])
+        lora_reward, merged_reward = (r["rewards"]["named_colour"]["tuned_mean"] for r in (via_lora, merged))
+        assert lora_reward == pytest.approx(merged_reward, abs=1e-4) and via_lora["tuned"] == str(out / "lora")
 
 
 def test_sigterm_saves_and_exits_cleanly(pairs, tmp_path):

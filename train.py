@@ -167,6 +167,13 @@ def build(args, device):
     return (backbone, *prepare(backbone, args, device))
 
 
+def lora_config(rank):
+    """LoRA on the attention projections, alpha = rank (scale 1), as diffusers' training examples do."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
 def prepare(backbone, args, device):
     """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
     policy, so no second copy is held), both sharded. The reference, text encoders and VAE are held in the compute
@@ -179,10 +186,8 @@ def prepare(backbone, args, device):
     policy = backbone.denoiser
     reference = None
     if args.lora:
-        from peft import LoraConfig
         policy.requires_grad_(False)
-        policy.add_adapter(LoraConfig(r=args.lora, lora_alpha=args.lora, init_lora_weights="gaussian",
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        policy.add_adapter(lora_config(args.lora))
     elif args.loss != "sft":
         reference = models.cast(models.freeze(copy.deepcopy(policy)), frozen_dtype).to(device)  # cast, then move
     cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
@@ -407,32 +412,42 @@ def truncate_log(log, step):
 
 
 def export(out, backbone, policy, lora_rank, rank):
-    """The final pipeline in the diffusers layout (safetensors); for LoRA the merged model plus the adapter."""
+    """The final pipeline in the diffusers layout (safetensors): `from_pretrained(out / "model")` loads it. With
+    LoRA, model/ holds the merged weights and lora/ the adapter in diffusers' own format, written by the pipeline
+    class's save_lora_weights: `pipe.load_lora_weights(out / "lora")` on the base pipeline loads it."""
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        name = "unet" if hasattr(backbone.pipe, "unet") else "transformer"
         denoiser = type(backbone.denoiser).from_config(backbone.denoiser.config)
         if lora_rank:
-            from peft import LoraConfig, get_peft_model_state_dict
-            from safetensors.torch import save_file
-            denoiser.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                            target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft import get_peft_model_state_dict
+            denoiser.add_adapter(lora_config(lora_rank))
             denoiser.load_state_dict(full)
-            (out / "lora").mkdir(parents=True, exist_ok=True)
-            save_file(get_peft_model_state_dict(denoiser), out / "lora" / "adapter_model.safetensors")
+            layers = get_peft_model_state_dict(denoiser)
+            if name == "unet":  # the UNet loaders expect diffusers' key names; the transformers' take peft's
+                layers = convert_state_dict_to_diffusers(layers)
+            write_atomically(out / "lora", lambda tmp: type(backbone.pipe).save_lora_weights(
+                tmp, **{f"{name}_lora_layers": layers,
+                        f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}))
             denoiser.fuse_lora()
             denoiser.unload_lora()
         else:
             denoiser.load_state_dict(full)
-        name = "unet" if hasattr(backbone.pipe, "unet") else "transformer"
         sharded = getattr(backbone.pipe, name)
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         backbone.pipe.register_modules(**{name: denoiser})
-        backbone.pipe.save_pretrained(tmp, safe_serialization=True)
+        write_atomically(out / "model", lambda tmp: backbone.pipe.save_pretrained(tmp, safe_serialization=True))
         backbone.pipe.register_modules(**{name: sharded})
-        shutil.rmtree(out / "model", ignore_errors=True)
-        os.replace(tmp, out / "model")
     dist.barrier()
+
+
+def write_atomically(folder, write):
+    """write(tmp) into folder.tmp, then swap it in for `folder`: a reader never sees a half-written one."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import io
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -223,14 +224,39 @@ def score(rewards, images, prompts):
     return {name: fn(flat, repeated).view(images.shape[:2]).double().numpy() for name, fn in rewards.items()}
 
 
-def save_grid(path, base, tuned, columns=8):
-    """Row pairs: base above tuned, same prompt and seed in each column."""
-    count = min(columns, base.shape[0] * base.shape[1])
-    b, t = base.flatten(0, 1)[:count], tuned.flatten(0, 1)[:count]
-    grid = torch.cat([torch.cat(list(b), 2), torch.cat(list(t), 2)], 1)
-    image = Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-    scale = max(1, 256 // base.shape[-1])
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+def labelled_grid(rows, captions, cell=128):
+    """A PIL image of labelled rows [(label, images (N, 3, H, W) in [0, 1])], the label left of each row, each
+    column's caption (a prompt) under the last row; tiles are scaled to `cell` pixels high without smoothing."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=12)
+    height, width = rows[0][1].shape[-2:]
+    tile = (round(cell * width / height), cell)
+    label_width = 12 + 7 * max(len(label) for label, _ in rows)
+    wrapped = ["\n".join(textwrap.wrap(caption, max(8, tile[0] // 7))[:3]) for caption in captions]
+    sheet = Image.new("RGB", (label_width + len(captions) * tile[0], len(rows) * cell + 52), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * cell + cell // 2 - 7), label, fill="black", font=font)
+        for c, image in enumerate(images[:len(captions)]):
+            pixels = (image.permute(1, 2, 0).clamp(0, 1).float().numpy() * 255).round().astype(np.uint8)
+            sheet.paste(Image.fromarray(pixels).resize(tile, Image.NEAREST), (label_width + c * tile[0], r * cell))
+    for c, caption in enumerate(wrapped):
+        draw.multiline_text((label_width + c * tile[0] + 3, len(rows) * cell + 4), caption, fill="black", font=font,
+                            spacing=2)
+    return sheet
+
+
+def save_grid(path, rows, captions):
+    """labelled_grid, saved as a PNG."""
+    labelled_grid(rows, captions).save(path)
+
+
+def sample_rows(samples, label, frames=8):
+    """Grid rows of samples (N, 3, H, W): one row; of videos (N, F, 3, H, W): a row per frame, up to `frames`."""
+    if samples.dim() == 4:
+        return [(label, samples)]
+    steps = torch.linspace(0, samples.shape[1] - 1, min(frames, samples.shape[1])).round().long().tolist()
+    return [(f"{label} frame {k}", samples[:, k]) for k in steps]
 
 
 def save_side_by_side(path, base, tuned, count=4):
@@ -273,8 +299,8 @@ def compare(args):
     base, tuned = results["base"][0], results["tuned"][0]
     if base.dim() == 6:
         save_side_by_side(out / "side-by-side.gif", base, tuned)
-    else:
-        save_grid(out / "grid.png", base.transpose(0, 1), tuned.transpose(0, 1))
+    else:  # the first seed of each prompt, up to 8 prompts: base above tuned
+        save_grid(out / "grid.png", [("base", base[:8, 0]), ("tuned", tuned[:8, 0])], prompts[:8])
     return report
 
 

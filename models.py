@@ -13,22 +13,37 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
+
+# Our console shows our progress bars and results: the libraries' loading bars and notices (torchvision missing,
+# modules kept in fp32, hub retries) are silenced at their source; their errors still raise.
+diffusers.utils.logging.set_verbosity_error()
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline,
-                       WanTransformer3DModel)
+                       WanTransformer3DModel)  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
-                          T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)
-from tokenizers.pre_tokenizers import ByteLevel
+                          T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)  # noqa: E402
+from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
-import sipo
+import sipo  # noqa: E402
 
 FULL = ("sd1.5", "sdxl", "cogvideox-2b", "cogvideox-5b", "wan2.1-1.3b")
 # Wan's VAE stays fp32 whatever the compute dtype, as diffusers advises; its pipeline casts latents to the VAE's
 # dtype before decoding (the others decode in the latents' dtype, so their VAEs follow the compute dtype).
 FP32_PARTS = {"wan": ("vae",)}
 NAMES = FULL + tuple(f"tiny-{name}" for name in FULL) + ("toy",)
+# The official diffusers repositories of the full-size models: the default of --pretrained. (CogVideoX moved from
+# THUDM/ to zai-org/; the hub redirects the old ids.)
+HUB_IDS = {"sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+           "cogvideox-2b": "zai-org/CogVideoX-2b", "cogvideox-5b": "zai-org/CogVideoX-5b",
+           "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 
 
 class ModelError(ValueError):
@@ -362,6 +377,10 @@ def _load_pretrained(name, path, dtype):
         dtypes = {"default": dtype, **{part: torch.float32 for part in FP32_PARTS.get(family, ())}}
         pipe = pipeline_cls.from_pretrained(path, dtype=dtypes, use_safetensors=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
+        if not local.exists():
+            raise ModelError(f"{path}: not a local directory, and the hub id cannot be loaded (offline, or not cached "
+                             f"in full); download it where there is a network (hf download {path} --local-dir DIR) "
+                             f"and pass --pretrained DIR") from None
         raise ModelError(f"{path}: cannot load as {name}: {str(error).splitlines()[0]}") from None
     if family == "cogvideox":
         rotary = pipe.transformer.config.use_rotary_positional_embeddings
@@ -372,8 +391,9 @@ def _load_pretrained(name, path, dtype):
 
 
 def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, random_weights=False):
-    """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id), from its config with
-    random weights (full-size names need random_weights=True; device="meta" builds it without memory), or tiny.
+    """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id; for full-size names
+    HUB_IDS by default), from its config with random weights (random_weights=True; device="meta" builds it without
+    memory), or tiny.
     `dtype` is every part's but FP32_PARTS'; from_pretrained also keeps the modules a model marks fp32."""
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
@@ -387,7 +407,7 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
         with torch.device(device):
             pipe = _build_pipeline(base, tiny=name.startswith("tiny-"))
     else:
-        raise ModelError(f"--model {name} needs --pretrained PATH_OR_ID or --random-weights")
+        pipe = _load_pretrained(base, HUB_IDS[base], dtype)
     pipe.set_progress_bar_config(disable=True)
     backbone = _backbone(name, pipe)
     if device != "meta":

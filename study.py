@@ -372,7 +372,8 @@ def offpolicy(args, out, report, base, toy_dir, heldout):
     seed0 = {m: out / "runs" / run_name(f"off foreign {m}", 0) for m in (configs[0], configs[-1])}
     tuned = [final_scores(run, 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
     if len(tuned) == 2:
-        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", tuned[0], tuned[1])
+        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", [(configs[0], tuned[0][:, 0]),
+                                                                (configs[-1], tuned[1][:, 0])], toy.PROMPTS)
     return summary
 
 
@@ -382,7 +383,8 @@ def save_pairs_grid(path, folder, lines):
     rows = [json.loads(line) for line in lines]
     load = [[torch.from_numpy(np.array(Image.open(folder / row[k]).convert("RGB"))).permute(2, 0, 1).float() / 255
              for row in rows] for k in ("chosen", "rejected")]
-    evaluate.save_grid(path, torch.stack(load[0])[:, None], torch.stack(load[1])[:, None], columns=len(rows))
+    evaluate.save_grid(path, [("winner", torch.stack(load[0])), ("loser", torch.stack(load[1]))],
+                       [row["prompt"] for row in rows])
 
 
 def plot_offpolicy(path, table, base_mean, base_drift, sources, configs):

@@ -123,8 +123,9 @@ def test_parameterisations_and_schedules_match_the_families():
 def test_bad_names_and_paths_fail_with_one_line(tmp_path):
     with pytest.raises(models.ModelError, match="unknown model 'sd2'; choose one of: sd1.5"):
         models.load_backbone("sd2")
-    with pytest.raises(models.ModelError, match="needs --pretrained PATH_OR_ID or --random-weights"):
-        models.load_backbone("wan2.1-1.3b")
+    with pytest.raises(models.ModelError, match="Wan-AI/Wan2.1-T2V-1.3B-Diffusers: not a local directory, and the hub "
+                                                "id cannot be loaded .* pass --pretrained DIR"):
+        models.load_backbone("wan2.1-1.3b")  # offline: the default is the official repository
     with pytest.raises(models.ModelError, match=f"{tmp_path}: not a diffusers layout"):
         models.load_backbone("sd1.5", pretrained=str(tmp_path))
     models.load_backbone("tiny-sd1.5").pipe.save_pretrained(tmp_path / "sd")

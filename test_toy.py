@@ -38,7 +38,8 @@ def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
     out, report = mini_toy
     assert set(report["rewards"]) == {"named_colour"}
     for path in ("base/model/model_index.json", "sipo/model/model_index.json", "eval/report.md", "eval/grid.png",
-                 "eval/curves.png", "data/pairs/pairs.jsonl", "data/heldout/pairs.jsonl"):
+                 "eval/curves.png", "data/pairs/pairs.jsonl", "data/heldout/pairs.jsonl",
+                 "sipo/samples/step-000002/grid.png"):
         assert (out / path).exists(), path
     rows = [json.loads(line) for line in (out / "data" / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)

@@ -253,7 +253,6 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
     (["--model", "sd2"], "argument --model: invalid choice: 'sd2'"),
     (["--loss", "ppo"], "argument --loss: invalid choice: 'ppo'"),
     (["--global-batch-size", "5", "--batch-size", "2"], "--global-batch-size 5 is not divisible by --batch-size 2 x 2"),
-    (["--model", "wan2.1-1.3b"], "--model wan2.1-1.3b needs --pretrained PATH_OR_ID or --random-weights"),
     (["--data", "nowhere.jsonl"], "--data nowhere.jsonl: does not exist"),
     (["--resume"], "--resume: no complete checkpoint in"),
 ])
@@ -262,6 +261,15 @@ def test_bad_flags_fail_before_any_model_is_built(pairs, tmp_path, flags, messag
     with pytest.raises((SystemExit, ValueError)) as info:
         train.check_args(train.parse_args(argv), world_size=2)
     assert message in (str(info.value) + capsys.readouterr().err)
+
+
+def test_full_size_model_defaults_to_its_hub_id_and_offline_says_so_in_one_line(pairs, tmp_path):
+    result = run(0, "--model", "sd1.5", "--data", pairs, "--out", tmp_path / "r", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: stable-diffusion-v1-5/stable-diffusion-v1-5: not a local directory, and the hub id cannot be loaded "
+        "(offline, or not cached in full); download it where there is a network (hf download "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir DIR) and pass --pretrained DIR"]
 
 
 def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
@@ -294,6 +302,12 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6), "policy = reference in bf16 compute"
     assert all(torch.isfinite(p.grad.full_tensor()).all() for p in policy.parameters())
-    metrics = train.heldout_metrics(backbone, policy, reference, None, ["a red circle", "a green square"],
-                                    evaluate.named_colour, args, 0, 1)
+    prompts = ["a red circle", "a green square"]
+    metrics, samples = train.heldout_metrics(backbone, policy, reference, None, prompts, evaluate.named_colour, args,
+                                             0, 1)
     assert math.isfinite(metrics["heldout_reward"]), "samples decode with a bf16 policy and text encoder"
+    assert len(samples) == 2
+    train.save_samples(tmp_path, 7, samples, prompts, None)
+    grid = Image.open(tmp_path / "samples" / "step-000007" / "grid.png")
+    rows = min(8, backbone.num_frames) if backbone.is_video else 1  # a row per frame for videos
+    assert grid.height == rows * 128 + 52 and grid.width > 2 * 128

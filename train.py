@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL",
                    help=f"backbone: {', '.join(models.NAMES)}")
-    p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (full-size models)")
+    p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (default for full-size "
+                                        "models: the official repository, models.HUB_IDS)")
     p.add_argument("--random-weights", action="store_true", help="full-size architecture, random weights (benchmarks)")
     p.add_argument("--data", required=True, help="a .jsonl manifest, Pick-a-Pic .parquet shard(s), or a latent cache")
     p.add_argument("--out", help="run directory (default: runs/MODEL-LOSS)")
@@ -115,8 +116,6 @@ def check_args(args, world_size):
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
                          f"not --model {args.model}")
-    if args.model in models.FULL and not (args.pretrained or args.random_weights):
-        raise ValueError(f"--model {args.model} needs --pretrained PATH_OR_ID or --random-weights")
     if args.resume and latest_checkpoint(args.out) is None:
         raise ValueError(f"--resume: no complete checkpoint in {args.out / 'checkpoints'}")
     if not args.resume and (args.out / "log.jsonl").exists():
@@ -334,6 +333,7 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
             r_w, r_l = ref_error.chunk(2)
             totals[0] += (((e_l - r_l) - (e_w - r_w)) > 0).sum().item()
             totals[1] += len(indices)
+    samples = None
     if prompts:
         share = -(-len(prompts) // world_size)
         mine = (prompts[rank::world_size] + prompts[:share])[:share]
@@ -341,13 +341,30 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
         samples = backbone.sample(mine, seed=args.seed, steps=args.eval_sample_steps, guidance=args.eval_guidance)
         scores = reward(samples.cpu(), mine)[:real]
         totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
+        gathered = [torch.empty_like(samples) for _ in range(world_size)]
+        dist.all_gather(gathered, samples.contiguous())
+        # rank r sampled prompts r, r + N, r + 2N, ...: back into the prompts' order
+        samples = torch.stack([gathered[i % world_size][i // world_size] for i in range(len(prompts))]).cpu()
     dist.all_reduce(totals)
     metrics = {}
     if totals[1]:
         metrics["heldout_accuracy"] = (totals[0] / totals[1]).item()
     if totals[3]:
         metrics["heldout_reward"] = (totals[2] / totals[3]).item()
-    return metrics
+    return metrics, samples
+
+
+def save_samples(out, step, samples, prompts, writer):
+    """The held-out prompts' samples (fixed seeds) as RUN/samples/step-NNNNNN/grid.png, a prompt under each image
+    (videos: a row per frame), and in TensorBoard with --tensorboard."""
+    import evaluate
+    folder = out / "samples" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = evaluate.labelled_grid(evaluate.sample_rows(samples, f"step {step}"), prompts)
+    grid.save(folder / "grid.png")
+    if writer:
+        import numpy as np
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,8 +575,11 @@ def train(args):
         record = reduce_stats({**stats, "grad_norm": grad_norm}, world_size)
         elapsed = time.perf_counter() - start
         if (heldout is not None or prompts) and (step % args.eval_every == 0 or step == args.steps):
-            record.update(heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank,
-                                          world_size))
+            metrics, samples = heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank,
+                                               world_size)
+            record.update(metrics)
+            if samples is not None and rank == 0:
+                save_samples(args.out, step, samples, prompts, writer)
         stop_now = torch.tensor(float(stop["signal"]))
         dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
         if rank == 0:

@@ -103,9 +103,16 @@ class ClipReward:
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        frames = images.mean(1) if images.dim() == 5 else images  # video: the mean frame
+        """Scores (N,); a video scores each frame with its prompt and averages them (a mean frame is a blur no
+        model was trained to score)."""
+        frames = _frames(images)
+        repeat = len(frames) // len(images)
+        prompts = [prompt for prompt in prompts for _ in range(repeat)]
         pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
         inputs = self.processor(text=list(prompts), images=pil, return_tensors="pt", padding=True, truncation=True)
+        return self._score(inputs).view(len(images), repeat).mean(1)
+
+    def _score(self, inputs):
         image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
         image = getattr(image, "pooler_output", image)
         image = image / image.norm(dim=-1, keepdim=True)
@@ -148,6 +155,9 @@ def load_rewards(names, args):
             if name == "aesthetic" and (head is None or not Path(head).is_file()):
                 raise ValueError("reward aesthetic needs --aesthetic-head FILE (the linear/MLP head weights)")
             rewards[name] = ClipReward(name, path, head)
+        elif name in ("hpsv2", "hpsv2.1"):
+            raise ValueError(f"reward {name} needs open_clip (its ViT-H-14 with the HPS checkpoint), which depends on "
+                             "torchvision; this project does not install it (README: Rewards)")
         else:
             raise ValueError(f"unknown reward {name!r}; choose from {', '.join([*BUILTIN, *MODEL_BASED])}")
     return rewards

@@ -156,6 +156,11 @@ def test_model_based_rewards_load_from_local_paths(tiny_clip):
     for name, reward in rewards.items():
         scores = reward(images, ["a red circle", "a cat", "a blue square"])
         assert scores.shape == (3,) and torch.isfinite(scores).all(), name
+    video = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2))  # (N, F, 3, H, W)
+    prompts = ["a red circle", "a cat"]
+    for name, reward in rewards.items():  # a video's score: the mean of its frames' scores with its prompt
+        per_frame = torch.stack([reward(video[:, k], prompts) for k in range(3)], 1)
+        torch.testing.assert_close(reward(video, prompts), per_frame.mean(1), rtol=1e-5, atol=1e-5)
     head = torch.load(tiny_clip / "head.pth", weights_only=True)
     embedding = rewards["aesthetic"].model.get_image_features(
         pixel_values=rewards["aesthetic"].processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")[
@@ -172,6 +177,7 @@ def test_model_based_rewards_load_from_local_paths(tiny_clip):
     ("pickscore", {}, "reward pickscore needs --pickscore-model PATH"),
     ("clip", {"clip_model": "/nowhere"}, "--clip-model /nowhere: does not exist"),
     ("sharpness", {}, "unknown reward 'sharpness'"),
+    ("hpsv2", {}, "reward hpsv2 needs open_clip"),
 ])
 def test_reward_flags_fail_in_one_line(names, flags, message):
     class Flags:

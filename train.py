@@ -10,7 +10,9 @@ ones only), model/ (the final pipeline in the diffusers layout) and, with --lora
 import argparse
 import copy
 import json
+import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -102,12 +104,10 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
-    for flag in ("steps", "batch_size", "grad_accum", "sample_steps", "path_draws", "checkpoint_every", "keep",
-                 "eval_every", "frame_stride"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
-    if not 0 <= args.eps < 1 or args.tau < 0:
-        raise ValueError("--eps must be in [0, 1) and --tau non-negative")
+    for flag, valid in NUMERIC_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
     for flag in ("data", "eval_data", "eval_prompts"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
@@ -116,10 +116,81 @@ def check_args(args, world_size):
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
                          f"not --model {args.model}")
-    if args.resume and latest_checkpoint(args.out) is None:
-        raise ValueError(f"--resume: no complete checkpoint in {args.out / 'checkpoints'}")
-    if not args.resume and (args.out / "log.jsonl").exists():
-        raise ValueError(f"--out {args.out} already holds a run; pass --resume to continue it, or another --out")
+    check_run_directory(args)
+
+
+def _range(doc, test):
+    test.__doc__ = doc
+    return test
+
+
+# Every numeric flag and its valid range: a value outside trains something else than asked (a negative warm-up is
+# a negative learning rate, a negative --max-grad-norm flips the gradients, beta <= 0 inverts or drops the
+# preference, tau > 1 masks every pair), so it is refused before any model is built.
+AT_LEAST_1 = _range("at least 1", lambda v: v >= 1)
+NON_NEGATIVE = _range("at least 0", lambda v: v >= 0)
+POSITIVE = _range("a positive number", lambda v: v > 0)
+NUMERIC_FLAGS = {
+    **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "sample_steps", "path_draws",
+                     "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride", "max_nonfinite"),
+                    AT_LEAST_1),
+    **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance"), NON_NEGATIVE),
+    **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
+    "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1),
+    "eps": _range("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def check_run_directory(args):
+    """--out is new, empty, or a run directory of ours (args.json) for the same --model. A complete checkpoint
+    there is continued with --resume and never overwritten without it; a run that died before its first
+    checkpoint leaves nothing to lose, so a rerun (or --resume) starts it again from step 0."""
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    ours = (out / "args.json").is_file()
+    if not ours:
+        if out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--out {out}: holds files train.py did not write (no args.json); pass a new or empty "
+                             f"directory")
+        if args.resume:
+            raise ValueError(f"--resume: {out} holds no run")
+        return
+    try:
+        previous = json.loads((out / "args.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--out {out}: args.json is unreadable; pass another --out") from None
+    if previous != args.model:
+        raise ValueError(f"--out {out} holds a run of --model {previous}, not --model {args.model}")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not args.resume:
+        raise ValueError(f"--out {out} already holds a run ({checkpoint.name}); pass --resume to continue it, or "
+                         f"another --out")
+
+
+def claim_run_directory(args):
+    """Rank 0: create --out, take its lock (held until this process ends; a second trainer, or an orphaned rank of
+    a killed one, is refused in one line naming the holder) and write args.json before any model is built."""
+    import fcntl
+    args.out.mkdir(parents=True, exist_ok=True)
+    handle = open(args.out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise ValueError(f"--out {args.out} is in use by {handle.read().strip() or 'another process'}; wait for it "
+                         f"to end, or pass another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    write_args(args, 1, "not read yet")
+    return handle
+
+
+def write_args(args, world_size, summary):
+    (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "world_size": world_size,
+                                                    "data_summary": str(summary)}, indent=1))
 
 
 def default_beta(args, backbone):
@@ -374,9 +445,29 @@ def save_samples(out, step, samples, prompts, writer):
 STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
 
 
-def latest_checkpoint(out):
-    steps = sorted(Path(out, "checkpoints").glob("step-[0-9]*[0-9]"))
-    return steps[-1] if steps else None
+def latest_checkpoint(out, say=None):
+    """The newest intact checkpoint; `say` is told which newer ones were damaged and passed over."""
+    steps = sorted(Path(out, "checkpoints").glob("step-[0-9]*[0-9]"), reverse=True)
+    for newer, path in enumerate(steps):
+        if intact(path):
+            if newer and say:
+                say(f"note: {', '.join(p.name for p in steps[:newer])} damaged (a shard, .metadata or trainer.json "
+                    f"missing or cut); resuming from {path.name}")
+            return path
+    return None
+
+
+def intact(path):
+    """trainer.json parses and every shard DCP's .metadata names is there at full length."""
+    try:
+        json.loads((path / "trainer.json").read_text())["step"]
+        storage = dcp.FileSystemReader(path).read_metadata().storage_data
+    except Exception:  # noqa: BLE001 -- any unreadable file means the checkpoint cannot be resumed from
+        return False
+    ends = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    return all((path / name).is_file() and (path / name).stat().st_size >= end for name, end in ends.items())
 
 
 def save_checkpoint(out, counters, policy, optimizer, scheduler, keep, rank):
@@ -489,10 +580,26 @@ def reduce_stats(stats, world_size):
 # Main loop
 # ---------------------------------------------------------------------------------------------------------
 
+def fail(error, suffix=""):
+    """One line for an error; a DataLoader worker's re-raised traceback is cut to its message."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
+
+
 def train(args):
     device, rank, world_size = setup_distributed()
+    lock = None
     try:
         check_args(args, world_size)
+        refusal = [None]
+        if rank == 0:
+            try:
+                lock = claim_run_directory(args)
+            except (ValueError, OSError) as error:
+                refusal = [f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)]
+        dist.broadcast_object_list(refusal)
+        if refusal[0]:
+            raise ValueError(refusal[0])
         if args.precision is None:
             args.precision = "bf16" if device.type == "cuda" else "fp32"
         backbone, policy, reference = build(args, device)
@@ -508,9 +615,11 @@ def train(args):
             import evaluate
             prompts = evaluate.read_prompts(args.eval_prompts)
             reward = evaluate.load_rewards(args.eval_reward, args)[args.eval_reward]
-    except (ValueError, models.ModelError, data.DataError) as error:
+            shape = (len(prompts), backbone.num_frames, 3, 8, 8) if backbone.is_video else (len(prompts), 3, 8, 8)
+            reward(torch.full(shape, 0.5), prompts)  # the reward takes these prompts: fail now, not at step 100
+    except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
         if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
+            fail(error)
         dist.destroy_process_group()
         sys.exit(1)
 
@@ -518,14 +627,15 @@ def train(args):
     optimizer = make_optimizer(trainable, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
     counters = {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0}
-    if args.resume:
-        counters = load_checkpoint(latest_checkpoint(args.out), policy, optimizer, scheduler)
+    checkpoint = latest_checkpoint(args.out, say=print if rank == 0 else None) if args.resume else None
+    if checkpoint is not None:
+        counters = load_checkpoint(checkpoint, policy, optimizer, scheduler)
+    elif args.resume and rank == 0:
+        print(f"note: no complete checkpoint in {args.out}; starting from step 0")
     step, micro_batches, nonfinite_total = (counters[k] for k in ("step", "micro_batches", "nonfinite_skipped"))
     if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
         truncate_log(args.out / "log.jsonl", step)
-        (args.out / "args.json").write_text(json.dumps({**vars(args), "out": str(args.out), "world_size": world_size,
-                                                        "data_summary": str(summary)}, indent=1))
+        write_args(args, world_size, summary)
         print(f"{args.model}: {sum(p.numel() for p in trainable):,} trainable parameters; data: {summary}; "
               f"{world_size} rank(s); loss {args.loss}, beta {args.beta:g}")
     log = open(args.out / "log.jsonl", "a") if rank == 0 else None
@@ -607,8 +717,23 @@ def train(args):
         export(args.out, backbone, policy, args.lora, rank)
     if rank == 0:
         print(f"done: {args.out}" + ("" if args.no_export else f"; pipeline in {args.out / 'model'}"))
+    lock and lock.close()
     dist.destroy_process_group()
 
 
+def main():
+    """train(), and for an error met mid-run (a bad pair without --skip-bad, a full disk) one line saying what the
+    run directory keeps. The other ranks may wait in a collective: this one exits at once and torchrun ends them."""
+    args = parse_args()
+    try:
+        train(args)
+    except (ValueError, OSError) as error:
+        kept = latest_checkpoint(args.out)
+        fail(error, f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
+             f" ({args.out} has no checkpoint yet: a rerun starts again)")
+        sys.stderr.flush()
+        os._exit(1)
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()

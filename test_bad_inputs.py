@@ -1,0 +1,134 @@
+"""Hostile but realistic input to train.py: each class of issue 14 gets one line naming the culprit, a non-zero exit
+and nothing already written lost or changed; a run directory stays usable after any failure."""
+import fcntl
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import train as trainer
+
+ROOT = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (16, 16), (40 * i, 200, 30)).save(folder / f"w{i}.png")
+        Image.new("RGB", (16, 16), (90, 90, 90)).save(folder / f"l{i}.png")
+        rows.append({"prompt": f"a green circle {i}", "chosen": f"w{i}.png", "rejected": f"l{i}.png"})
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "pairs.jsonl"
+
+
+def train(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "toy", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def one_line_error(result, expected):
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert expected in lines[0], lines[0]
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes: what 'nothing written before is lost or changed' compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# class 3: every numeric flag is range-checked before any model is built (two invented: --path-draws 0, --eps 1)
+@pytest.mark.parametrize("flag,value,message", [
+    ("--warmup", -5, "--warmup -5: must be at least 0"),
+    ("--max-grad-norm", -1, "--max-grad-norm -1.0: must be a positive number"),
+    ("--beta", -100, "--beta -100.0: must be a positive number"),
+    ("--beta", 0, "--beta 0.0: must be a positive number"),
+    ("--tau", 1.5, "--tau 1.5: must be in [0, 1]"),
+    ("--lr", "nan", "--lr nan: must be a positive number"),
+    ("--path-draws", 0, "--path-draws 0: must be at least 1"),
+    ("--eps", 1, "--eps 1.0: must be in [0, 1)"),
+])
+def test_numeric_flags_out_of_range_fail_before_anything_is_written(pairs, tmp_path, flag, value, message):
+    args = trainer.parse_args(["--model", "toy", "--data", str(pairs), "--out", str(tmp_path / "run"), flag, str(value)])
+    with pytest.raises(ValueError) as error:
+        trainer.check_args(args, world_size=1)
+    assert str(error.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_flag_is_one_line_and_exit_1_from_the_command_line(pairs, tmp_path):
+    one_line_error(train("--data", pairs, "--out", tmp_path / "run", "--warmup", -5), "--warmup -5: must be at least 0")
+    assert not (tmp_path / "run").exists()
+
+
+# classes 1 and 2: what can be checked is checked before training; a run that died early does not block its directory
+def test_reward_that_cannot_score_the_prompts_fails_before_step_1_and_the_directory_stays_usable(pairs, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n")
+    out = tmp_path / "run"
+    result = train("--data", pairs, "--out", out, "--eval-prompts", tmp_path / "prompts.txt", "--steps", 2)
+    one_line_error(result, "reward named_colour: prompt 'a photo of a cat' names none of")
+    assert not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text()
+    for extra in ([], ["--resume"]):  # the dead run left args.json: both a rerun and --resume start again
+        result = train("--data", pairs, "--out", out, "--steps", 1, "--batch-size", 4, "--no-export", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        shutil.rmtree(out / "checkpoints")
+
+
+# class 5: never write into (or delete from) a directory this program did not make
+@pytest.mark.parametrize("setup,message", [
+    (lambda out: (out.mkdir(), (out / "model").mkdir(), (out / "model" / "mine.txt").write_text("keep")),
+     "holds files train.py did not write"),
+    (lambda out: out.write_text("a file"), "is a file, not a directory"),
+])
+def test_out_that_is_not_a_run_directory_is_refused_and_left_alone(pairs, tmp_path, setup, message):
+    out = tmp_path / "out"
+    setup(out)
+    before = snapshot(tmp_path)
+    one_line_error(train("--data", pairs, "--out", out), message)
+    assert snapshot(tmp_path) == before
+
+
+# class 6: two writers, one directory
+def test_a_second_trainer_on_a_locked_run_directory_is_refused_naming_the_holder(pairs, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text(json.dumps({"model": "toy"}))
+    with open(out / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("train.py pid 12345 on somehost")
+        lock.flush()
+        one_line_error(train("--data", pairs, "--out", out), "is in use by train.py pid 12345 on somehost")
+
+
+# class 7 and 8: damaged checkpoints fall back; --resume with another model is refused
+def test_damaged_newest_checkpoint_falls_back_to_the_intact_one_and_another_model_is_refused(pairs, tmp_path):
+    out = tmp_path / "run"
+    result = train("--data", pairs, "--out", out, "--steps", 4, "--batch-size", 2, "--checkpoint-every", 2,
+                   "--no-export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    newest = out / "checkpoints" / "step-000004"
+    for damage in ("shard", "trainer.json"):
+        broken = tmp_path / f"broken-{damage}"
+        shutil.copytree(out, broken)
+        target = broken / "checkpoints" / "step-000004"
+        if damage == "shard":
+            shard = next(target.glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        else:
+            (target / "trainer.json").unlink()
+        result = train("--data", pairs, "--out", broken, "--steps", 6, "--batch-size", 2, "--checkpoint-every", 2,
+                       "--no-export", "--resume")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "step-000004 damaged" in result.stdout and "resuming from step-000002" in result.stdout
+        steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 7)), "steps 3 and 4 are trained again and logged once"
+    assert newest.exists()
+    one_line_error(subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "tiny-sd1.5", "--data", pairs,
+                                   "--out", out, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300),
+                   "holds a run of --model toy, not --model tiny-sd1.5")

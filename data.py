@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -77,8 +78,10 @@ def read_pickapic(paths, summary, keep_ties=False):
                 continue
             if label not in (0, 0.5, 1):
                 raise DataError(f"{where}: label_0 is {label!r}, expected 1, 0 or 0.5")
+            if not isinstance(caption, str):
+                raise DataError(f"{where}: caption is {_json_type(caption)}, not a string")
             chosen, rejected = (jpg_0, jpg_1) if label == 1 else (jpg_1, jpg_0)
-            pairs.append(Pair(caption or "", chosen, rejected, where, {"label_0": label}))
+            pairs.append(Pair(caption, chosen, rejected, where, {"label_0": label}))
     return pairs
 
 
@@ -86,18 +89,23 @@ def read_manifest(path, summary, skip_bad=False):
     """JSON Lines rows {"prompt", "chosen", "rejected", ...}; missing fields or files fail or are counted."""
     path = Path(path)
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         where = f"{path} row {number}"
         try:
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text") from None
             except json.JSONDecodeError:
                 raise DataError(f"{where}: not valid JSON") from None
             missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
             if missing:
                 raise DataError(f"{where}: missing required field {missing[0]!r}")
+            for key in ("prompt", "chosen", "rejected"):  # never train on the repr of a null, number or list
+                if not isinstance(row[key], str):
+                    raise DataError(f"{where}: {key} is {_json_type(row[key])}, not a string")
             files = {k: path.parent / row[k] for k in ("chosen", "rejected")}
             for key, file in files.items():
                 if not file.is_file():
@@ -111,14 +119,19 @@ def read_manifest(path, summary, skip_bad=False):
             summary.skipped[_reason(error)] += 1
             continue
         extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-        pairs.append(Pair(str(row["prompt"]), files["chosen"], files["rejected"], where, extra))
+        pairs.append(Pair(row["prompt"], files["chosen"], files["rejected"], where, extra))
     return pairs
+
+
+def _json_type(value):
+    return "null" if value is None else {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                                          dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _reason(error):
     text = str(error)
     for reason in ("missing required field", "does not exist", "not an image or video", "not valid JSON",
-                   "cannot be decoded", "too few frames", "differ in size"):
+                   "not UTF-8", "not a string", "cannot be decoded", "too few frames", "is an image", "differ in size"):
         if reason in text:
             return reason
     return "bad input"
@@ -151,16 +164,30 @@ def read_pairs(source, skip_bad=False, keep_ties=False):
 # Decoding: resize, centre-crop, frames; pixels in [-1, 1], (3, H, W) or (3, F, H, W)
 # ---------------------------------------------------------------------------------------------------------
 
+def to_rgb(image):
+    """Any PIL mode as 8-bit RGB. PIL's convert("RGB") clips integer modes at 255 (a 16-bit grey PNG, mode I;16 or
+    I, comes out white) and float ones too: scale those to 8 bits first (16-bit: / 257; float: [0, 1] or [0, 255])."""
+    if image.mode.startswith("I"):
+        array = np.asarray(image).astype(np.float64)
+        array = array / 257.0 if image.mode.startswith("I;16") or array.max() > 255 else array
+        image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        array = array * 255.0 if array.max() <= 1.0 else array
+        image = Image.fromarray(np.clip(array.round(), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def _resize_crop(image, height, width):
     scale = max(height / image.height, width / image.width)
     size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.convert("RGB").resize(size, Image.BICUBIC)
+    image = to_rgb(image).resize(size, Image.BICUBIC)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
     return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
 def load_media(source, where, height, width, num_frames=0, frame_stride=1):
-    """An image (3, H, W) or, for video backbones, (3, F, H, W) in [-1, 1]; an image there is a 1-frame video."""
+    """An image (3, H, W) or, for video backbones, a video (3, F, H, W), in [-1, 1]."""
     is_video = isinstance(source, Path) and source.suffix.lower() in VIDEO_SUFFIXES
     try:
         if not is_video:
@@ -180,6 +207,8 @@ def load_media(source, where, height, width, num_frames=0, frame_stride=1):
         raise DataError(f"{where}: {name} cannot be decoded ({str(error).splitlines()[0][:120]})") from None
     if is_video and not num_frames:
         raise DataError(f"{where}: {source} is a video, but this backbone takes images")
+    if num_frames and not is_video:
+        raise DataError(f"{where}: {_name(source)} is an image, but this backbone takes videos of {num_frames} frames")
     if is_video and len(frames) < num_frames:
         raise DataError(f"{where}: {source} has too few frames ({len(frames)} at stride {frame_stride}, "
                         f"needs {num_frames})")
@@ -248,11 +277,12 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
     written into `out`.tmp, which replaces `out` only when complete: an interrupted run leaves no cache that a reader
     would take as complete, and an older cache in `out` stays readable until then."""
     final = Path(out)
-    if final.exists() and any(final.iterdir()) and not (final / CACHE_INDEX).is_file():
+    if final.exists() and (not final.is_dir() or any(final.iterdir()) and not (final / CACHE_INDEX).is_file()):
         raise DataError(f"--out {final}: exists and is not a latent cache; choose an empty or new directory")
-    out = final.with_name(final.name + ".tmp")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if old.exists() and not (old / CACHE_INDEX).is_file():
+        raise DataError(f"--out {final}: {old} exists and is not a cache of ours; move it away or choose another --out")
+    lock = claim_cache_tmp(out, final)
     summary = summary or Summary(read=len(dataset))
     shards, buffer, total = [], [], 0
     progress = tqdm(total=len(dataset), desc=f"caching {backbone.name}", unit="pair")
@@ -290,13 +320,43 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
         raise DataError(f"empty dataset after skipping bad pairs ({summary})")
     index = {**cache_identity(backbone, pretrained), "pairs": total, "shards": shards, "skipped": dict(summary.skipped)}
     (out / CACHE_INDEX).write_text(json.dumps(index, indent=1))
-    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # a cache of ours, left by a swap that was interrupted
     if final.exists():
         os.replace(final, old)
+    (out / IN_PROGRESS).unlink()
     os.replace(out, final)
+    lock.close()
     shutil.rmtree(old, ignore_errors=True)
     summary.read = total
     return summary
+
+
+IN_PROGRESS = "in-progress.lock"
+
+
+def claim_cache_tmp(out, final):
+    """Makes `out` (DIR.tmp) with a lock file that marks it as ours and is held while this process writes. An
+    existing DIR.tmp is removed only if it carries that mark and nobody holds its lock (an interrupted run's);
+    anything else there is refused in one line."""
+    import fcntl
+    marker = out / IN_PROGRESS
+    if out.exists():
+        if not marker.is_file():
+            raise DataError(f"--out {final}: {out} exists and was not made by data.py cache; move it away or choose "
+                            f"another --out")
+        with open(marker) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(f"--out {final}: being written by {handle.read().strip() or 'another process'}; "
+                                f"wait for it to end") from None
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    lock = open(marker, "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"data.py cache pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -424,6 +484,9 @@ def main(argv=None):
     cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
     cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for flag in ("frame_stride", "batch_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
 
     import models
     try:

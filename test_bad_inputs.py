@@ -132,3 +132,46 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one_and_another_mode
     one_line_error(subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "tiny-sd1.5", "--data", pairs,
                                    "--out", out, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300),
                    "holds a run of --model toy, not --model tiny-sd1.5")
+
+
+def cache(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), "cache", "--model", "toy", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+# classes 5 and 6 for the latent cache: its DIR.tmp and DIR.old are removed only when they are ours and idle
+@pytest.mark.parametrize("name,setup,message", [
+    ("cache.tmp", lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "was not made by data.py cache"),
+    ("cache.old", lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "is not a cache of ours"),
+    ("cache", lambda d: d.write_text("a file"), "exists and is not a latent cache"),
+])
+def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup, message):
+    setup(tmp_path / name)
+    before = snapshot(tmp_path)
+    one_line_error(cache("--data", pairs, "--out", tmp_path / "cache"), message)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pairs, tmp_path):
+    tmp = tmp_path / "cache.tmp"
+    tmp.mkdir()
+    (tmp / "shard-00000.safetensors").write_bytes(b"half")
+    with open(tmp / "in-progress.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("data.py cache pid 4242 on somehost")
+        lock.flush()
+        one_line_error(cache("--data", pairs, "--out", tmp_path / "cache"), "being written by data.py cache pid 4242")
+    result = cache("--data", pairs, "--out", tmp_path / "cache")  # the lock is free now: an interrupted run's
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cache" / "cache.json").is_file() and not tmp.exists()
+    assert not (tmp_path / "cache" / "in-progress.lock").exists()
+
+
+def test_bad_rows_of_every_kind_fail_in_one_line(pairs, tmp_path):
+    folder = pairs.parent
+    for row, message in ((b'{"prompt": 7, "chosen": "w0.png", "rejected": "l0.png"}', "row 1: prompt is a number"),
+                         (b'{"prompt": "caf\xe9", "chosen": "w0.png", "rejected": "l0.png"}', "row 1: not UTF-8 text")):
+        manifest = tmp_path / "bad.jsonl"
+        manifest.write_bytes(row.replace(b'"w0.png"', f'"{folder / "w0.png"}"'.encode())
+                             .replace(b'"l0.png"', f'"{folder / "l0.png"}"'.encode()) + b"\n")
+        one_line_error(train("--data", manifest, "--out", tmp_path / "run"), message)

@@ -187,7 +187,10 @@ def bad_manifest(tmp_path, wan_backbone):
         {"prompt": "short video", "chosen": "short.mp4", "rejected": "ok.mp4"},
         {"prompt": "sizes differ", "chosen": "ok.png", "rejected": "ok.mp4"},
     ]
-    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    text = "\n".join(json.dumps(r) for r in rows) + "\n{not json\n"
+    text += json.dumps({"prompt": None, "chosen": "ok.mp4", "rejected": "ok.mp4"}) + "\n"
+    text += json.dumps({"prompt": "a list", "chosen": ["ok.mp4"], "rejected": "ok.mp4"}) + "\n"
+    (tmp_path / "bad.jsonl").write_bytes(text.encode() + b'{"prompt": "caf\xe9", "chosen": "ok.mp4"}\n')
     return tmp_path / "bad.jsonl"
 
 
@@ -197,13 +200,16 @@ def bad_manifest(tmp_path, wan_backbone):
     (4, r"row 4: \S*corrupt.png cannot be decoded"),
     (5, r"row 5: \S*corrupt.mp4 cannot be decoded"),
     (6, r"row 6: \S*short.mp4 has too few frames \(3 at stride 1, needs 5\)"),
-    (7, r"row 7: chosen \S*ok.png and rejected \S*ok.mp4 differ in size after preprocessing"),
+    (7, r"row 7: \S*ok.png is an image, but this backbone takes videos of 5 frames"),
     (8, r"row 8: not valid JSON"),
+    (9, r"row 9: prompt is null, not a string"),
+    (10, r"row 10: chosen is a list, not a string"),
+    (11, r"row 11: not UTF-8 text"),
 ])
 def test_each_bad_input_names_its_row_and_file(tmp_path, wan, row, message):
     manifest = bad_manifest(tmp_path, wan)
-    lines = manifest.read_text().splitlines()
-    manifest.write_text(lines[0] + "\n" + "\n" * (row - 2) + lines[row - 1] + "\n")
+    lines = manifest.read_bytes().splitlines()
+    manifest.write_bytes(lines[0] + b"\n" + b"\n" * (row - 2) + lines[row - 1] + b"\n")
     with pytest.raises(data.DataError, match=message) as info:
         dataset, _ = data.open_dataset(manifest, wan)
         dataset[1]
@@ -214,7 +220,8 @@ def test_skip_bad_skips_and_counts_every_bad_pair(tmp_path, wan):
     dataset, summary = data.open_dataset(bad_manifest(tmp_path, wan), wan, skip_bad=True)
     assert len(dataset) == 1 and summary.read == 1
     assert summary.skipped == {"does not exist": 1, "missing required field": 1, "not valid JSON": 1,
-                               "cannot be decoded": 2, "too few frames": 1, "differ in size": 1}
+                               "cannot be decoded": 2, "too few frames": 1, "is an image": 1, "not a string": 2,
+                               "not UTF-8": 1}
 
 
 def test_empty_dataset_and_unknown_sources_fail_clearly(tmp_path):
@@ -249,3 +256,22 @@ def test_cache_command_line(tmp_path, capsys):
     data.main(argv + ["--skip-bad"])
     assert "1 pairs read; skipped: 1 missing required field" in capsys.readouterr().out
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["pairs"] == 1
+
+
+@pytest.mark.parametrize("mode,fmt", [("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGB", "JPEG"),
+                                      ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("I", "TIFF"),
+                                      ("F", "TIFF")])
+def test_every_pil_mode_decodes_to_its_grey_level(mode, fmt):
+    """A mid-grey image (black for mode 1, which has no grey) in each mode decodes to that grey, not clipped: a
+    16-bit PNG read through convert("RGB") alone comes out white."""
+    import io
+    if mode in ("I;16", "I", "F"):  # 16-bit and float greys, built directly in the mode
+        image = Image.new(mode, (8, 8), {"I;16": 32768, "I": 32768, "F": 0.5}[mode])
+    else:
+        image = Image.new("L", (8, 8), 0 if mode == "1" else 128).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    pixels = data.load_media(buffer.getvalue(), "row 1", 8, 8)
+    expected = -1.0 if mode == "1" else 0.0
+    assert pixels.shape == (3, 8, 8)
+    assert abs(pixels.mean().item() - expected) < 0.03, (mode, pixels.mean().item())

@@ -402,7 +402,12 @@ def check_cache_matches(index, directory, backbone, pretrained):
 def read_cache_index(directory):
     """The identity a cache records, or None when `directory` is not a cache (checked before building models)."""
     index = Path(directory) / CACHE_INDEX
-    return json.loads(index.read_text()) if index.is_file() else None
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text())
+    except (ValueError, OSError):
+        raise DataError(f"{index}: unreadable cache index; rebuild the cache with data.py cache") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,18 +489,16 @@ def main(argv=None):
     cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
     cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for flag in ("frame_stride", "batch_size", "shard_size"):
-        if getattr(args, flag) < 1:
-            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-
     import models
+    import train
     try:
+        train.check_numbers(args, dict.fromkeys(("frame_stride", "batch_size", "shard_size"), train.AT_LEAST_1))
         pairs, summary = read_pairs(args.data, args.skip_bad)
         backbone = models.load_backbone(args.model, args.pretrained, device=args.device)
         dataset = PairDataset(pairs, *backbone.resolution, backbone.num_frames, args.frame_stride)
         write_cache(backbone, dataset, args.out, args.pretrained, args.batch_size, args.shard_size, args.skip_bad,
                     summary)
-    except (DataError, models.ModelError) as error:
+    except ValueError as error:  # DataError and models.ModelError are ValueErrors
         sys.exit(f"error: {error}")
     print(f"cache {args.out}: {summary}")
 

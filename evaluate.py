@@ -318,8 +318,8 @@ def compare(args):
 # timesteps: the paper's analysis of the step weight over the schedule
 # ---------------------------------------------------------------------------------------------------------
 
-def fixed_batch(backbone, source, pairs):
-    dataset, _ = data.open_dataset(source, backbone)
+def fixed_batch(backbone, source, pairs, pretrained=None):
+    dataset, _ = data.open_dataset(source, backbone, pretrained)
     items = [dataset[i] for i in range(min(pairs, len(dataset)))]
     for item in items:
         item.pop("index")
@@ -338,7 +338,7 @@ def timestep_analysis(args):
     reference = None
     if args.reference:
         reference = models.freeze(load(args, model_dir(args.reference)).denoiser)
-    batch = fixed_batch(backbone, args.data, args.pairs)
+    batch = fixed_batch(backbone, args.data, args.pairs, args.cache_pretrained)
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     cond = {k: torch.cat([v, v]) for k, v in data.conditioning(batch).items()}
     pairs = len(batch["latents_w"])
@@ -449,7 +449,12 @@ def curves(args):
         log = Path(run) / "log.jsonl"
         if not log.is_file():
             raise ValueError(f"{run}: no log.jsonl (not a run directory)")
-        runs[Path(run).name] = [json.loads(line) for line in log.read_text().splitlines()]
+        runs[Path(run).name] = []
+        for number, line in enumerate(log.read_text().splitlines(), start=1):
+            try:
+                runs[Path(run).name].append(json.loads(line))
+            except json.JSONDecodeError:  # a line a live or killed run left cut: plot what is complete
+                print(f"note: {log} line {number} is incomplete; skipped", file=sys.stderr)
     panels = [(k, t) for k, t in CURVES if any(all(key in r for key in ((k,) if isinstance(k, str) else k))
                                                  for records in runs.values() for r in records)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
@@ -520,13 +525,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "precision", "") is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.command == "timesteps" and args.pretrained:
-        args.pretrained = model_dir(args.pretrained)
+    if args.command == "timesteps":
+        # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
+        run_args = Path(args.pretrained, "args.json") if args.pretrained else None
+        args.cache_pretrained = json.loads(run_args.read_text()).get("pretrained") if run_args and \
+            run_args.is_file() else args.pretrained
+        args.pretrained = model_dir(args.pretrained) if args.pretrained else None
     try:
+        import train
+        train.check_numbers(args, _numeric_flags())
         torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
         return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
-    except (ValueError, models.ModelError, data.DataError) as error:
+    except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
         sys.exit(f"error: {error}")
+
+
+def _numeric_flags():
+    from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, _range
+    return {**dict.fromkeys(("samples", "steps", "pairs", "buckets", "sample_steps", "smooth"), AT_LEAST_1),
+            **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE,
+            "draws": _range("at least 2 (a variance needs two draws)", lambda v: v >= 2),
+            "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1)}
 
 
 if __name__ == "__main__":

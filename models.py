@@ -367,7 +367,10 @@ def _load_pretrained(name, path, dtype):
         index = local / "model_index.json"
         if not index.is_file():
             raise ModelError(f"{path}: not a diffusers layout (no model_index.json)")
-        found = json.loads(index.read_text()).get("_class_name")
+        try:
+            found = json.loads(index.read_text()).get("_class_name")
+        except (ValueError, AttributeError):
+            raise ModelError(f"{index}: not valid JSON (a damaged download?)") from None
         if found != pipeline_cls.__name__:
             raise ModelError(f"{path}: holds a {found}, but --model {name} needs a {pipeline_cls.__name__}")
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}

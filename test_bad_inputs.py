@@ -175,3 +175,46 @@ def test_bad_rows_of_every_kind_fail_in_one_line(pairs, tmp_path):
         manifest.write_bytes(row.replace(b'"w0.png"', f'"{folder / "w0.png"}"'.encode())
                              .replace(b'"l0.png"', f'"{folder / "l0.png"}"'.encode()) + b"\n")
         one_line_error(train("--data", manifest, "--out", tmp_path / "run"), message)
+
+
+# class 8 and 9 in evaluate.py and models.py
+def evaluate(*args):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compare", "--model", "toy", "--base", ".", "--tuned", ".", "--prompts", "p.txt", "--reward", "named_colour",
+      "--samples", 0], "--samples 0: must be at least 1"),
+    (["timesteps", "--model", "toy", "--data", "pairs.jsonl", "--pairs", 0], "--pairs 0: must be at least 1"),
+    (["timesteps", "--model", "toy", "--data", "pairs.jsonl", "--draws", 1], "--draws 1: must be at least 2"),
+])
+def test_evaluate_numeric_flags_fail_in_one_line(args, message):
+    one_line_error(evaluate(*args), message)
+
+
+def test_curves_plot_what_is_complete_and_name_the_cut_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": k, "loss": 0.69 - 0.01 * k}) for k in range(1, 6)]
+    (run / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    result = evaluate("curves", run, "--out", tmp_path / "curves.png")
+    assert result.returncode == 0 and f"{run / 'log.jsonl'} line 6 is incomplete; skipped" in result.stderr
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_corrupt_model_index_is_one_line_naming_it(pairs, tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{not json")
+    one_line_error(train("--pretrained", tmp_path / "base", "--data", pairs, "--out", tmp_path / "run"),
+                   f"{tmp_path / 'base' / 'model_index.json'}: not valid JSON")
+
+
+def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tmp_path):
+    import models
+    models.load_backbone("toy").pipe.save_pretrained(tmp_path / "base")
+    made = cache("--pretrained", tmp_path / "base", "--data", pairs, "--out", tmp_path / "cache")
+    assert made.returncode == 0, made.stderr[-2000:]
+    result = evaluate("timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data", tmp_path / "cache",
+                      "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -104,10 +104,7 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
-    for flag, valid in NUMERIC_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None and not (math.isfinite(value) and valid(value)):
-            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
+    check_numbers(args, NUMERIC_FLAGS)
     for flag in ("data", "eval_data", "eval_prompts"):
         path = getattr(args, flag)
         if path is not None and not Path(path).exists():
@@ -139,6 +136,14 @@ NUMERIC_FLAGS = {
     "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1),
     "eps": _range("in [0, 1)", lambda v: 0 <= v < 1),
 }
+
+
+def check_numbers(args, valid_ranges):
+    """Raises ValueError naming the first numeric flag outside its valid range (NaN and inf never are in one)."""
+    for flag, valid in valid_ranges.items():
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
 
 
 def check_run_directory(args):

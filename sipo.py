@@ -253,3 +253,49 @@ def sft_loss(e_w):
     """L = mean(e_w): the plain denoising loss on preferred samples [baseline]."""
     loss = e_w.float().mean()
     return loss, {"err_policy_w": loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The drop-in: the whole objective in one call, for a trainer that already has per-sample errors
+# ---------------------------------------------------------------------------------------------------------------
+
+# diffusers' names (scheduler.config.prediction_type) and this file's
+PREDICTION_NAMES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v", "flow": "flow", "flow_prediction": "flow"}
+
+
+def preference_objective(model_error, ref_error, timesteps, beta, loss="sipo", alphas_cumprod=None,
+                         prediction_type="epsilon", tau=0.9, eps=0.1, normalise="after-mask", sample_steps=50,
+                         temperature=1.0, all_reduce=None):
+    """Diffusion-DPO, DPO-C&M or SIPO from per-sample errors, as a diffusers-style loop has them [METHOD §2-5].
+
+    model_error, ref_error: (2B,) mean squared errors against the scheduler's target, winners first (the
+      torch.cat([winners, losers]) layout of diffusers' DPO example, whose `model_losses` these are);
+    timesteps: (2B,) or (B,) integer DDPM timesteps with `alphas_cumprod` (scheduler.alphas_cumprod), or, with
+      alphas_cumprod None, flow sigmas in [0, 1];
+    beta: METHOD §2's convention, the example's `beta_dpo` (z = -(beta / 2) ((e_w - r_w) - (e_l - r_l)));
+    prediction_type: scheduler.config.prediction_type ("epsilon", "v_prediction") or "flow";
+    all_reduce: a function returning a tensor's sum over ranks (None: one process). With it the loss is scaled by
+      the number of ranks, for wrappers that average gradients over ranks (DDP, FSDP, accelerate).
+    The step weight (METHOD §3) uses the stride T / sample_steps; the path weight needs extra policy forwards and is
+    train.py's (later_steps, path_log_weight). Returns (loss, statistics)."""
+    if prediction_type not in PREDICTION_NAMES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {tuple(PREDICTION_NAMES)}")
+    e_w, e_l = model_error.chunk(2)
+    r_w, r_l = ref_error.chunk(2)
+    if loss == "dpo":
+        return diffusion_dpo_loss(e_w, e_l, r_w, r_l, beta)
+    if loss not in ("dpo-cm", "sipo"):
+        raise ValueError(f"unknown loss {loss!r}; expected 'dpo', 'dpo-cm' or 'sipo'")
+    timesteps = timesteps.repeat(2) if len(timesteps) * 2 == len(model_error) else timesteps
+    if alphas_cumprod is not None:
+        stride = len(alphas_cumprod) // sample_steps
+        (a, s), (a_s, s_s) = (ddpm_coefficients(alphas_cumprod, timesteps.long() - k) for k in (0, stride))
+    else:
+        (a, s), (a_s, s_s) = (flow_coefficients(timesteps - k) for k in (0, 1.0 / sample_steps))
+    x0_error = model_error * x0_error_scale(a, s, PREDICTION_NAMES[prediction_type])
+    log_w_w, log_w_l = importance_log_weight(x0_error, snr(a, s), snr(a_s, s_s), temperature).chunk(2)
+    loss_fn = sipo_loss if loss == "sipo" else dpo_cm_loss
+    value, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, beta, tau, eps, normalise, all_reduce)
+    ranks = 1 if all_reduce is None else all_reduce(torch.ones((), device=value.device))
+    return value * ranks, stats
+

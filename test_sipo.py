@@ -559,3 +559,30 @@ def test_sipo_py_runs_alone_in_an_empty_directory(tmp_path):
                             env={"PYTHONPATH": str(tmp_path), "PATH": ""})
     assert result.returncode == 0, result.stderr
     assert math.isfinite(float(result.stdout))
+
+
+@pytest.mark.parametrize("prediction_type,family", [("epsilon", "epsilon"), ("v_prediction", "v"), ("flow", "flow")])
+def test_drop_in_objective_assembles_the_documented_pieces(prediction_type, family):
+    """preference_objective = the weights of METHOD §3 at stride T / 50 fed to sipo_loss, for diffusers' names;
+    with an all_reduce its loss is scaled for gradient-averaging wrappers: the ranks' mean is the full loss."""
+    g = torch.Generator().manual_seed(7)
+    model_error, ref_error = torch.rand(16, generator=g) * 0.3, torch.rand(16, generator=g) * 0.3
+    if family == "flow":
+        levels = torch.rand(8, generator=g)
+        coef, coef_s, schedule = sipo.flow_coefficients(levels), sipo.flow_coefficients(levels - 0.02), None
+    else:
+        schedule = sd_alphas_cumprod() if family == "epsilon" else zero_snr_alphas_cumprod()
+        levels = torch.randint(0, 1000, (8,), generator=g)
+        coef, coef_s = sipo.ddpm_coefficients(schedule, levels), sipo.ddpm_coefficients(schedule, levels - 20)
+    log_w = sipo.importance_log_weight(model_error * sipo.x0_error_scale(*[c.repeat(2) for c in coef], family),
+                                       sipo.snr(*coef).repeat(2), sipo.snr(*coef_s).repeat(2))
+    expected = sipo.sipo_loss(*model_error.chunk(2), *ref_error.chunk(2), *log_w.chunk(2), beta=500.0, tau=0.6)[0]
+    got = sipo.preference_objective(model_error, ref_error, levels, 500.0, "sipo", schedule, prediction_type, tau=0.6)[0]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    halves = [torch.arange(0, 3), torch.arange(3, 8)]
+    parts = on_ranks(lambda i, all_reduce: sipo.preference_objective(
+        torch.cat([model_error[i], model_error[8 + i]]), torch.cat([ref_error[i], ref_error[8 + i]]), levels[i],
+        500.0, "sipo", schedule, prediction_type, tau=0.6, all_reduce=all_reduce)[0], halves)
+    assert (sum(parts) / 2).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown prediction type 'sample'"):
+        sipo.preference_objective(model_error, ref_error, levels, 500.0, "sipo", schedule, "sample")

@@ -312,3 +312,41 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     grid = Image.open(tmp_path / "samples" / "step-000007" / "grid.png")
     rows = min(8, backbone.num_frames) if backbone.is_video else 1  # a row per frame for videos
     assert grid.height == rows * 128 + 52 and grid.width > 2 * 128
+
+
+def test_sipo_drop_in_in_a_diffusers_style_loop_matches_the_training_step(pairs):
+    """README's drop-in: the loss block of diffusers' DPO example (scheduler.add_noise, the UNet, per-sample MSE,
+    winners first) replaced by sipo.preference_objective gives train.py's loss on the same pairs, t and noise."""
+    import copy
+    import sipo
+    if not dist.is_initialized():
+        train.setup_distributed()
+    torch.manual_seed(0)
+    backbone = models.load_backbone("tiny-sd1.5")
+    policy = backbone.denoiser
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():  # a policy that differs from its reference, so that every term matters
+        for parameter in policy.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    dataset, _ = data.open_dataset(pairs, backbone)
+    batch = data.collate([dataset[i] for i in range(8)])
+    for loss in ("sipo", "dpo-cm", "dpo"):
+        args = train.parse_args(["--model", "tiny-sd1.5", "--data", str(pairs), "--loss", loss, "--beta", "1000",
+                                 "--tau", "0.88"])
+        expected, _ = train.preference_loss(backbone, policy, reference, dict(batch), 0, args, 1)
+
+        encoded = data.encode_batch(backbone, {k: v for k, v in batch.items() if k != "index"})
+        latents = torch.cat([encoded["latents_w"], encoded["latents_l"]])
+        timesteps, noise, _ = train.pair_noise(backbone, batch["index"], 0, latents.shape[1:], args, "cpu")
+        timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
+        scheduler = backbone.pipe.scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds = encoded["cond.prompt_embeds"].repeat(2, 1, 1)
+        model_losses = (policy(noisy, timesteps, embeds).sample - noise).pow(2).mean(dim=[1, 2, 3])
+        with torch.no_grad():
+            ref_losses = (reference(noisy, timesteps, embeds).sample - noise).pow(2).mean(dim=[1, 2, 3])
+        got, stats = sipo.preference_objective(model_losses, ref_losses, timesteps, 1000.0, loss,
+                                               scheduler.alphas_cumprod, scheduler.config.prediction_type, tau=0.88)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-5), loss
+        if loss != "dpo":
+            assert 0 < stats["mask_fraction"] < 1, "a partial mask: the weights matter here"

@@ -166,6 +166,15 @@ def main(argv=None):
     parser.add_argument("--timing-repeats", type=int, default=10, help="interleaved steps per method when timing")
     parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     args = parser.parse_args(argv)
+    import train as trainer
+    try:
+        trainer.check_numbers(args, {
+            **dict.fromkeys(("seeds", "steps", "samples", "ablation_seeds", "off_seeds", "off_steps", "off_batch",
+                             "off_pairs", "parallel", "timestep_pairs", "timing_repeats"), trainer.AT_LEAST_1),
+            **dict.fromkeys(("lr", "ablation_beta", "off_beta"), trainer.POSITIVE),
+            "collapse_margin": trainer.NON_NEGATIVE})
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     out, toy_dir, report = Path(args.out), Path(args.toy), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)

@@ -218,3 +218,17 @@ def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tm
     result = evaluate("timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data", tmp_path / "cache",
                       "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_parquet_caption_that_is_not_a_string_names_its_row(tmp_path):
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import data
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="JPEG")
+    jpg = buffer.getvalue()
+    table = pa.table({"caption": [7, 8], "jpg_0": [jpg, jpg], "jpg_1": [jpg, jpg], "label_0": [1.0, 0.0]})
+    pq.write_table(table, tmp_path / "train-0000.parquet")
+    with pytest.raises(data.DataError, match=r"train-0000.parquet row 0: caption is a number, not a string"):
+        data.read_pairs(tmp_path)

@@ -12,6 +12,7 @@
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,8 +138,9 @@ def train(args_list, ranks):
     """train.py on `ranks` processes; no activation checkpointing: the toy fits anyway, and it runs 23% faster."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
         if ranks > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // ranks)))}
     subprocess.run(launcher + [str(Path(__file__).with_name("train.py")), *map(str, args_list),
-                               "--no-gradient-checkpointing"], check=True)
+                               "--no-gradient-checkpointing"], check=True, env=env)  # threads set: no torchrun banner
 
 
 def main(argv=None):
@@ -154,6 +156,13 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=16, help="evaluation samples per prompt")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    import train as trainer
+    try:
+        trainer.check_numbers(args, {**dict.fromkeys(("ranks", "base_steps", "pairs_per_prompt", "steps", "samples"),
+                                                     trainer.AT_LEAST_1),
+                                     "beta": trainer.POSITIVE, "lr": trainer.POSITIVE, "seed": trainer.NON_NEGATIVE})
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,55 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
 
 
 @pytest.mark.parametrize("reading", [("step", "after-mask"), ("path", "before-mask")])
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args):
+    """train.py on two torchrun 'nodes' of one process each, meeting through c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                               "--rdzv-id", "sipo-test", str(ROOT / "train.py"), *map(str, args)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # as torchrun sets for 2 ranks a node
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:] + outputs[1][1][-3000:]
+
+
+def test_two_nodes_train_and_resume_exactly_like_one_node(pairs, tmp_path):
+    """Two nodes of one rank each use hybrid sharding by default (replicate over the nodes, shard within): the same
+    mesh and global batch as one node of two ranks with --replicate 2, so bit-exact, straight and resumed."""
+    args = ["--model", "tiny-sd1.5", "--data", pairs, "--batch-size", 2, *COMMON]
+    run(2, *args, "--out", tmp_path / "one-node", "--steps", 4, "--replicate", 2)
+    two_nodes(*args, "--out", tmp_path / "two-nodes", "--steps", 2)
+    assert json.loads((tmp_path / "two-nodes" / "args.json").read_text())["world_size"] == 2
+    two_nodes(*args, "--out", tmp_path / "two-nodes", "--steps", 4, "--resume")
+    one, two = log(tmp_path / "one-node"), log(tmp_path / "two-nodes")
+    assert [r["step"] for r in two] == [1, 2, 3, 4] and [r["loss"] for r in two] == [r["loss"] for r in one]
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "two-nodes").values(),
+                                                 weights(tmp_path / "one-node").values()))
+
+
+@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
+def test_checkpoints_reshard_between_hybrid_and_plain_sharding(pairs, tmp_path, saved, resumed):
+    """4 ranks saved as 2 x 2 (--replicate 2) resume as 1 x 4 (plain FSDP), and the reverse: DCP reshards the model
+    and optimizer. The first step after resuming starts from the saved state, so its loss equals the one the saving
+    layout computed at that step; later steps differ only by reduction order."""
+    args = ["--model", "tiny-sd1.5", "--data", pairs, "--batch-size", 1, *COMMON, "--no-export"]
+    run(4, *args, "--out", tmp_path / "saved", "--steps", 4, "--replicate", saved)
+    shutil.copytree(tmp_path / "saved", tmp_path / "resumed", ignore=shutil.ignore_patterns("step-000004"))
+    run(4, *args, "--out", tmp_path / "resumed", "--steps", 4, "--replicate", resumed, "--resume")
+    saved_log, resumed_log = log(tmp_path / "saved"), log(tmp_path / "resumed")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4] and resumed_log[:2] == saved_log[:2]
+    assert resumed_log[2]["loss"] == pytest.approx(saved_log[2]["loss"], rel=1e-6)
+    assert resumed_log[3]["loss"] == pytest.approx(saved_log[3]["loss"], rel=1e-3)
+
+
 def test_two_ranks_match_one_rank_on_the_same_global_batch(pairs, tmp_path, reading):
     common = ["--model", "tiny-sd1.5", "--data", pairs, "--steps", 1, *COMMON, "--weight", reading[0],
               "--normalise", reading[1]]

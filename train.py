@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (default 1.0)")
     p.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (peft)")
+    p.add_argument("--replicate", type=int, help="hybrid sharding: shard each block within groups of world / R ranks "
+                                                 "and replicate across the R groups (default: R = the number of "
+                                                 "nodes; 1 is plain FSDP over every rank)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="DCP checkpoint every N steps (default 250)")
@@ -104,6 +107,8 @@ def check_args(args, world_size):
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --batch-size "
                              f"{args.batch_size} x {world_size} ranks")
         args.grad_accum = args.global_batch_size // per_step
+    if args.replicate is not None and args.replicate >= 1 and world_size % args.replicate:
+        raise ValueError(f"--replicate {args.replicate} does not divide the {world_size} ranks")
     check_numbers(args, NUMERIC_FLAGS)
     for flag in ("data", "eval_data", "eval_prompts"):
         path = getattr(args, flag)
@@ -128,9 +133,9 @@ AT_LEAST_1 = _range("at least 1", lambda v: v >= 1)
 NON_NEGATIVE = _range("at least 0", lambda v: v >= 0)
 POSITIVE = _range("a positive number", lambda v: v > 0)
 NUMERIC_FLAGS = {
-    **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "sample_steps", "path_draws",
-                     "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride", "max_nonfinite"),
-                    AT_LEAST_1),
+    **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "replicate", "sample_steps",
+                     "path_draws", "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride",
+                     "max_nonfinite"), AT_LEAST_1),
     **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance"), NON_NEGATIVE),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1),
@@ -226,12 +231,29 @@ def setup_distributed():
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def shard(denoiser, param_dtype):
-    """fully_shard each block, then the root; bf16 compute with fp32 reductions when param_dtype is bf16."""
+def nodes():
+    """How many nodes torchrun started (1 without torchrun)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def device_mesh(device, replicate):
+    """FSDP2's mesh: (replicate, shard) for hybrid sharding, each block's parameters sharded within a group of
+    world / replicate ranks (a node, by default) and replicated across groups, so that only the gradients' all-reduce
+    crosses the slow network; a 1-D mesh over every rank (plain FSDP) when replicate is 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world_size = dist.get_world_size()
+    if replicate == 1:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(denoiser, param_dtype, mesh=None):
+    """fully_shard each block, then the root, on `mesh`; bf16 compute with fp32 reductions when param_dtype is bf16."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in models.denoiser_blocks(denoiser):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(denoiser, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(denoiser, mesh=mesh, mp_policy=policy)
     return denoiser
 
 
@@ -271,9 +293,10 @@ def prepare(backbone, args, device):
     else:
         backbone.to(device)
     param_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    shard(policy, param_dtype)
+    mesh = device_mesh(device, args.replicate or nodes())
+    shard(policy, param_dtype, mesh)
     if reference is not None:
-        shard(reference, param_dtype)
+        shard(reference, param_dtype, mesh)
     return policy, reference
 
 

@@ -346,6 +346,50 @@ def memory_plan(gpus=(1, 8, 64)):
     return plan
 
 
+# Per-GPU link bandwidth, one direction: NVLink 4 on H100 SXM (900 GB/s both ways) and one 400 Gb/s InfiniBand
+# adapter a GPU, the usual DGX/HGX layout. A model of a cluster, not a measurement of one.
+LINKS = {"nvlink": 450e9, "infiniband": 50e9}
+
+
+def communication_bytes(parameters, gpus, gpus_per_node=8):
+    """Bytes one GPU sends per full fine-tuning step (ring collectives: (n - 1) / n of the data crosses each GPU),
+    split by link. Plain FSDP over all GPUs: the policy's bf16 parameters all-gathered in forward and again in
+    backward (2 x 2P), its fp32 gradients reduce-scattered (4P), the bf16 reference all-gathered once (2P): 10P,
+    across nodes as soon as there is more than one, so over InfiniBand. Hybrid (shard within a node of g GPUs,
+    replicate over the r = n / g nodes): the same 10P (g - 1) / g within the node over NVLink, plus the
+    all-reduce of each GPU's fp32 gradient shard across nodes (2 x 4P / g (r - 1) / r) over InfiniBand."""
+    within = min(gpus, gpus_per_node)
+    nodes = gpus // within
+    fsdp = 10 * parameters * (gpus - 1) / gpus
+    hybrid_nvlink = 10 * parameters * (within - 1) / within
+    hybrid_ib = 2 * 4 * parameters / within * (nodes - 1) / nodes
+    return {"fsdp": {"nvlink": fsdp if nodes == 1 else 0.0, "infiniband": fsdp if nodes > 1 else 0.0},
+            "hybrid": {"nvlink": hybrid_nvlink, "infiniband": hybrid_ib}}
+
+
+def scaling_model(gpus=(8, 64, 256), mfu=0.4, peak=989e12, names=models.FULL):
+    """Per backbone and GPU count: communication per GPU and step for FSDP and hybrid sharding, the time it takes
+    at LINKS' speeds, and the compute time of one pair per GPU (training_flops, plus one forward recomputed by
+    activation checkpointing) at `mfu` of an H100's dense bf16 peak. A model: overlap makes a step about the
+    larger of the two, no overlap their sum."""
+    table = {}
+    for name in names:
+        backbone = models.load_backbone(name, device="meta", random_weights=True)
+        parameters = sum(p.numel() for p in backbone.denoiser.parameters())
+        compute = training_flops(backbone, 1) * 5 / 4 / (peak * mfu)
+        rows = {}
+        for n in gpus:
+            for layout, links in communication_bytes(parameters, n).items():
+                seconds = sum(bytes_ / LINKS[link] for link, bytes_ in links.items())
+                rows[f"{layout}, {n} GPUs"] = {"gb_nvlink": links["nvlink"] / 1e9,
+                                               "gb_infiniband": links["infiniband"] / 1e9,
+                                               "communication_s": seconds, "compute_s": compute,
+                                               "step_s_overlapped": max(seconds, compute),
+                                               "step_s_serial": seconds + compute}
+        table[name] = rows
+    return table
+
+
 def lora_parameter_count(denoiser, rank):
     count = 0
     for name, module in denoiser.named_modules():
@@ -432,6 +476,7 @@ def main(argv=None):
         results["planner"] = memory_plan(gpus=(1,))
     elif args.what == "planner":
         results["planner"] = memory_plan()
+        results["scaling model"] = scaling_model()
     else:
         init_single_process()
         with tempfile.TemporaryDirectory() as tmp:
@@ -453,10 +498,16 @@ def main(argv=None):
             print_table(f"4 FSDP memory per rank, {size} (target 2 ranks <= 0.6 x 1 rank)",
                         results[f"4 fsdp memory, {size}"])
         results["5 planner"] = memory_plan()
+        results["scaling model"] = scaling_model()
     if "planner" in results or "5 planner" in results:
         for name, plan in results.get("planner", results.get("5 planner")).items():
             print_table(f"5 planner: {name} ({plan['parameters']:,} parameters)",
                         {k: f"{v:.1f} GB" for k, v in plan["per_gpu_gb"].items()})
+    for name, rows in results.get("scaling model", {}).items():
+        print_table(f"6 scaling model (a model, not a measurement): {name}, 1 pair a GPU, MFU 40% of H100 bf16",
+                    {k: f"NVLink {v['gb_nvlink']:.1f} GB + IB {v['gb_infiniband']:.1f} GB = "
+                        f"{v['communication_s']:.2f} s; compute {v['compute_s']:.2f} s; step "
+                        f"{v['step_s_overlapped']:.2f}-{v['step_s_serial']:.2f} s" for k, v in rows.items()})
     if "gpu" in results:
         print_table("GPU", results["gpu"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,3 +39,22 @@ def test_tiny_step_times_cover_every_family(tmp_path):
     results = bench.tiny_step_times(1, tmp_path)
     assert set(results) == {f"tiny-{name}" for name in models.FULL}
     assert all(row["step_ms"] > 0 and 0 < row["parameters"] < 2_000_000 for row in results.values())
+
+
+def test_communication_model_against_hand_counts():
+    """1e9 parameters: FSDP moves 10 bytes a parameter times (n - 1) / n; hybrid keeps that inside the node and
+    sends only the all-reduce of each GPU's fp32 gradient shard (2 x 4 bytes / 8 GPUs a parameter) across nodes."""
+    one_node = bench.communication_bytes(1e9, 8)
+    assert one_node["fsdp"] == {"nvlink": 10e9 * 7 / 8, "infiniband": 0.0} == one_node["hybrid"] | {"infiniband": 0.0}
+    many = bench.communication_bytes(1e9, 64)
+    assert many["fsdp"] == {"nvlink": 0.0, "infiniband": pytest.approx(10e9 * 63 / 64)}
+    assert many["hybrid"] == {"nvlink": 10e9 * 7 / 8, "infiniband": pytest.approx(2 * 4e9 / 8 * 7 / 8)}
+
+
+def test_scaling_model_rows_for_one_backbone():
+    rows = bench.scaling_model(gpus=(8, 64), names=("sd1.5",))["sd1.5"]
+    assert rows["fsdp, 8 GPUs"] == rows["hybrid, 8 GPUs"], "within one node the two layouts are the same"
+    assert rows["hybrid, 64 GPUs"]["communication_s"] < rows["fsdp, 64 GPUs"]["communication_s"]
+    assert rows["fsdp, 64 GPUs"]["compute_s"] > 0
+    for row in rows.values():
+        assert row["step_s_overlapped"] == max(row["communication_s"], row["compute_s"])

@@ -381,8 +381,8 @@ def offpolicy(args, out, report, base, toy_dir, heldout):
     seed0 = {m: out / "runs" / run_name(f"off foreign {m}", 0) for m in (configs[0], configs[-1])}
     tuned = [final_scores(run, 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
     if len(tuned) == 2:
-        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", [(configs[0], tuned[0][:, 0]),
-                                                                (configs[-1], tuned[1][:, 0])], toy.PROMPTS)
+        rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
+        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", rows, toy.PROMPTS)
     return summary
 
 
@@ -527,7 +527,8 @@ def offpolicy_lines(summary):
               "| method | ms per step | ratio to Diffusion-DPO |", "|---|---|---|"]
     lines += [f"| {m} | {t:.1f} | {t / times['dpo']:.3f} |" for m, t in times.items()]
     lines += ["", "![final reward against drift, per source](offpolicy.png)", "",
-              f"Seed 0 on `foreign` pairs, {configs[0]} (top) and {configs[-1]} (bottom), same seeds:", "",
+              f"The base, and seed 0 of {configs[0]} and of {configs[-1]} on `foreign` pairs, the same sampling seeds:",
+              "",
               "![foreign pairs: DPO vs SIPO samples](foreign-dpo-vs-sipo.png)", ""]
     return lines
 

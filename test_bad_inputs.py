@@ -55,7 +55,8 @@ def snapshot(folder):
     ("--eps", 1, "--eps 1.0: must be in [0, 1)"),
 ])
 def test_numeric_flags_out_of_range_fail_before_anything_is_written(pairs, tmp_path, flag, value, message):
-    args = trainer.parse_args(["--model", "toy", "--data", str(pairs), "--out", str(tmp_path / "run"), flag, str(value)])
+    argv = ["--model", "toy", "--data", str(pairs), "--out", str(tmp_path / "run"), flag, str(value)]
+    args = trainer.parse_args(argv)
     with pytest.raises(ValueError) as error:
         trainer.check_args(args, world_size=1)
     assert str(error.value) == message

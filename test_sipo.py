@@ -577,7 +577,8 @@ def test_drop_in_objective_assembles_the_documented_pieces(prediction_type, fami
     log_w = sipo.importance_log_weight(model_error * sipo.x0_error_scale(*[c.repeat(2) for c in coef], family),
                                        sipo.snr(*coef).repeat(2), sipo.snr(*coef_s).repeat(2))
     expected = sipo.sipo_loss(*model_error.chunk(2), *ref_error.chunk(2), *log_w.chunk(2), beta=500.0, tau=0.6)[0]
-    got = sipo.preference_objective(model_error, ref_error, levels, 500.0, "sipo", schedule, prediction_type, tau=0.6)[0]
+    got = sipo.preference_objective(model_error, ref_error, levels, 500.0, "sipo", schedule, prediction_type,
+                                    tau=0.6)[0]
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     halves = [torch.arange(0, 3), torch.arange(3, 8)]
     parts = on_ranks(lambda i, all_reduce: sipo.preference_objective(

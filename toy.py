@@ -130,7 +130,8 @@ def mix_pairs(folder, manifests):
         for k, line in enumerate(manifest.read_text().splitlines()):
             if k % len(manifests) == j:
                 row = json.loads(line)
-                rows.append({**row, "chosen": str(relative / row["chosen"]), "rejected": str(relative / row["rejected"])})
+                rows.append({**row, "chosen": str(relative / row["chosen"]),
+                             "rejected": str(relative / row["rejected"])})
     return write_pairs(folder, rows)
 
 

@@ -359,8 +359,15 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
                                              0, 1)
     assert math.isfinite(metrics["heldout_reward"]), "samples decode with a bf16 policy and text encoder"
     assert len(samples) == 2
-    train.save_samples(tmp_path, 7, samples, prompts, None)
+    images = []
+
+    class Writer:  # TensorBoard's SummaryWriter.add_image, recorded
+        def add_image(self, tag, array, step, dataformats):
+            images.append((tag, array.shape, step, dataformats))
+
+    train.save_samples(tmp_path, 7, samples, prompts, Writer())
     grid = Image.open(tmp_path / "samples" / "step-000007" / "grid.png")
+    assert images == [("samples", (grid.height, grid.width, 3), 7, "HWC")]
     rows = min(8, backbone.num_frames) if backbone.is_video else 1  # a row per frame for videos
     assert grid.height == rows * 128 + 52 and grid.width > 2 * 128
 

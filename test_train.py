@@ -310,7 +310,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
 def test_bad_flags_fail_before_any_model_is_built(pairs, tmp_path, flags, message, capsys):
     argv = ["--model", "tiny-sd1.5", "--data", str(pairs), "--out", str(tmp_path / "r"), *flags]
     with pytest.raises((SystemExit, ValueError)) as info:
-        train.check_args(train.parse_args(argv), world_size=2)
+        args = train.parse_args(argv)
+        train.check_args(args, world_size=2)
+        train.check_run_directory(args)
     assert message in (str(info.value) + capsys.readouterr().err)
 
 

@@ -118,7 +118,6 @@ def check_args(args, world_size):
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
                          f"not --model {args.model}")
-    check_run_directory(args)
 
 
 def _range(doc, test):
@@ -620,8 +619,9 @@ def train(args):
     try:
         check_args(args, world_size)
         refusal = [None]
-        if rank == 0:
+        if rank == 0:  # alone: the other ranks would see the directory half-claimed
             try:
+                check_run_directory(args)
                 lock = claim_run_directory(args)
             except (ValueError, OSError) as error:
                 refusal = [f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)]

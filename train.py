@@ -665,7 +665,7 @@ def train(args):
         truncate_log(args.out / "log.jsonl", step)
         write_args(args, world_size, summary)
         print(f"{args.model}: {sum(p.numel() for p in trainable):,} trainable parameters; data: {summary}; "
-              f"{world_size} rank(s); loss {args.loss}, beta {args.beta:g}")
+              f"{world_size} rank(s); loss {args.loss}" + ("" if args.loss == "sft" else f", beta {args.beta:g}"))
     log = open(args.out / "log.jsonl", "a") if rank == 0 else None
     writer = None
     if args.tensorboard and rank == 0:

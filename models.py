@@ -198,9 +198,11 @@ class Backbone:
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts, seed=0, steps=20, guidance=5.0):
-        """Images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1] from the diffusers pipeline, one per prompt."""
+        """Images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1] from the diffusers pipeline, one per prompt;
+        `seed` one seed for the batch, or one per prompt (then a prompt's sample does not depend on its batch)."""
         device = self.denoiser.device
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = [torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else \
+            torch.Generator(device).manual_seed(seed)
         height, width = self.resolution
         kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
         if self.family == "pixel":

@@ -149,3 +149,12 @@ def test_bf16_loading_keeps_wans_vae_and_the_modules_diffusers_marks_in_fp32(tmp
     loaded = models.load_backbone("tiny-wan2.1-1.3b", pretrained=str(tmp_path), dtype=torch.bfloat16)
     assert loaded.denoiser.scale_shift_table.dtype == torch.float32, "from_pretrained keeps Wan's fp32 modules"
     assert models.load_backbone("tiny-sd1.5", dtype=torch.bfloat16).pipe.vae.dtype == torch.bfloat16
+
+
+def test_per_prompt_seeds_make_a_sample_independent_of_its_batch():
+    torch.manual_seed(0)
+    backbone = models.load_backbone("toy")
+    pair = backbone.sample(["a red circle", "a blue square"], seed=[3, 4], steps=2)
+    alone = backbone.sample(["a blue square"], seed=[4], steps=2)
+    torch.testing.assert_close(pair[1], alone[0], rtol=1e-4, atol=1e-5)
+    assert (pair[0] - backbone.sample(["a red circle"], seed=[4], steps=2)[0]).abs().max() > 1e-3

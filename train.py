@@ -434,9 +434,11 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
     samples = None
     if prompts:
         share = -(-len(prompts) // world_size)
-        mine = (prompts[rank::world_size] + prompts[:share])[:share]
-        real = len(prompts[rank::world_size])
-        samples = backbone.sample(mine, seed=args.seed, steps=args.eval_sample_steps, guidance=args.eval_guidance)
+        indices = (list(range(rank, len(prompts), world_size)) + list(range(share)))[:share]
+        mine, real = [prompts[i] for i in indices], len(prompts[rank::world_size])
+        # prompt i is sampled with seed + i: the same image on any number of ranks
+        samples = backbone.sample(mine, seed=[args.seed + i for i in indices], steps=args.eval_sample_steps,
+                                  guidance=args.eval_guidance)
         scores = reward(samples.cpu(), mine)[:real]
         totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
         gathered = [torch.empty_like(samples) for _ in range(world_size)]

@@ -362,9 +362,7 @@ def timestep_analysis(args):
             levels = levels.repeat(2).to(x0.device)
             noise = torch.randn(x0[:pairs].shape, generator=generator).to(x0.device).repeat(
                 2, *[1] * (x0.dim() - 1))
-            (a, s), _ = backbone.coefficients(levels, args.sample_steps)
-            x_t = sipo.add_noise(x0, noise, a, s)
-            target = sipo.native_target(x0, noise, a, s, backbone.prediction)
+            x_t, target = backbone.noised(x0, noise, levels)
             error = sipo.per_sample_error(predict(policy, x_t, levels), target)
             log_w = backbone.step_log_weight(error, levels, args.sample_steps, args.temperature)
             w_w, w_l = log_w.exp().chunk(2)

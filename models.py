@@ -158,6 +158,12 @@ class Backbone:
         stride = self.num_train_timesteps // sample_steps
         return sipo.ddpm_coefficients(alphas_cumprod, levels), sipo.ddpm_coefficients(alphas_cumprod, levels - stride)
 
+    def noised(self, x0, noise, levels):
+        """(x_t, target): x0 noised to `levels` and what the network regresses there (sipo.add_noise,
+        sipo.native_target), for the policy and the reference alike."""
+        (a, s), _ = self.coefficients(levels)
+        return sipo.add_noise(x0, noise, a, s), sipo.native_target(x0, noise, a, s, self.prediction)
+
     def sampler_grid(self, sample_steps=50):
         """(stride, top) of the sampler's grid in noise levels: (T / n, T - 1) for DDPM, (1 / n, 1) for flow."""
         if self.prediction == "flow":

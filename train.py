@@ -355,9 +355,7 @@ def pair_errors(backbone, policy, reference, batch, epoch, args, with_weights=Fa
     levels, noise, path = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
     x0, noise, levels = torch.cat([x0_w, x0_l]), torch.cat([noise, noise]), torch.cat([levels, levels])
     cond = {key: torch.cat([value, value]) for key, value in cond.items()}
-    (a, s), _ = backbone.coefficients(levels, args.sample_steps)
-    x_t = sipo.add_noise(x0, noise, a, s)
-    target = sipo.native_target(x0, noise, a, s, backbone.prediction)
+    x_t, target = backbone.noised(x0, noise, levels)
     model_error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target)
     ref_error = reference_errors(backbone, reference, policy, x_t, levels, cond, target)
     if not with_weights:
@@ -376,9 +374,8 @@ def later_log_weights(backbone, policy, x0, cond, later, later_noise, args):
     fresh x_k ~ q(x_k | x0). One forward of the 2B samples per draw: the memory of the training forward."""
     terms = []
     for levels, noise in zip(later, later_noise):
-        (a, s), _ = backbone.coefficients(levels, args.sample_steps)
-        error = sipo.per_sample_error(backbone.predict(policy, sipo.add_noise(x0, noise, a, s), levels, cond),
-                                      sipo.native_target(x0, noise, a, s, backbone.prediction))
+        x_k, target = backbone.noised(x0, noise, levels)
+        error = sipo.per_sample_error(backbone.predict(policy, x_k, levels, cond), target)
         terms.append(backbone.step_log_weight(error, levels, args.sample_steps, args.temperature))
     return torch.stack(terms)
 
@@ -389,11 +386,8 @@ def sft_step(backbone, policy, batch, epoch, args):
     batch = data.encode_batch(backbone, batch)
     x0, cond = batch["latents_w"], data.conditioning(batch)
     levels, noise, _ = pair_noise(backbone, indices, epoch, x0.shape[1:], args, x0.device)
-    (a, s), _ = backbone.coefficients(levels, args.sample_steps)
-    x_t = sipo.add_noise(x0, noise, a, s)
-    error = sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond),
-                                  sipo.native_target(x0, noise, a, s, backbone.prediction))
-    return sipo.sft_loss(error)
+    x_t, target = backbone.noised(x0, noise, levels)
+    return sipo.sft_loss(sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target))
 
 
 def all_reduce_sum(tensor):

@@ -334,29 +334,42 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
 IN_PROGRESS = "in-progress.lock"
 
 
+def take_lock(path, holder):
+    """An exclusive lock on the file `path`, which then names `holder`, this pid and host: (handle, None); the lock
+    lasts until the handle is closed or the process ends (the kernel drops it, so a killed holder leaves no stale
+    lock). (None, whom the file names) when another process holds it. For the run directory and the cache."""
+    import fcntl
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        named = handle.read().strip() or "another process"
+        handle.close()
+        return None, named
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{holder} pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle, None
+
+
 def claim_cache_tmp(out, final):
     """Makes `out` (DIR.tmp) with a lock file that marks it as ours and is held while this process writes. An
     existing DIR.tmp is removed only if it carries that mark and nobody holds its lock (an interrupted run's);
     anything else there is refused in one line."""
-    import fcntl
     marker = out / IN_PROGRESS
     if out.exists():
         if not marker.is_file():
             raise DataError(f"--out {final}: {out} exists and was not made by data.py cache; move it away or choose "
                             f"another --out")
-        with open(marker) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DataError(f"--out {final}: being written by {handle.read().strip() or 'another process'}; "
-                                f"wait for it to end") from None
+        stale, holder = take_lock(marker, "data.py cache")
+        if stale is None:
+            raise DataError(f"--out {final}: being written by {holder}; wait for it to end")
+        stale.close()
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    lock = open(marker, "a+")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    lock.write(f"data.py cache pid {os.getpid()} on {socket.gethostname()}")
-    lock.flush()
-    return lock
+    return take_lock(marker, "data.py cache")[0]
 
 
 class CachedPairs(torch.utils.data.Dataset):

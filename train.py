@@ -180,21 +180,12 @@ def check_run_directory(args):
 def claim_run_directory(args):
     """Rank 0: create --out, take its lock (held until this process ends; a second trainer, or an orphaned rank of
     a killed one, is refused in one line naming the holder) and write args.json before any model is built."""
-    import fcntl
     args.out.mkdir(parents=True, exist_ok=True)
-    handle = open(args.out / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise ValueError(f"--out {args.out} is in use by {handle.read().strip() or 'another process'}; wait for it "
-                         f"to end, or pass another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
+    lock, holder = data.take_lock(args.out / ".lock", "train.py")
+    if lock is None:
+        raise ValueError(f"--out {args.out} is in use by {holder}; wait for it to end, or pass another --out")
     write_args(args, 1, "not read yet")
-    return handle
+    return lock
 
 
 def write_args(args, world_size, summary):
@@ -741,7 +732,8 @@ def train(args):
         export(args.out, backbone, policy, args.lora, rank)
     if rank == 0:
         print(f"done: {args.out}" + ("" if args.no_export else f"; pipeline in {args.out / 'model'}"))
-    lock and lock.close()
+    if lock is not None:
+        lock.close()
     dist.destroy_process_group()
 
 

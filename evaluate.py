@@ -539,11 +539,10 @@ def main(argv=None):
 
 
 def _numeric_flags():
-    from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, _range
+    from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, valid_range
     return {**dict.fromkeys(("samples", "steps", "pairs", "buckets", "sample_steps", "smooth"), AT_LEAST_1),
-            **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE,
-            "draws": _range("at least 2 (a variance needs two draws)", lambda v: v >= 2),
-            "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1)}
+            **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE, "tau": UNIT_INTERVAL,
+            "draws": valid_range("at least 2 (a variance needs two draws)", lambda v: v >= 2)}
 
 
 if __name__ == "__main__":

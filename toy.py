@@ -80,9 +80,6 @@ def make_base_data(folder, count, seed):
     return write_pairs(folder, rows)
 
 
-SOURCES = ("on", "data", "foreign", "mixed")
-
-
 def save_image(folder, name, image):
     """`image` uint8 (H, W, 3) or float (3, H, W) in [0, 1]."""
     if image.dtype != np.uint8:

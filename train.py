@@ -120,7 +120,8 @@ def check_args(args, world_size):
                          f"not --model {args.model}")
 
 
-def _range(doc, test):
+def valid_range(doc, test):
+    """`test` (value -> bool), described by `doc` in check_numbers' message ("must be <doc>")."""
     test.__doc__ = doc
     return test
 
@@ -128,17 +129,18 @@ def _range(doc, test):
 # Every numeric flag and its valid range: a value outside trains something else than asked (a negative warm-up is
 # a negative learning rate, a negative --max-grad-norm flips the gradients, beta <= 0 inverts or drops the
 # preference, tau > 1 masks every pair), so it is refused before any model is built.
-AT_LEAST_1 = _range("at least 1", lambda v: v >= 1)
-NON_NEGATIVE = _range("at least 0", lambda v: v >= 0)
-POSITIVE = _range("a positive number", lambda v: v > 0)
+AT_LEAST_1 = valid_range("at least 1", lambda v: v >= 1)
+NON_NEGATIVE = valid_range("at least 0", lambda v: v >= 0)
+POSITIVE = valid_range("a positive number", lambda v: v > 0)
+UNIT_INTERVAL = valid_range("in [0, 1]", lambda v: 0 <= v <= 1)
 NUMERIC_FLAGS = {
     **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "replicate", "sample_steps",
                      "path_draws", "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride",
                      "max_nonfinite"), AT_LEAST_1),
     **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance"), NON_NEGATIVE),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
-    "tau": _range("in [0, 1]", lambda v: 0 <= v <= 1),
-    "eps": _range("in [0, 1)", lambda v: 0 <= v < 1),
+    "tau": UNIT_INTERVAL,
+    "eps": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 

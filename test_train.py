@@ -191,19 +191,23 @@ def test_two_nodes_train_and_resume_exactly_like_one_node(pairs, tmp_path):
                                                  weights(tmp_path / "one-node").values()))
 
 
-@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
-def test_checkpoints_reshard_between_hybrid_and_plain_sharding(pairs, tmp_path, saved, resumed):
-    """4 ranks saved as 2 x 2 (--replicate 2) resume as 1 x 4 (plain FSDP), and the reverse: DCP reshards the model
-    and optimizer. The first step after resuming starts from the saved state, so its loss equals the one the saving
-    layout computed at that step; later steps differ only by reduction order."""
+def test_checkpoints_reshard_between_hybrid_and_plain_sharding(pairs, tmp_path):
+    """4 ranks saved as 2 x 2 (--replicate 2) resume as 1 x 4 (plain FSDP), and that run's checkpoint resumes as
+    2 x 2 again: DCP reshards the model and optimizer both ways. The first step after resuming starts from the saved
+    state, so its loss equals the one the saving layout computed at that step; later steps differ only by
+    reduction order."""
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--batch-size", 1, *COMMON, "--no-export"]
-    run(4, *args, "--out", tmp_path / "saved", "--steps", 4, "--replicate", saved)
-    shutil.copytree(tmp_path / "saved", tmp_path / "resumed", ignore=shutil.ignore_patterns("step-000004"))
-    run(4, *args, "--out", tmp_path / "resumed", "--steps", 4, "--replicate", resumed, "--resume")
-    saved_log, resumed_log = log(tmp_path / "saved"), log(tmp_path / "resumed")
-    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4] and resumed_log[:2] == saved_log[:2]
-    assert resumed_log[2]["loss"] == pytest.approx(saved_log[2]["loss"], rel=1e-6)
-    assert resumed_log[3]["loss"] == pytest.approx(saved_log[3]["loss"], rel=1e-3)
+    hybrid, plain, back = tmp_path / "hybrid", tmp_path / "plain", tmp_path / "back"
+    run(4, *args, "--out", hybrid, "--steps", 4, "--replicate", 2)
+    shutil.copytree(hybrid, plain, ignore=shutil.ignore_patterns("step-000004"))
+    run(4, *args, "--out", plain, "--steps", 6, "--replicate", 1, "--resume")
+    shutil.copytree(plain, back, ignore=shutil.ignore_patterns("step-000006"))
+    run(4, *args, "--out", back, "--steps", 6, "--replicate", 2, "--resume")
+    for saved, resumed, first in ((log(hybrid), log(plain), 3), (log(plain), log(back), 5)):
+        assert [r["step"] for r in resumed][:first - 1] == list(range(1, first))
+        assert resumed[:first - 1] == saved[:first - 1], "the log lines before the checkpoint are kept as written"
+        assert resumed[first - 1]["loss"] == pytest.approx(saved[first - 1]["loss"], rel=1e-6)
+        assert resumed[first]["loss"] == pytest.approx(saved[first]["loss"], rel=1e-3)
 
 
 @pytest.mark.parametrize("reading", [("step", "after-mask"), ("path", "before-mask")])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 import data
 import models
@@ -81,6 +82,58 @@ def named_colour(images, prompts):
     return torch.stack(scores)
 
 
+SHAPES = ("circle", "square")
+
+
+def otsu_threshold(values, bins=64):
+    """The level that best splits `values` in [0, 1] in two classes (Otsu: the largest between-class variance)."""
+    hist = torch.histc(values, bins, 0, 1)
+    centres = (torch.arange(bins) + 0.5) / bins
+    below, mass = hist.cumsum(0), (hist * centres).cumsum(0)
+    above = hist.sum() - below
+    between = below * above * (mass / below.clamp(min=1e-9) - (mass[-1] - mass) / above.clamp(min=1e-9)) ** 2
+    return centres[between.argmax()] + 0.5 / bins
+
+
+def recognise_shape(image):
+    """What a template matcher sees in an image (3, H, W) in [0, 1]: (colour, shape, fit), or (None, None, 0).
+    The shape is the pixels brighter than Otsu's threshold; its colour, the one of COLOURS nearest in direction
+    from grey; its form, the circle or square of the same area at its centroid that overlaps it more (fit: that
+    intersection over union)."""
+    brightness = image.mean(0)
+    shape = brightness > otsu_threshold(brightness.flatten())
+    area = shape.sum()
+    if not 0.04 <= area / shape.numel() <= 0.65:  # the toy's shapes cover 10% to 45% of the image
+        return None, None, 0.0
+    height, width = shape.shape
+    y, x = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    cy, cx = y[shape].mean(), x[shape].mean()
+    half = area.sqrt() / 2
+    templates = {"circle": (y - cy) ** 2 + (x - cx) ** 2 <= area / torch.pi,
+                 "square": ((y - cy).abs() <= half) & ((x - cx).abs() <= half)}
+    fits = {name: float((shape & t).sum() / (shape | t).sum()) for name, t in templates.items()}
+    rgb = image[:, shape].mean(1) - 0.5
+    colour = max(COLOURS, key=lambda c: float(torch.cosine_similarity(rgb, torch.tensor(COLOURS[c]) - 0.5, 0)))
+    form = max(fits, key=fits.get)
+    return colour, form, fits[form]
+
+
+def named_shape(images, prompts, min_fit=0.6):
+    """1 where the template matcher (recognise_shape) sees the colour and the shape (circle or square) the prompt
+    names, as a clean shape (fit >= min_fit), else 0: does the model draw what it is asked for. The toy's
+    base-quality check; drawn toy images score 0.996."""
+    scores = []
+    for image, prompt in zip(_frames(images), prompts):
+        words = re.findall(r"[a-z]+", prompt.lower())
+        wanted = [next((w for w in words if w in names), None) for names in (COLOURS, SHAPES)]
+        if None in wanted:
+            raise ValueError(f"reward named_shape: prompt {prompt!r} names no colour and shape "
+                             f"({', '.join(COLOURS)}; {', '.join(SHAPES)})")
+        colour, form, fit = recognise_shape(image)
+        scores.append(float([colour, form] == wanted and fit >= min_fit))
+    return torch.tensor(scores)
+
+
 class ClipReward:
     """CLIP-based rewards from a local directory in the published layout (CLIPModel + CLIPProcessor):
     PickScore (logit_scale x cosine, Kirstain et al. 2023), CLIP score (100 x cosine) or, with a head file,
@@ -135,7 +188,8 @@ def horizontal_stripes(images, prompts):
 
 
 BUILTIN = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
-           "temporal_flicker": temporal_flicker, "named_colour": named_colour, "horizontal_stripes": horizontal_stripes}
+           "temporal_flicker": temporal_flicker, "named_colour": named_colour, "named_shape": named_shape,
+           "horizontal_stripes": horizontal_stripes}
 MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model"}
 
 
@@ -192,7 +246,8 @@ def compare_scores(base, tuned, seed=0):
     return {"base_mean": float(base.mean()), "base_ci": bootstrap_ci(base.ravel(), seed),
             "tuned_mean": float(tuned.mean()), "tuned_ci": bootstrap_ci(tuned.ravel(), seed),
             "improvement": float(differences.mean()), "improvement_ci": bootstrap_ci(differences, seed),
-            "win_rate": float(wins.mean()), "p_value": paired_permutation_p(differences, seed)}
+            "win_rate": float(wins.mean()), "p_value": paired_permutation_p(differences, seed),
+            "improvement_by_prompt": by_prompt.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,9 +278,11 @@ def load(args, path):
     return models.load_backbone(args.model, pretrained=path, device=args.device, dtype=dtype)
 
 
-def sample_all(backbone, prompts, samples, seed, steps, guidance):
-    """(prompts, K, ...) samples; sample k of every prompt uses seed + k, for every model alike."""
-    return torch.stack([backbone.sample(prompts, seed + k, steps, guidance) for k in range(samples)], 1)
+def sample_all(backbone, prompts, samples, seed, steps, guidance, desc=None):
+    """(prompts, K, ...) samples; sample k of every prompt uses seed + k, for every model alike. A progress bar
+    named `desc`, if given."""
+    return torch.stack([backbone.sample(prompts, seed + k, steps, guidance)
+                        for k in tqdm(range(samples), desc=desc, disable=desc is None, unit="seed")], 1)
 
 
 def score(rewards, images, prompts):
@@ -289,7 +346,8 @@ def compare(args):
         backbone = load(args, args.base if lora else path)
         if lora:  # a LoRA in diffusers' format (train.py's RUN/lora): the base with the adapter
             backbone.pipe.load_lora_weights(path)
-        samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance)
+        samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance,
+                             desc=f"sampling {label}")
         results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
               "samples_per_prompt": args.samples, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
@@ -305,12 +363,20 @@ def compare(args):
                      f"{r['tuned_mean']:.4f} [{r['tuned_ci'][0]:.4f}, {r['tuned_ci'][1]:.4f}] | "
                      f"{r['improvement']:+.4f} [{r['improvement_ci'][0]:+.4f}, {r['improvement_ci'][1]:+.4f}] | "
                      f"{r['win_rate']:.2f} | {r['p_value']:.4f} |")
+    names = list(report["rewards"])
+    lines += ["", "Improvement by prompt (tuned - base, mean over seeds):", "",
+              "| prompt | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, prompt in enumerate(prompts):
+        lines.append(f"| {prompt} | " + " | ".join(f"{report['rewards'][n]['improvement_by_prompt'][i]:+.4f}"
+                                                     for n in names) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     base, tuned = results["base"][0], results["tuned"][0]
     if base.dim() == 6:
         save_side_by_side(out / "side-by-side.gif", base, tuned)
-    else:  # the first seed of each prompt, up to 8 prompts: base above tuned
-        save_grid(out / "grid.png", [("base", base[:8, 0]), ("tuned", tuned[:8, 0])], prompts[:8])
+    else:  # up to 8 prompts, the first 3 seeds of each: base above tuned, seed by seed
+        rows = [(f"{label}, seed {args.seed + k}", samples[:8, k])
+                for k in range(min(3, args.samples)) for label, samples in (("base", base), ("tuned", tuned))]
+        save_grid(out / "grid.png", rows, prompts[:8])
     return report
 
 

@@ -272,17 +272,20 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3)
+TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3, attention_head_dim=2)  # 2 heads: 31% faster than 8 on CPU
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+# v-prediction: with epsilon, the cosine schedule's first sampling steps divide the noise estimate's error by
+# sqrt(alpha_bar) ~ 0.07, and a 2400-step epsilon base drew 6-22% of prompts recognisably against 90%+ with v
+TOY_SCHEDULER = dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 COGVIDEOX_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                            prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
                            timestep_spacing="trailing")
 
 # name: (family, prediction, pipeline class, (height, width) in pixels, frames)
 SPECS = {
-    "toy": ("pixel", "epsilon", StableDiffusionPipeline, (16, 16), 0),
+    "toy": ("pixel", "v", StableDiffusionPipeline, (16, 16), 0),
     "sd1.5": ("sd", "epsilon", StableDiffusionPipeline, (512, 512), 0),
     "sdxl": ("sdxl", "epsilon", StableDiffusionXLPipeline, (1024, 1024), 0),
     "cogvideox-2b": ("cogvideox", "v", CogVideoXPipeline, (480, 720), 49),
@@ -364,7 +367,7 @@ def _build_toy():
     """A text-conditioned UNet on 16x16 RGB pixels (no VAE), conditioned by a tiny frozen CLIP text encoder."""
     tokenizer = clip_tokenizer()
     return StableDiffusionPipeline(None, _clip_text(TINY_CLIP, tokenizer), tokenizer, UNet2DConditionModel(**TOY_UNET),
-                                   DDIMScheduler(**dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2")),
+                                   DDIMScheduler(**TOY_SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

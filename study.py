@@ -4,7 +4,7 @@
     python study.py --part offpolicy    # one part; runs that finished are reused, so a killed study resumes
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
-Every run trains from the same toy base on the same pairs for the same steps (toy.py builds them once), one
+Every run trains from the same toy base (toy.py's shipped one by default) on the same pairs for the same steps, one
 process per run, two runs at a time. Each run's final model is scored on held-out seeds with the known reward;
 its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("dpo", "dpo-cm", "sipo")
 LOADING = threading.Lock()  # from_pretrained patches torch.nn globally (empty-weight init): one load at a time
-EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 2_000_000, 20, 1.0
+EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 2_000_000, toy.SAMPLE_STEPS, toy.GUIDANCE
 
 
 def run_one(name, flags, common, out):
@@ -50,10 +50,11 @@ def run_one(name, flags, common, out):
     return run if result.returncode == 0 else None
 
 
-def final_scores(run, samples, rewards=("named_colour",)):
-    """Each reward of the run's final model on held-out seeds: {name: (prompts, samples)}, and the images."""
+def final_scores(model, samples, rewards=("named_colour",)):
+    """Each reward of a model (a run's final one, or the base) on held-out seeds: {name: (prompts, samples)}, and
+    the images."""
     with LOADING:
-        backbone = models.load_backbone("toy", pretrained=str(run / "model"))
+        backbone = models.load_backbone("toy", pretrained=str(model))
     images = evaluate.sample_all(backbone, toy.PROMPTS, samples, EVAL_SEED, SAMPLE_STEPS, GUIDANCE)
     return evaluate.score({name: evaluate.BUILTIN[name] for name in rewards}, images, toy.PROMPTS), images
 
@@ -145,7 +146,8 @@ def main(argv=None):
                              "pair sources and weight readings (default: both). Finished runs are reused.")
     parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
     parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
-    parser.add_argument("--toy", default="runs/toy", help="toy.py's directory: base model and pairs (built if absent)")
+    parser.add_argument("--base", default=str(toy.BASE), help=f"the base model (default toy.py's, {toy.BASE.name}/)")
+    parser.add_argument("--pairs", type=int, default=48, help="training pairs per prompt of the on-policy part")
     parser.add_argument("--betas", default="100,1000,10000", help="comma-separated beta grid")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
@@ -175,21 +177,19 @@ def main(argv=None):
             "collapse_margin": trainer.NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
-    out, toy_dir, report = Path(args.out), Path(args.toy), Path(args.results)
+    out, base, report = Path(args.out), Path(args.base), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
 
-    base = toy_dir / "base" / "model"
-    if not (base / "model_index.json").exists():
-        toy.main(["--out", str(toy_dir)])
-    pairs = toy.make_preference_pairs(toy_dir / "data" / "pairs", base, 48, 10_000, SAMPLE_STEPS, GUIDANCE)
-    heldout = toy.make_preference_pairs(toy_dir / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
+    heldout = toy.make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
     torch.set_num_threads(1)
     summaries = {}
     if args.part in ("all", "onpolicy"):
+        pairs = toy.make_preference_pairs(out / "data" / f"pairs-on-{args.pairs}", base, args.pairs, 10_000,
+                                          SAMPLE_STEPS, GUIDANCE)
         summaries["onpolicy"] = onpolicy(args, out, report, base, pairs, heldout)
     if args.part in ("all", "offpolicy"):
-        summaries["offpolicy"] = offpolicy(args, out, report, base, toy_dir, heldout)
+        summaries["offpolicy"] = offpolicy(args, out, report, base, heldout)
     write_results(report)
     print(f"study written: {report / 'RESULTS.md'}")
     return summaries
@@ -205,7 +205,7 @@ def run_jobs(jobs, common, out, args, rewards, base_scores):
         entry = {"seed": seed, "final": None, "win_rate": None, "heldout_accuracy": [], "heldout_reward": [],
                  "roughness": 0.0, "step_time": 0.0, "mask_fraction": 0.0, "nonfinite": 0}
         if run is not None:
-            scores, _ = final_scores(run, args.samples, rewards)  # the same prompts and seeds as base_scores
+            scores, _ = final_scores(run / "model", args.samples, rewards)  # the same prompts and seeds as base_scores
             entry.update(log_metrics(run), final=float(scores[rewards[0]].mean()),
                          win_rate=evaluate.compare_scores(base_scores[rewards[0]], scores[rewards[0]])["win_rate"],
                          **{f"final_{name}": float(scores[name].mean()) for name in rewards[1:]})
@@ -236,7 +236,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
                 ablations[f"sipo beta={args.ablation_beta:g} {flag[2:]}={value:g}"] = sipo_flags + [flag, value]
     jobs = [(config, flags, seed) for config, flags in configs.items() for seed in range(args.seeds)]
     jobs += [(config, flags, seed) for config, flags in ablations.items() for seed in range(args.ablation_seeds)]
-    base_scores, _ = final_scores(base.parent, args.samples)
+    base_scores, _ = final_scores(base, args.samples)
     base_mean = float(base_scores["named_colour"].mean())
     results = run_jobs(jobs, common, out, args, ("named_colour",), base_scores)
 
@@ -280,16 +280,18 @@ OFF_CONFIGS = {"dpo": ["--loss", "dpo"], "dpo-cm": ["--loss", "dpo-cm"],
 DRIFT = "horizontal_stripes"
 
 
-def source_pairs(toy_dir, base, per_prompt):
-    """{source: manifest} of METHOD §8's four sources, the same size each; "on" is toy.py's own pairs."""
-    folder = toy_dir / "data"
-    manifests = {"on": toy.make_preference_pairs(folder / "pairs", base, per_prompt, 10_000, SAMPLE_STEPS, GUIDANCE)}
+def source_pairs(folder, base, per_prompt):
+    """{source: manifest} of METHOD §8's four sources, `per_prompt` pairs per prompt each (in folders named by
+    source and size: "on" is the on-policy part's pairs when the sizes agree)."""
+    manifests = {"on": toy.make_preference_pairs(folder / f"pairs-on-{per_prompt}", base, per_prompt, 10_000,
+                                                 SAMPLE_STEPS, GUIDANCE)}
     for source in ("data", "foreign"):
-        manifests[source] = toy.make_preference_pairs(folder / f"pairs-{source}", base, per_prompt, 30_000,
-                                                      SAMPLE_STEPS, GUIDANCE, source)
-    if not (folder / "pairs-mixed" / "pairs.jsonl").exists():
-        toy.mix_pairs(folder / "pairs-mixed", [manifests[s] for s in ("on", "data", "foreign")])
-    manifests["mixed"] = folder / "pairs-mixed" / "pairs.jsonl"
+        manifests[source] = toy.make_preference_pairs(folder / f"pairs-{source}-{per_prompt}", base, per_prompt,
+                                                      30_000, SAMPLE_STEPS, GUIDANCE, source)
+    mixed = folder / f"pairs-mixed-{per_prompt}"
+    if not (mixed / "pairs.jsonl").exists():
+        toy.mix_pairs(mixed, [manifests[s] for s in ("on", "data", "foreign")])
+    manifests["mixed"] = mixed / "pairs.jsonl"
     return manifests
 
 
@@ -322,7 +324,7 @@ def weights_by_source(base, manifests, tau=0.9, batch=32):
     return table
 
 
-def offpolicy(args, out, report, base, toy_dir, heldout):
+def offpolicy(args, out, report, base, heldout):
     """Diffusion-DPO, DPO-C&M and SIPO in each weight x normalisation reading, on each pair source, at one
     beta; writes offpolicy.json and offpolicy.png."""
     started = time.time()
@@ -330,10 +332,10 @@ def offpolicy(args, out, report, base, toy_dir, heldout):
     if not set(configs) <= set(OFF_CONFIGS):
         raise SystemExit(f"error: --off-configs: {', '.join(sorted(set(configs) - set(OFF_CONFIGS)))} unknown; "
                          f"choose from {', '.join(OFF_CONFIGS)}")
-    manifests = source_pairs(toy_dir, base, args.off_pairs)
+    manifests = source_pairs(out / "data", base, args.off_pairs)
     weights = weights_by_source(base, manifests)
     rewards = ("named_colour", DRIFT)
-    base_scores, base_images = final_scores(base.parent, args.samples, rewards)
+    base_scores, base_images = final_scores(base, args.samples, rewards)
     base_mean, base_drift = float(base_scores["named_colour"].mean()), float(base_scores[DRIFT].mean())
     results = {}
     for source, manifest in manifests.items():
@@ -379,7 +381,7 @@ def offpolicy(args, out, report, base, toy_dir, heldout):
     foreign = [line for line in manifests["foreign"].read_text().splitlines()][:8]
     save_pairs_grid(report / "foreign-pairs.png", manifests["foreign"].parent, foreign)
     seed0 = {m: out / "runs" / run_name(f"off foreign {m}", 0) for m in (configs[0], configs[-1])}
-    tuned = [final_scores(run, 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
+    tuned = [final_scores(run / "model", 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
     if len(tuned) == 2:
         rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
         evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", rows, toy.PROMPTS)

@@ -11,7 +11,7 @@ import evaluate
 import models
 
 REPORT_KEYS = {"base_mean", "base_ci", "tuned_mean", "tuned_ci", "improvement", "improvement_ci", "win_rate",
-               "p_value"}
+               "p_value", "improvement_by_prompt"}
 TIMESTEP_COLUMNS = ["level_low", "level_high", "weight_w_mean", "weight_l_mean", "weight_q10", "weight_q50",
                     "weight_q90", "mask_fraction", "error_gap", "grad_norm", "grad_variance"]
 
@@ -54,6 +54,7 @@ def test_a_model_compared_with_itself_ties(saved, tmp_path, name, reward, pictur
     for result in saved_report["rewards"].values():
         assert set(result) == REPORT_KEYS
         assert result["win_rate"] == 0.5 and result["p_value"] == 1.0 and result["improvement"] == 0.0
+        assert result["improvement_by_prompt"] == [0.0, 0.0, 0.0]
         assert result["base_ci"][0] <= result["base_mean"] <= result["base_ci"][1]
     assert "| reward |" in (out / "report.md").read_text() and (out / picture).stat().st_size > 0
     assert evaluate.main(argv) == report, "same seeds, same numbers"

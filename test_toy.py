@@ -1,4 +1,4 @@
-"""toy.py and study.py in miniature: the embedded default end to end, and a 2-beta, 2-seed study."""
+"""toy.py and study.py in miniature: the shipped base, the base recipe, the embedded default end to end, a study."""
 import json
 
 import numpy as np
@@ -26,41 +26,79 @@ def test_exact_permutation_p_against_hand_counts():
     assert study.exact_permutation_p(np.arange(5.0), np.arange(5.0) + 100) == pytest.approx(2 / 252)
 
 
+def test_named_shape_recognises_the_drawings_and_not_noise():
+    generator = torch.Generator().manual_seed(5)
+    prompts = toy.PROMPTS * 50
+    drawn = torch.stack([torch.from_numpy(toy.draw(p, generator)).permute(2, 0, 1).float() / 255 for p in prompts])
+    assert evaluate.named_shape(drawn, prompts).mean() >= 0.99
+    swapped = [p.replace("circle", "x").replace("square", "circle").replace("x", "square") for p in prompts]
+    assert evaluate.named_shape(drawn, swapped).mean() <= 0.05, "a circle is not a square"
+    recoloured = [p.replace("red", "blue") if "red" in p else p.replace(p.split()[1], "red") for p in prompts]
+    assert evaluate.named_shape(drawn, recoloured).mean() == 0
+    assert evaluate.named_shape(torch.rand(64, 3, 16, 16, generator=generator), prompts[:64]).sum() == 0
+
+
+def test_the_shipped_base_draws_what_it_is_asked_for():
+    """The shipped base's shape and colour are recognised in at least 90% of samples at fixed seeds."""
+    recipe = json.loads((toy.BASE / "recipe.json").read_text())
+    quality = toy.base_quality(toy.BASE)
+    assert quality >= 0.9
+    assert quality == pytest.approx(recipe["named_shape"], abs=0.05), "the shipped recipe.json describes this base"
+
+
 @pytest.fixture(scope="module")
 def mini_toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    report = toy.main(["--out", str(out), "--base-steps", "3", "--pairs-per-prompt", "8", "--steps", "2",
-                       "--samples", "2"])
+    report = toy.main(["--out", str(out), "--train-base", "--base-steps", "10", "--pairs-per-prompt", "8",
+                       "--steps", "2", "--samples", "2"])
     return out, report
+
+
+def test_the_base_recipe_still_makes_the_shipped_base(mini_toy):
+    """The first 10 SFT losses of `--train-base` equal the shipped base's (same data, seeds, batch and optimiser;
+    the rank count and the CPU's kernels only move them in the last digits)."""
+    out, _ = mini_toy
+    shipped = json.loads((toy.BASE / "recipe.json").read_text())
+    ours = [json.loads(line)["loss"] for line in (out / "base" / "log.jsonl").read_text().splitlines()]
+    assert ours == pytest.approx(shipped["first_losses"][:10], rel=1e-3)
 
 
 def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
     out, report = mini_toy
-    assert set(report["rewards"]) == {"named_colour"}
-    for path in ("base/model/model_index.json", "sipo/model/model_index.json", "eval/report.md", "eval/grid.png",
-                 "eval/curves.png", "data/pairs/pairs.jsonl", "data/heldout/pairs.jsonl",
-                 "sipo/samples/step-000002/grid.png"):
+    assert set(report["rewards"]) == {"named_colour", "named_shape"}
+    for path in ("base/model/model_index.json", "base/model/recipe.json", "sipo/model/model_index.json",
+                 "eval/report.md", "eval/grid.png", "eval/curves.png", "data/pairs/pairs.jsonl",
+                 "data/heldout/pairs.jsonl", "sipo/samples/step-000002/grid.png"):
         assert (out / path).exists(), path
     rows = [json.loads(line) for line in (out / "data" / "pairs" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)
     log = [json.loads(line) for line in (out / "sipo" / "log.jsonl").read_text().splitlines()]
     assert "heldout_accuracy" in log[-1] and "heldout_reward" in log[-1]
+    assert "| a yellow square |" in (out / "eval" / "report.md").read_text(), "the report's table by prompt"
     stamp = (out / "sipo" / "model" / "model_index.json").stat().st_mtime
-    assert toy.main(["--out", str(out), "--samples", "2"]) == report, "a rerun reuses the models and seeds"
+    assert toy.main(["--out", str(out), "--train-base", "--samples", "2"]) == report, "a rerun reuses models, seeds"
     assert (out / "sipo" / "model" / "model_index.json").stat().st_mtime == stamp
+    with pytest.raises(SystemExit, match="made from the base .* pass another --out"):
+        toy.main(["--out", str(out)])  # the shipped base: its pairs and runs would be mixed with these
 
 
-def test_miniature_study_writes_its_tables(mini_toy, tmp_path):
-    out, _ = mini_toy
-    summary = study.main(["--part", "onpolicy", "--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out),
-                          "--betas", "100,10000", "--seeds", "2", "--steps", "3", "--samples", "1", "--no-ablations",
-                          "--timestep-pairs", "2", "--timing-repeats", "1"])["onpolicy"]
-    assert set(summary["table"]) == {f"{m} beta={b}" for m in study.METHODS for b in ("100", "10000")}
+@pytest.fixture(scope="module")
+def study_runs(tmp_path_factory):
+    """One --out for both miniature parts, from the shipped base as `python study.py`: the off-policy part reuses the
+    on-policy part's pairs, as a full study does."""
+    return tmp_path_factory.mktemp("study")
+
+
+def test_miniature_study_writes_its_tables(study_runs, tmp_path):
+    summary = study.main(["--part", "onpolicy", "--out", str(study_runs), "--results", str(tmp_path),
+                          "--pairs", "8", "--betas", "1000", "--seeds", "2",
+                          "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2",
+                          "--timing-repeats", "1"])["onpolicy"]
+    assert set(summary["table"]) == {f"{m} beta=1000" for m in study.METHODS}
     for row in summary["table"].values():
         assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0
         assert 0 <= row["win_rate_mean"] <= 1
-    assert set(summary["significance"]) == {f"{m} vs dpo, beta={b}" for m in ("dpo-cm", "sipo")
-                                            for b in ("100", "10000")}
+    assert set(summary["significance"]) == {f"{m} vs dpo, beta=1000" for m in ("dpo-cm", "sipo")}
     assert (tmp_path / "beta.png").stat().st_size > 10_000 and (tmp_path / "study.json").exists()
     assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")
 
@@ -78,9 +116,8 @@ def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_th
         assert abs(reward(foreign, [prompt] * 16).mean() - reward(base, [prompt] * 16).mean()) < 0.03, prompt
 
 
-def test_miniature_offpolicy_study_writes_its_tables(mini_toy, tmp_path):
-    out, _ = mini_toy
-    summary = study.main(["--part", "offpolicy", "--out", str(tmp_path), "--results", str(tmp_path), "--toy", str(out),
+def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
+    summary = study.main(["--part", "offpolicy", "--out", str(study_runs), "--results", str(tmp_path),
                           "--off-seeds", "1", "--off-steps", "2", "--off-pairs", "8", "--off-batch", "4",
                           "--off-configs", "dpo,sipo path before-mask", "--samples", "1",
                           "--timing-repeats", "1"])["offpolicy"]
@@ -88,8 +125,8 @@ def test_miniature_offpolicy_study_writes_its_tables(mini_toy, tmp_path):
     assert set(summary["weights"]) == set(sources) and all(set(v) == {"step", "path"}
                                                             for v in summary["weights"].values())
     for source in sources:
-        rows = [json.loads(line) for line in (out / "data" / ("pairs" if source == "on" else f"pairs-{source}") /
-                                              "pairs.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (study_runs / "data" / f"pairs-{source}-8" / "pairs.jsonl").read_text()
+                .splitlines()]
         assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
         for weight in ("step", "path"):
             row = summary["weights"][source][weight]

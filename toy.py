@@ -1,14 +1,15 @@
 """The embedded default: align a diffusion model to a preference with SIPO on a laptop CPU, and show it worked.
 
-    python toy.py                      # about 7 minutes on 2 CPU cores; re-running reuses what exists
+    python toy.py                # about 2 minutes on 2 CPU cores; re-running reuses what exists
+    python toy.py --train-base   # the same from a base trained here by the shipped base's recipe
 
-1. draws a synthetic image distribution: coloured circles and squares on dark, noisy backgrounds, 16x16 RGB,
-   prompts "a red circle", ...; the colour's vividness varies from sample to sample;
-2. trains a base model on it (toy backbone, `train.py --loss sft`);
-3. samples pairs from the base and labels them with a known reward, `named_colour` (evaluate.py): how strongly
-   an image leans toward the colour its prompt names -- a preference a person can check by eye;
-4. runs SIPO under torchrun with 2 ranks;
-5. compares tuned against base on held-out seeds and prints the headline; report, grid and curves in --out.
+The task: coloured circles and squares on dark, noisy backgrounds, 16x16 RGB, prompts "a red circle", ...; the
+colour's vividness varies from drawing to drawing. The base (toy-base/, shipped: a v-prediction UNet trained on 4096
+drawings by `--train-base`'s recipe) draws what it is asked for. Then:
+1. pairs are sampled from the base and labelled by a known reward, `named_colour` (evaluate.py): how strongly an
+   image leans toward the colour its prompt names -- a preference a person can check by eye;
+2. SIPO aligns the base under torchrun with 2 ranks;
+3. tuned and base are compared on held-out seeds; the headline, the grid, the report and the curves are in --out.
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,14 +143,56 @@ def train(args_list, ranks):
                                "--no-gradient-checkpointing"], check=True, env=env)  # threads set: no torchrun banner
 
 
+BASE = Path(__file__).with_name("toy-base")  # the shipped base; `python toy.py --train-base` is its recipe
+BASE_RECIPE = {"images": 4096, "steps": 3200, "batch": 64, "lr": 1e-3, "warmup": 20}
+SAMPLE_STEPS, GUIDANCE = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
+PHASES = {"pairs": "sample training and held-out pairs from the base, label them by named_colour",
+          "align": "align the base with {loss} on 2 torchrun ranks",
+          "compare": "compare tuned and base on held-out seeds"}
+
+
+def train_base(out, steps, ranks, seed):
+    """The shipped base's recipe: SFT of the toy backbone on 4096 drawn images (BASE_RECIPE). Writes
+    base/model/recipe.json: the flags, the first losses (test_toy.py checks the recipe against the shipped base's),
+    the base's named_shape score and the minutes it took."""
+    base = out / "base" / "model"
+    if not (base / "model_index.json").exists():
+        started = time.perf_counter()
+        manifest = make_base_data(out / "data" / "base", BASE_RECIPE["images"], seed)
+        shutil.rmtree(out / "base", ignore_errors=True)
+        train(["--model", "toy", "--data", manifest, "--loss", "sft", "--out", out / "base", "--steps", steps,
+               "--batch-size", BASE_RECIPE["batch"] // ranks, "--lr", BASE_RECIPE["lr"],
+               "--warmup", BASE_RECIPE["warmup"], "--checkpoint-every", 400, "--seed", seed], ranks)
+        log = [json.loads(line) for line in (out / "base" / "log.jsonl").read_text().splitlines()]
+        recipe = {"command": f"python toy.py --train-base --base-steps {steps} --ranks {ranks} --seed {seed}",
+                  **BASE_RECIPE, "steps": steps, "ranks": ranks, "seed": seed,
+                  "first_losses": [r["loss"] for r in log[:20]], "named_shape": base_quality(base),
+                  "minutes": round((time.perf_counter() - started) / 60, 1)}
+        (base / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return base
+
+
+def base_quality(base, per_prompt=8, seed=3_000_000):
+    """The fraction of a base's samples at fixed seeds (prompt i, sample k: seed + k * 8 + i) whose colour and
+    shape named_shape recognises: does it draw what it is asked for."""
+    backbone = models.load_backbone("toy", pretrained=str(base))
+    prompts = PROMPTS * per_prompt
+    with torch.no_grad():
+        images = backbone.sample(prompts, [seed + i for i in range(len(prompts))], SAMPLE_STEPS, GUIDANCE)
+    return float(evaluate.named_shape(images, prompts).mean())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy", help="where everything goes (default runs/toy)")
     parser.add_argument("--loss", default="sipo", choices=("sipo", "dpo-cm", "dpo"))
     parser.add_argument("--ranks", type=int, default=2, help="torchrun processes (default 2)")
-    parser.add_argument("--base-steps", type=int, default=400, help="SFT steps of the base model")
-    parser.add_argument("--pairs-per-prompt", type=int, default=48, help="training pairs per prompt")
-    parser.add_argument("--steps", type=int, default=200, help="preference-optimisation steps")
+    parser.add_argument("--train-base", action="store_true",
+                        help=f"train the base by its recipe into OUT/base instead of using the shipped {BASE.name}/")
+    parser.add_argument("--base-steps", type=int, default=BASE_RECIPE["steps"],
+                        help=f"SFT steps of --train-base (default {BASE_RECIPE['steps']}: the shipped base's)")
+    parser.add_argument("--pairs-per-prompt", type=int, default=32, help="training pairs per prompt")
+    parser.add_argument("--steps", type=int, default=100, help="preference-optimisation steps")
     parser.add_argument("--beta", type=float, default=None, help="default: train.py's for the loss")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--samples", type=int, default=16, help="evaluation samples per prompt")
@@ -162,47 +206,75 @@ def main(argv=None):
     except ValueError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)
+    base = out / "base" / "model" if args.train_base else BASE
+    made_from = out / "base.txt"  # pairs and runs in OUT belong to one base
+    if made_from.exists() and made_from.read_text().strip() != str(base.resolve()):
+        sys.exit(f"error: {out} holds pairs and runs made from the base {made_from.read_text().strip()}, not {base}; "
+                 f"pass another --out")
     out.mkdir(parents=True, exist_ok=True)
+    made_from.write_text(f"{base.resolve()}\n")
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    sample_steps, guidance = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
+    print(f"SIPO on the toy task: 16x16 coloured shapes, {len(PROMPTS)} prompts; the reward, named_colour, is how "
+          f"strongly an image shows the colour its prompt names.\n"
+          f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
+          f" ({base})\n" + "".join(f"  {i}. {text.format(loss=args.loss)}\n" for i, text in
+                                   enumerate(PHASES.values(), 1)) +
+          "  about 2 minutes on 2 cores of a Xeon (AVX-512), 4 on 2 cores of an AVX2 laptop; a rerun reuses what "
+          "exists", flush=True)
+    seconds = {}
 
-    base = out / "base" / "model"
-    if not (base / "model_index.json").exists():
-        manifest = make_base_data(out / "data" / "base", 4096, args.seed)
-        shutil.rmtree(out / "base", ignore_errors=True)
-        train(["--model", "toy", "--data", manifest, "--loss", "sft", "--out", out / "base", "--steps", args.base_steps,
-               "--batch-size", 64 // args.ranks, "--lr", 1e-3, "--warmup", 20, "--checkpoint-every", 100,
-               "--seed", args.seed], args.ranks)
-    pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, sample_steps, guidance)
-    heldout = make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, sample_steps, guidance)
+    if args.train_base:
+        started = time.perf_counter()
+        train_base(out, args.base_steps, args.ranks, args.seed)
+        seconds["base"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, SAMPLE_STEPS, GUIDANCE)
+    heldout = make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
+    seconds["pairs"] = time.perf_counter() - started
 
+    started = time.perf_counter()
     run = out / args.loss
     if not (run / "model" / "model_index.json").exists():
         shutil.rmtree(run, ignore_errors=True)
         beta = [] if args.beta is None else ["--beta", args.beta]
         train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
-               "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 100,
+               "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 50,
                "--eval-data", heldout, "--eval-prompts", out / "prompts.txt", "--eval-every", 25, "--eval-guidance",
-               guidance, "--seed", args.seed,
-               *beta], args.ranks)
+               GUIDANCE, "--seed", args.seed, *beta], args.ranks)
+    seconds["align"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     report = evaluate.main(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
-                            str(out / "prompts.txt"), "--reward", "named_colour", "--samples", str(args.samples),
-                            "--steps", str(sample_steps), "--guidance", str(guidance), "--seed", "1000000",
-                            "--out", str(out / "eval")])
+                            str(out / "prompts.txt"), "--reward", "named_colour,named_shape", "--samples",
+                            str(args.samples), "--steps", str(SAMPLE_STEPS), "--guidance", str(GUIDANCE),
+                            "--seed", "1000000", "--out", str(out / "eval")])
     evaluate.main(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
-    r = report["rewards"]["named_colour"]
+    seconds["compare"] = time.perf_counter() - started
+    print(result_block(report, args, out, seconds))
+    return report
+
+
+def result_block(report, args, out, seconds):
+    reward, shape = report["rewards"]["named_colour"], report["rewards"]["named_shape"]
 
     def interval(bounds, sign=""):
-        return f"95% CI [{bounds[0]:{sign}.4f}, {bounds[1]:{sign}.4f}]"
+        return f"[{bounds[0]:{sign}.4f}, {bounds[1]:{sign}.4f}]"
 
-    print(f"\n{args.loss} on the toy task, held-out seeds, {report['prompts']} prompts x {args.samples} samples:\n"
-          f"  named_colour reward  base  {r['base_mean']:.4f}  {interval(r['base_ci'])}\n"
-          f"                       tuned {r['tuned_mean']:.4f}  {interval(r['tuned_ci'])}\n"
-          f"  improvement {r['improvement']:+.4f}  {interval(r['improvement_ci'], '+')}  "
-          f"win rate over prompts {r['win_rate']:.2f}  paired p = {r['p_value']:.4f}\n"
-          f"  report {out / 'eval' / 'report.md'}, grid {out / 'eval' / 'grid.png'}, "
-          f"curves {out / 'eval' / 'curves.png'}")
-    return report
+    by_prompt = ", ".join(f"{p.removeprefix('a ')} {g:+.3f}" for p, g in zip(PROMPTS, reward["improvement_by_prompt"]))
+    took = ", ".join(f"{phase} {s:.0f} s" for phase, s in seconds.items())
+    return (f"\n{args.loss} on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same seeds "
+            f"for both models:\n"
+            f"  named_colour   base  {reward['base_mean']:.4f} {interval(reward['base_ci'])}   "
+            f"tuned {reward['tuned_mean']:.4f} {interval(reward['tuned_ci'])}\n"
+            f"  improvement    {reward['improvement']:+.4f} {interval(reward['improvement_ci'], '+')} (95% CI), "
+            f"paired p = {reward['p_value']:.4f}, better on {reward['win_rate'] * len(PROMPTS):.0f} of "
+            f"{len(PROMPTS)} prompts\n"
+            f"  by prompt      {by_prompt}\n"
+            f"  draws what it is asked for (named_shape: colour and shape recognised): base "
+            f"{shape['base_mean']:.0%}, tuned {shape['tuned_mean']:.0%}\n"
+            f"  grid    {out / 'eval' / 'grid.png'} (base above tuned, 3 seeds)\n"
+            f"  report  {out / 'eval' / 'report.md'}; training curves {out / 'eval' / 'curves.png'}\n"
+            f"  took    {took}")
 
 
 if __name__ == "__main__":

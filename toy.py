@@ -146,9 +146,10 @@ def train(args_list, ranks):
 BASE = Path(__file__).with_name("toy-base")  # the shipped base; `python toy.py --train-base` is its recipe
 BASE_RECIPE = {"images": 4096, "steps": 3200, "batch": 64, "lr": 1e-3, "warmup": 20}
 SAMPLE_STEPS, GUIDANCE = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
-PHASES = {"pairs": "sample training and held-out pairs from the base, label them by named_colour",
-          "align": "align the base with {loss} on 2 torchrun ranks",
-          "compare": "compare tuned and base on held-out seeds"}
+# each phase and its seconds on 2 Xeon cores (AVX-512) from a fresh clone; about twice that on a 2-core AVX2 laptop
+PHASES = {"pairs": ("sample {pairs} training and 64 held-out pairs from the base, label them by named_colour", 30),
+          "align": ("align the base with {loss}, {steps} steps on {ranks} torchrun rank(s)", 50),
+          "compare": ("compare tuned and base on 8 prompts x {samples} held-out seeds", 15)}
 
 
 def train_base(out, steps, ranks, seed):
@@ -214,13 +215,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     made_from.write_text(f"{base.resolve()}\n")
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    print(f"SIPO on the toy task: 16x16 coloured shapes, {len(PROMPTS)} prompts; the reward, named_colour, is how "
-          f"strongly an image shows the colour its prompt names.\n"
+    print(f"{args.loss} on the toy task: 16x16 coloured shapes, {len(PROMPTS)} prompts (\"a red circle\", ...)\n"
+          f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
-          f" ({base})\n" + "".join(f"  {i}. {text.format(loss=args.loss)}\n" for i, text in
-                                   enumerate(PHASES.values(), 1)) +
-          "  about 2 minutes on 2 cores of a Xeon (AVX-512), 4 on 2 cores of an AVX2 laptop; a rerun reuses what "
-          "exists", flush=True)
+          f" ({base})\n" + "".join(f"  {i}. {text.format(pairs=args.pairs_per_prompt * len(PROMPTS), **vars(args))}: ~{seconds} s\n"
+                                   for i, (text, seconds) in enumerate(PHASES.values(), 1)) +
+          "  (seconds on 2 cores of a Xeon with AVX-512, for the defaults; about twice that on a 2-core AVX2 "
+          "laptop; a rerun reuses what exists)", flush=True)
     seconds = {}
 
     if args.train_base:

@@ -171,13 +171,16 @@ def main(argv=None):
     import train as trainer
     try:
         trainer.check_numbers(args, {
-            **dict.fromkeys(("seeds", "steps", "samples", "ablation_seeds", "off_seeds", "off_steps", "off_batch",
-                             "off_pairs", "parallel", "timestep_pairs", "timing_repeats"), trainer.AT_LEAST_1),
+            **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
+                             "off_batch", "off_pairs", "parallel", "timestep_pairs", "timing_repeats"),
+                            trainer.AT_LEAST_1),
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), trainer.POSITIVE),
             "collapse_margin": trainer.NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
     out, base, report = Path(args.out), Path(args.base), Path(args.results)
+    if not (base / "model_index.json").is_file():
+        sys.exit(f"error: --base {base}: not a model directory (no model_index.json)")
     out.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
 

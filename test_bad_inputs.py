@@ -248,3 +248,10 @@ def test_a_parquet_caption_that_is_not_a_string_names_its_row(tmp_path):
     pq.write_table(table, tmp_path / "train-0000.parquet")
     with pytest.raises(data.DataError, match=r"train-0000.parquet row 0: caption is a number, not a string"):
         data.read_pairs(tmp_path)
+
+
+def test_study_refuses_a_base_that_is_not_a_model_in_one_line(tmp_path, capsys):
+    import study
+    result = in_process(study.main, ["--base", tmp_path / "nope", "--out", tmp_path / "runs"], capsys)
+    one_line_error(result, f"--base {tmp_path / 'nope'}: not a model directory (no model_index.json)")
+    assert not (tmp_path / "runs").exists()

@@ -11,6 +11,7 @@ per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone o
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -390,6 +391,64 @@ def scaling_model(gpus=(8, 64, 256), mfu=0.4, peak=989e12, names=models.FULL):
     return table
 
 
+PICKAPIC_PAIRS, PICKAPIC_PROMPTS = 851_293, 58_960  # Pick-a-Pic v2 after ties (the paper), distinct captions
+
+
+def encode_flops(backbone):
+    """Model FLOPs of encoding one pair at native size (the VAE on winner and loser) and of one prompt, counted with
+    torch's FLOP counter on the meta device. Wan's VAE and UMT5 cannot run on meta (they call .item()): the VAE's
+    FLOPs are counted on the CPU with random weights at 9 and 17 frames of 64 x 64 and extrapolated, linear in frames
+    and in pixels as its causal convolutions are (measured: 5.19 and 5.10 MFLOP a voxel at 9 and 17 frames, equal at
+    64 x 64 and 96 x 128); UMT5's as one layer at the full 512 tokens times its layer count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    height, width = backbone.resolution
+
+    def counted(fn, *shape, device="meta"):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn(torch.zeros(shape, device=device))
+        return counter.get_total_flops()
+
+    if backbone.family == "wan":
+        vae = type(backbone.pipe.vae)(**backbone.pipe.vae.config).eval()  # random weights on the CPU
+        short, long = (counted(lambda x: vae.encode(x), 1, 3, f, 64, 64, device="cpu") for f in (9, 17))
+        per_frame = (long - short) / 8
+        video = (short + (backbone.num_frames - 9) * per_frame) * height * width / 64 ** 2
+        # UMT5 calls .item() on meta as well: one layer of it on the CPU (a small vocabulary: a lookup costs no FLOPs)
+        config = backbone.pipe.text_encoder.config
+        layer = type(backbone.pipe.text_encoder)(type(config)(**{**config.to_dict(), "num_layers": 1,
+                                                                  "vocab_size": 1024})).eval()
+        tokens = backbone.pipe.tokenizer.model_max_length
+        prompt = config.num_layers * counted(lambda ids: layer(ids.long(), torch.ones_like(ids)), 1, tokens,
+                                             device="cpu")
+    else:
+        shape = (1, 3, backbone.num_frames, height, width) if backbone.is_video else (1, 3, height, width)
+        video = counted(backbone.encode_pixels, *shape)
+        prompt = counted(lambda _: backbone.encode_prompts(["a photo of a cat"]), 1)
+    return 2 * video, prompt
+
+
+def cache_plan(jobs=(("sd1.5", PICKAPIC_PAIRS, PICKAPIC_PROMPTS), ("sdxl", PICKAPIC_PAIRS, PICKAPIC_PROMPTS),
+                     ("cogvideox-2b", 10_000, 10_000), ("cogvideox-5b", 10_000, 10_000),
+                     ("wan2.1-1.3b", 10_000, 10_000)), mfu=0.4, peak=989e12):
+    """A model, not a measurement: the latent cache of `pairs` pairs with `prompts` distinct prompts at native size.
+    Bytes: two latents per pair, and the prompt conditioning once per pair or once per distinct prompt (what a
+    de-duplicating cache stores), in fp32 and bf16. Time: encode_flops at `mfu` of an H100's dense bf16 peak."""
+    table = {}
+    for name, pairs, prompts in jobs:
+        backbone = models.load_backbone(name, device="meta", random_weights=True)
+        latent = 2 * math.prod(native_latent_shape(backbone))
+        conditioning = sum(math.prod(shape) for shape in backbone.conditioning_shapes(1).values())
+        pair_flops, prompt_flops = encode_flops(backbone)
+        table[name] = {
+            "pairs": pairs, "distinct_prompts": prompts, "tflop_per_pair": pair_flops / 1e12,
+            "gflop_per_prompt": prompt_flops / 1e9,
+            **{f"gb_{dtype}{'_deduplicated' if dedup else ''}":
+               size * (latent * pairs + conditioning * (prompts if dedup else pairs)) / 1e9
+               for dtype, size in (("fp32", 4), ("bf16", 2)) for dedup in (False, True)},
+            "gpu_hours": (pair_flops * pairs + prompt_flops * prompts) / (peak * mfu) / 3600}
+    return table
+
+
 def lora_parameter_count(denoiser, rank):
     count = 0
     for name, module in denoiser.named_modules():
@@ -477,6 +536,7 @@ def main(argv=None):
     elif args.what == "planner":
         results["planner"] = memory_plan()
         results["scaling model"] = scaling_model()
+        results["cache plan"] = cache_plan()
     else:
         init_single_process()
         with tempfile.TemporaryDirectory() as tmp:
@@ -499,6 +559,7 @@ def main(argv=None):
                         results[f"4 fsdp memory, {size}"])
         results["5 planner"] = memory_plan()
         results["scaling model"] = scaling_model()
+        results["cache plan"] = cache_plan()
     if "planner" in results or "5 planner" in results:
         for name, plan in results.get("planner", results.get("5 planner")).items():
             print_table(f"5 planner: {name} ({plan['parameters']:,} parameters)",
@@ -508,6 +569,13 @@ def main(argv=None):
                     {k: f"NVLink {v['gb_nvlink']:.1f} GB + IB {v['gb_infiniband']:.1f} GB = "
                         f"{v['communication_s']:.2f} s; compute {v['compute_s']:.2f} s; step "
                         f"{v['step_s_overlapped']:.2f}-{v['step_s_serial']:.2f} s" for k, v in rows.items()})
+    for name, row in results.get("cache plan", {}).items():
+        print_table(f"7 cache plan (a model, not a measurement): {name}, {row['pairs']:,} pairs, "
+                    f"{row['distinct_prompts']:,} prompts, encoding at MFU 40% of H100 bf16",
+                    {"encode a pair / a prompt": f"{row['tflop_per_pair']:.2f} TFLOP / {row['gflop_per_prompt']:.1f} GFLOP",
+                     "size fp32 / de-duplicated": f"{row['gb_fp32']:.0f} GB / {row['gb_fp32_deduplicated']:.0f} GB",
+                     "size bf16 / de-duplicated": f"{row['gb_bf16']:.0f} GB / {row['gb_bf16_deduplicated']:.0f} GB",
+                     "GPU-hours": f"{row['gpu_hours']:.2f}"})
     if "gpu" in results:
         print_table("GPU", results["gpu"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -58,3 +58,12 @@ def test_scaling_model_rows_for_one_backbone():
     assert rows["fsdp, 64 GPUs"]["compute_s"] > 0
     for row in rows.values():
         assert row["step_s_overlapped"] == max(row["communication_s"], row["compute_s"])
+
+
+def test_cache_plan_counts_latents_per_pair_and_conditioning_per_distinct_prompt():
+    row = bench.cache_plan(jobs=(("sd1.5", 1000, 10),))["sd1.5"]
+    latents, prompt = 2 * 4 * 64 * 64, 77 * 768  # two 4 x 64 x 64 latents at 512^2; CLIP-L's 77 x 768 states
+    assert row["gb_fp32"] == pytest.approx(4 * 1000 * (latents + prompt) / 1e9)
+    assert row["gb_bf16_deduplicated"] == pytest.approx(2 * (1000 * latents + 10 * prompt) / 1e9)
+    # the VAE encoder dominates: about 1.1 TFLOP an image at 512^2, CLIP-L about 13 GFLOP a prompt
+    assert 1.5 < row["tflop_per_pair"] < 3 and 5 < row["gflop_per_prompt"] < 30 and row["gpu_hours"] > 0

@@ -1,12 +1,14 @@
 """Benchmarks: where the time and memory go. Medians after warm-up; ratios measured side by side, interleaved.
 
     python bench.py                    # all CPU figures, under 10 minutes on 2 cores
-    python bench.py planner            # the memory planner only (meta-device models, no compute)
+    python bench.py planner            # the models only: memory, scaling and cache (meta devices; Wan's encoders
+                                       # are counted on the CPU at a small size)
     python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
 
 Figures: 0 the SIPO step time of each tiny backbone, 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step
 time vs the bare compute floor with a breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory
-per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs.
+per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs, 6 the
+scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes.
 """
 import argparse
 import copy
@@ -403,27 +405,26 @@ def encode_flops(backbone):
     from torch.utils.flop_counter import FlopCounterMode
     height, width = backbone.resolution
 
-    def counted(fn, *shape, device="meta"):
+    def counted(run):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            fn(torch.zeros(shape, device=device))
+            run()
         return counter.get_total_flops()
 
     if backbone.family == "wan":
         vae = type(backbone.pipe.vae)(**backbone.pipe.vae.config).eval()  # random weights on the CPU
-        short, long = (counted(lambda x: vae.encode(x), 1, 3, f, 64, 64, device="cpu") for f in (9, 17))
+        short, long = (counted(lambda: vae.encode(torch.zeros(1, 3, f, 64, 64))) for f in (9, 17))
         per_frame = (long - short) / 8
         video = (short + (backbone.num_frames - 9) * per_frame) * height * width / 64 ** 2
         # UMT5 calls .item() on meta as well: one layer of it on the CPU (a small vocabulary: a lookup costs no FLOPs)
         config = backbone.pipe.text_encoder.config
         layer = type(backbone.pipe.text_encoder)(type(config)(**{**config.to_dict(), "num_layers": 1,
                                                                   "vocab_size": 1024})).eval()
-        tokens = backbone.pipe.tokenizer.model_max_length
-        prompt = config.num_layers * counted(lambda ids: layer(ids.long(), torch.ones_like(ids)), 1, tokens,
-                                             device="cpu")
+        ids = torch.zeros(1, backbone.pipe.tokenizer.model_max_length, dtype=torch.long)
+        prompt = config.num_layers * counted(lambda: layer(ids, torch.ones_like(ids)))
     else:
         shape = (1, 3, backbone.num_frames, height, width) if backbone.is_video else (1, 3, height, width)
-        video = counted(backbone.encode_pixels, *shape)
-        prompt = counted(lambda _: backbone.encode_prompts(["a photo of a cat"]), 1)
+        video = counted(lambda: backbone.encode_pixels(torch.zeros(shape, device="meta")))
+        prompt = counted(lambda: backbone.encode_prompts(["a photo of a cat"]))
     return 2 * video, prompt
 
 
@@ -572,7 +573,8 @@ def main(argv=None):
     for name, row in results.get("cache plan", {}).items():
         print_table(f"7 cache plan (a model, not a measurement): {name}, {row['pairs']:,} pairs, "
                     f"{row['distinct_prompts']:,} prompts, encoding at MFU 40% of H100 bf16",
-                    {"encode a pair / a prompt": f"{row['tflop_per_pair']:.2f} TFLOP / {row['gflop_per_prompt']:.1f} GFLOP",
+                    {"encode a pair / a prompt":
+                        f"{row['tflop_per_pair']:.2f} TFLOP / {row['gflop_per_prompt']:.1f} GFLOP",
                      "size fp32 / de-duplicated": f"{row['gb_fp32']:.0f} GB / {row['gb_fp32_deduplicated']:.0f} GB",
                      "size bf16 / de-duplicated": f"{row['gb_bf16']:.0f} GB / {row['gb_bf16_deduplicated']:.0f} GB",
                      "GPU-hours": f"{row['gpu_hours']:.2f}"})

@@ -176,7 +176,8 @@ def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pai
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("data.py cache pid 4242 on somehost")
         lock.flush()
-        one_line_error(cache(capsys, "--data", pairs, "--out", tmp_path / "cache"), "being written by data.py cache pid 4242")
+        one_line_error(cache(capsys, "--data", pairs, "--out", tmp_path / "cache"),
+                       "being written by data.py cache pid 4242")
     result = cache(capsys, "--data", pairs, "--out", tmp_path / "cache")  # the lock is free now: an interrupted run's
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cache" / "cache.json").is_file() and not tmp.exists()
@@ -231,8 +232,8 @@ def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tm
     models.load_backbone("toy").pipe.save_pretrained(tmp_path / "base")
     made = cache(capsys, "--pretrained", tmp_path / "base", "--data", pairs, "--out", tmp_path / "cache")
     assert made.returncode == 0, made.stderr[-2000:]
-    result = evaluate(capsys, "timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data", tmp_path / "cache",
-                      "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
+    result = evaluate(capsys, "timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data",
+                      tmp_path / "cache", "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-2000:]
 
 

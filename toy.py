@@ -12,6 +12,7 @@ drawings by `--train-base`'s recipe) draws what it is asked for. Then:
 3. tuned and base are compared on held-out seeds; the headline, the grid, the report and the curves are in --out.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -152,23 +153,32 @@ PHASES = {"pairs": ("sample {pairs} training and 64 held-out pairs from the base
           "compare": ("compare tuned and base on 8 prompts x {samples} held-out seeds", 15)}
 
 
+@contextlib.contextmanager
+def timed(seconds, phase):
+    """seconds[phase] = the wall clock the block took."""
+    started = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - started
+
+
 def train_base(out, steps, ranks, seed):
     """The shipped base's recipe: SFT of the toy backbone on 4096 drawn images (BASE_RECIPE). Writes
     base/model/recipe.json: the flags, the first losses (test_toy.py checks the recipe against the shipped base's),
     the base's named_shape score and the minutes it took."""
     base = out / "base" / "model"
     if not (base / "model_index.json").exists():
-        started = time.perf_counter()
-        manifest = make_base_data(out / "data" / "base", BASE_RECIPE["images"], seed)
-        shutil.rmtree(out / "base", ignore_errors=True)
-        train(["--model", "toy", "--data", manifest, "--loss", "sft", "--out", out / "base", "--steps", steps,
-               "--batch-size", BASE_RECIPE["batch"] // ranks, "--lr", BASE_RECIPE["lr"],
-               "--warmup", BASE_RECIPE["warmup"], "--checkpoint-every", 400, "--seed", seed], ranks)
+        took = {}
+        with timed(took, "base"):
+            manifest = make_base_data(out / "data" / "base", BASE_RECIPE["images"], seed)
+            shutil.rmtree(out / "base", ignore_errors=True)
+            train(["--model", "toy", "--data", manifest, "--loss", "sft", "--out", out / "base", "--steps", steps,
+                   "--batch-size", BASE_RECIPE["batch"] // ranks, "--lr", BASE_RECIPE["lr"],
+                   "--warmup", BASE_RECIPE["warmup"], "--checkpoint-every", 400, "--seed", seed], ranks)
         log = [json.loads(line) for line in (out / "base" / "log.jsonl").read_text().splitlines()]
         recipe = {"command": f"python toy.py --train-base --base-steps {steps} --ranks {ranks} --seed {seed}",
                   **BASE_RECIPE, "steps": steps, "ranks": ranks, "seed": seed,
                   "first_losses": [r["loss"] for r in log[:20]], "named_shape": base_quality(base),
-                  "minutes": round((time.perf_counter() - started) / 60, 1)}
+                  "minutes": round(took["base"] / 60, 1)}
         (base / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return base
 
@@ -218,39 +228,37 @@ def main(argv=None):
     print(f"{args.loss} on the toy task: 16x16 coloured shapes, {len(PROMPTS)} prompts (\"a red circle\", ...)\n"
           f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
-          f" ({base})\n" + "".join(f"  {i}. {text.format(pairs=args.pairs_per_prompt * len(PROMPTS), **vars(args))}: ~{seconds} s\n"
-                                   for i, (text, seconds) in enumerate(PHASES.values(), 1)) +
+          f" ({base})\n" +
+          "".join(f"  {i}. {text.format(pairs=args.pairs_per_prompt * len(PROMPTS), **vars(args))}: ~{seconds} s\n"
+                  for i, (text, seconds) in enumerate(PHASES.values(), 1)) +
           "  (seconds on 2 cores of a Xeon with AVX-512, for the defaults; about twice that on a 2-core AVX2 "
           "laptop; a rerun reuses what exists)", flush=True)
     seconds = {}
 
     if args.train_base:
-        started = time.perf_counter()
-        train_base(out, args.base_steps, args.ranks, args.seed)
-        seconds["base"] = time.perf_counter() - started
-    started = time.perf_counter()
-    pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, SAMPLE_STEPS, GUIDANCE)
-    heldout = make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
-    seconds["pairs"] = time.perf_counter() - started
+        with timed(seconds, "base"):
+            train_base(out, args.base_steps, args.ranks, args.seed)
+    with timed(seconds, "pairs"):
+        pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, SAMPLE_STEPS,
+                                      GUIDANCE)
+        heldout = make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
 
-    started = time.perf_counter()
     run = out / args.loss
-    if not (run / "model" / "model_index.json").exists():
-        shutil.rmtree(run, ignore_errors=True)
-        beta = [] if args.beta is None else ["--beta", args.beta]
-        train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
-               "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every", 50,
-               "--eval-data", heldout, "--eval-prompts", out / "prompts.txt", "--eval-every", 25, "--eval-guidance",
-               GUIDANCE, "--seed", args.seed, *beta], args.ranks)
-    seconds["align"] = time.perf_counter() - started
+    with timed(seconds, "align"):
+        if not (run / "model" / "model_index.json").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            beta = [] if args.beta is None else ["--beta", args.beta]
+            train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
+                   "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every",
+                   50, "--eval-data", heldout, "--eval-prompts", out / "prompts.txt", "--eval-every", 25,
+                   "--eval-guidance", GUIDANCE, "--seed", args.seed, *beta], args.ranks)
 
-    started = time.perf_counter()
-    report = evaluate.main(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
-                            str(out / "prompts.txt"), "--reward", "named_colour,named_shape", "--samples",
-                            str(args.samples), "--steps", str(SAMPLE_STEPS), "--guidance", str(GUIDANCE),
-                            "--seed", "1000000", "--out", str(out / "eval")])
-    evaluate.main(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
-    seconds["compare"] = time.perf_counter() - started
+    with timed(seconds, "compare"):
+        report = evaluate.main(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
+                                str(out / "prompts.txt"), "--reward", "named_colour,named_shape", "--samples",
+                                str(args.samples), "--steps", str(SAMPLE_STEPS), "--guidance", str(GUIDANCE),
+                                "--seed", "1000000", "--out", str(out / "eval")])
+        evaluate.main(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
     print(result_block(report, args, out, seconds))
     return report
 
@@ -263,8 +271,8 @@ def result_block(report, args, out, seconds):
 
     by_prompt = ", ".join(f"{p.removeprefix('a ')} {g:+.3f}" for p, g in zip(PROMPTS, reward["improvement_by_prompt"]))
     took = ", ".join(f"{phase} {s:.0f} s" for phase, s in seconds.items())
-    return (f"\n{args.loss} on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same seeds "
-            f"for both models:\n"
+    return (f"\n{args.loss} on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same "
+            f"seeds for both models:\n"
             f"  named_colour   base  {reward['base_mean']:.4f} {interval(reward['base_ci'])}   "
             f"tuned {reward['tuned_mean']:.4f} {interval(reward['tuned_ci'])}\n"
             f"  improvement    {reward['improvement']:+.4f} {interval(reward['improvement_ci'], '+')} (95% CI), "

@@ -1,10 +1,11 @@
 """Hostile but realistic input to train.py: each class of issue 14 gets one line naming the culprit, a non-zero exit
 and nothing already written lost or changed; a run directory stays usable after any failure."""
+import contextlib
 import fcntl
+import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,7 @@ def pairs(tmp_path_factory):
 
 
 def train(*args):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "toy", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return in_process(trainer.main, ["--model", "toy", *args])
 
 
 def one_line_error(result, expected):
@@ -130,29 +130,29 @@ def test_damaged_newest_checkpoint_falls_back_to_the_intact_one_and_another_mode
         steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 7)), "steps 3 and 4 are trained again and logged once"
     assert newest.exists()
-    one_line_error(subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "tiny-sd1.5", "--data", pairs,
-                                   "--out", out, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300),
+    one_line_error(in_process(trainer.main, ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--resume"]),
                    "holds a run of --model toy, not --model tiny-sd1.5")
 
 
-def in_process(main, argv, capsys):
-    """main(argv) as `python script.py ARGV` runs it, without the 4 s of a new interpreter: its exit status and
-    stderr (a SystemExit with a message prints it and exits 1, as the interpreter does)."""
-    capsys.readouterr()
-    try:
-        main([str(arg) for arg in argv])
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    stderr = capsys.readouterr().err
+def in_process(main, argv):
+    """main(argv) as `python script.py ARGV` runs it, without the 4 s of a new interpreter: its exit status, stdout
+    and stderr (a SystemExit with a message prints it and exits 1, as the interpreter does)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main([str(arg) for arg in argv])
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
     if isinstance(status, str):
-        stderr, status = stderr + status + "\n", 1
-    return subprocess.CompletedProcess(argv, status or 0, "", stderr)
+        stderr.write(status + "\n")
+        status = 1
+    return subprocess.CompletedProcess(argv, status or 0, stdout.getvalue(), stderr.getvalue())
 
 
-def cache(capsys, *args):
+def cache(*args):
     import data
-    return in_process(data.main, ["cache", "--model", "toy", *args], capsys)
+    return in_process(data.main, ["cache", "--model", "toy", *args])
 
 
 # classes 5 and 6 for the latent cache: its DIR.tmp and DIR.old are removed only when they are ours and idle
@@ -161,14 +161,14 @@ def cache(capsys, *args):
     ("cache.old", lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "is not a cache of ours"),
     ("cache", lambda d: d.write_text("a file"), "exists and is not a latent cache"),
 ])
-def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup, message, capsys):
+def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup, message):
     setup(tmp_path / name)
     before = snapshot(tmp_path)
-    one_line_error(cache(capsys, "--data", pairs, "--out", tmp_path / "cache"), message)
+    one_line_error(cache("--data", pairs, "--out", tmp_path / "cache"), message)
     assert snapshot(tmp_path) == before
 
 
-def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pairs, tmp_path, capsys):
+def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pairs, tmp_path):
     tmp = tmp_path / "cache.tmp"
     tmp.mkdir()
     (tmp / "shard-00000.safetensors").write_bytes(b"half")
@@ -176,9 +176,9 @@ def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pai
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("data.py cache pid 4242 on somehost")
         lock.flush()
-        one_line_error(cache(capsys, "--data", pairs, "--out", tmp_path / "cache"),
+        one_line_error(cache("--data", pairs, "--out", tmp_path / "cache"),
                        "being written by data.py cache pid 4242")
-    result = cache(capsys, "--data", pairs, "--out", tmp_path / "cache")  # the lock is free now: an interrupted run's
+    result = cache("--data", pairs, "--out", tmp_path / "cache")  # the lock is free now: an interrupted run's
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cache" / "cache.json").is_file() and not tmp.exists()
     assert not (tmp_path / "cache" / "in-progress.lock").exists()
@@ -195,9 +195,9 @@ def test_bad_rows_of_every_kind_fail_in_one_line(pairs, tmp_path):
 
 
 # class 8 and 9 in evaluate.py and models.py
-def evaluate(capsys, *args):
+def evaluate(*args):
     import evaluate as evaluator
-    return in_process(evaluator.main, args, capsys)
+    return in_process(evaluator.main, args)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -206,16 +206,16 @@ def evaluate(capsys, *args):
     (["timesteps", "--model", "toy", "--data", "pairs.jsonl", "--pairs", 0], "--pairs 0: must be at least 1"),
     (["timesteps", "--model", "toy", "--data", "pairs.jsonl", "--draws", 1], "--draws 1: must be at least 2"),
 ])
-def test_evaluate_numeric_flags_fail_in_one_line(args, message, capsys):
-    one_line_error(evaluate(capsys, *args), message)
+def test_evaluate_numeric_flags_fail_in_one_line(args, message):
+    one_line_error(evaluate(*args), message)
 
 
-def test_curves_plot_what_is_complete_and_name_the_cut_line(tmp_path, capsys):
+def test_curves_plot_what_is_complete_and_name_the_cut_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     lines = [json.dumps({"step": k, "loss": 0.69 - 0.01 * k}) for k in range(1, 6)]
     (run / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "lo')
-    result = evaluate(capsys, "curves", run, "--out", tmp_path / "curves.png")
+    result = evaluate("curves", run, "--out", tmp_path / "curves.png")
     assert result.returncode == 0 and f"{run / 'log.jsonl'} line 6 is incomplete; skipped" in result.stderr
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
@@ -227,12 +227,12 @@ def test_a_corrupt_model_index_is_one_line_naming_it(pairs, tmp_path):
                    f"{tmp_path / 'base' / 'model_index.json'}: not valid JSON")
 
 
-def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tmp_path, capsys):
+def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tmp_path):
     import models
     models.load_backbone("toy").pipe.save_pretrained(tmp_path / "base")
-    made = cache(capsys, "--pretrained", tmp_path / "base", "--data", pairs, "--out", tmp_path / "cache")
+    made = cache("--pretrained", tmp_path / "base", "--data", pairs, "--out", tmp_path / "cache")
     assert made.returncode == 0, made.stderr[-2000:]
-    result = evaluate(capsys, "timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data",
+    result = evaluate("timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data",
                       tmp_path / "cache", "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -251,8 +251,8 @@ def test_a_parquet_caption_that_is_not_a_string_names_its_row(tmp_path):
         data.read_pairs(tmp_path)
 
 
-def test_study_refuses_a_base_that_is_not_a_model_in_one_line(tmp_path, capsys):
+def test_study_refuses_a_base_that_is_not_a_model_in_one_line(tmp_path):
     import study
-    result = in_process(study.main, ["--base", tmp_path / "nope", "--out", tmp_path / "runs"], capsys)
+    result = in_process(study.main, ["--base", tmp_path / "nope", "--out", tmp_path / "runs"])
     one_line_error(result, f"--base {tmp_path / 'nope'}: not a model directory (no model_index.json)")
     assert not (tmp_path / "runs").exists()

@@ -8,6 +8,7 @@ The run directory --out holds: args.json, log.jsonl (one line per step), checkpo
 ones only), model/ (the final pipeline in the diffusers layout) and, with --lora, lora/.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -16,9 +17,9 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from tqdm import tqdm
 import data
 import models
 import sipo
+
+# DCP's note on every save and load of a one-process run, which runs without a process group on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 LOSSES = ("sipo", "dpo-cm", "dpo", "sft")
 # beta convention of METHOD §2 (the 1/2 included). Diffusion-DPO's 5000 for images [baseline]; DPO-C&M and SIPO
@@ -75,6 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--replicate", type=int, help="hybrid sharding: shard each block within groups of world / R ranks "
                                                  "and replicate across the R groups (default: R = the number of "
                                                  "nodes; 1 is plain FSDP over every rank)")
+    p.add_argument("--shard-frozen", action="store_true",
+                   help="LoRA on several ranks: shard the frozen base with FSDP2 too, for a base one GPU cannot hold "
+                        "(default: every rank holds it in the compute dtype; only the adapters' gradients are "
+                        "all-reduced)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="DCP checkpoint every N steps (default 250)")
@@ -206,21 +214,71 @@ def default_beta(args, backbone):
 # ---------------------------------------------------------------------------------------------------------
 
 def setup_distributed():
-    """torchrun's group, or for plain `python train.py` a group of one (so the code path is the same), made
-    without touching os.environ: processes this one starts must not think they are part of it."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    """torchrun's process group (NCCL on GPUs, gloo on CPU). Plain `python train.py` makes none: one process runs
+    the same code with every collective below a no-op and no sharding (parallelism)."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, **kwargs)
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            **({"device_id": device} if device.type == "cuda" else {}))
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """dist.all_reduce in place, returning the tensor (sipo.py's all_reduce); one process: the tensor as it is."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def leave():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelism(args, world_size):
+    """"none" for one process: a plain module, no DTensors, no all-gathers. "replicate" for LoRA on several ranks:
+    every rank holds the frozen base and only the adapters' gradients are averaged (average_gradients), unless
+    --shard-frozen asks for FSDP2 because one replica does not fit. "fsdp" for full fine-tuning on several ranks."""
+    if world_size == 1:
+        return "none"
+    return "replicate" if args.lora and not args.shard_frozen else "fsdp"
+
+
+def average_gradients(trainable, world_size):
+    """The replicated LoRA run's gradient sync: the adapters' gradients averaged over ranks in one all-reduce of one
+    flat buffer, once per optimizer step (after the last micro-batch). This is DDP's reduction without its wrapper:
+    adapters are megabytes, so bucketing and overlap with the backward buy nothing, and the module stays the one
+    that switches its adapters off for the reference and exports."""
+    grads = [p.grad for p in trainable]
+    flat = all_reduce(torch.cat([g.flatten() for g in grads])).div_(world_size)
+    for grad, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(chunk.view_as(grad))
+
+
+def mixed_precision(args):
+    """bf16 compute over fp32 weights where FSDP2's MixedPrecisionPolicy does not provide it (one process,
+    replicated LoRA): torch.autocast, around forwards only."""
+    enabled = args.precision == "bf16" and args.parallel != "fsdp"
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=enabled)
+
+
+def hold_for_autocast(module, dtype):
+    """A frozen copy for autocast: the Linear and Conv weights (the ones autocast computes in bf16 anyway) held in
+    `dtype`, the rest (norms, bare parameters such as Wan's scale-shift table) in fp32, so that it computes exactly
+    what the fp32 policy does under autocast, at about half its memory."""
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+            layer.to(dtype)
+    return module
 
 
 def nodes():
@@ -265,10 +323,14 @@ def lora_config(rank):
 
 def prepare(backbone, args, device):
     """The trainable policy (fp32 master weights) and the frozen reference (None for SFT; for LoRA the adapter-free
-    policy, so no second copy is held), both sharded. The reference, text encoders and VAE are held in the compute
-    dtype (bf16 on GPU halves them; see Backbone.set_frozen_dtype). The VAE and text encoders stay on the CPU when
-    nothing needs them: training and held-out pairs cached, no held-out prompts to sample."""
+    policy, so no second copy is held), placed as parallelism() says (recorded in args.parallel). The reference,
+    text encoders and VAE are held in the compute dtype (bf16 on GPU halves them; see Backbone.set_frozen_dtype),
+    and so is a replicated LoRA base. The VAE and text encoders stay on the CPU when nothing needs them: training
+    and held-out pairs cached, no held-out prompts to sample."""
+    from diffusers.training_utils import cast_training_params
     torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
+    args.parallel = parallelism(args, dist.get_world_size() if dist.is_initialized() else 1)
+    sharded = args.parallel == "fsdp"
     models.prepare_for_training(backbone, args.gradient_checkpointing)
     frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     backbone.set_frozen_dtype(frozen_dtype)
@@ -276,19 +338,26 @@ def prepare(backbone, args, device):
     reference = None
     if args.lora:
         policy.requires_grad_(False)
+        if not sharded:  # FSDP2 casts the sharded base per block; a replica is held in bf16
+            hold_for_autocast(policy, frozen_dtype)
         policy.add_adapter(lora_config(args.lora))
+        cast_training_params(policy, torch.float32)
     elif args.loss != "sft":
-        reference = models.cast(models.freeze(copy.deepcopy(policy)), frozen_dtype).to(device)  # cast, then move
+        reference = models.freeze(copy.deepcopy(policy))
+        # FSDP2 computes every parameter in its param_dtype; autocast only the Linear and Conv weights
+        reference = (models.cast(reference, frozen_dtype) if sharded else
+                     hold_for_autocast(reference, frozen_dtype)).to(device)  # cast, then move
     cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
     if all(cached) and not args.eval_prompts:
         policy.to(device)
     else:
         backbone.to(device)
-    param_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    mesh = device_mesh(device, args.replicate or nodes())
-    shard(policy, param_dtype, mesh)
-    if reference is not None:
-        shard(reference, param_dtype, mesh)
+    if sharded:
+        param_dtype = torch.bfloat16 if args.precision == "bf16" else None
+        mesh = device_mesh(device, args.replicate or nodes())
+        shard(policy, param_dtype, mesh)
+        if reference is not None:
+            shard(reference, param_dtype, mesh)
     return policy, reference
 
 
@@ -383,17 +452,13 @@ def sft_step(backbone, policy, batch, epoch, args):
     return sipo.sft_loss(sipo.per_sample_error(backbone.predict(policy, x_t, levels, cond), target))
 
 
-def all_reduce_sum(tensor):
-    dist.all_reduce(tensor)
-    return tensor
-
-
 def preference_loss(backbone, policy, reference, batch, epoch, args, world_size):
     """The training objective of one micro-batch: (loss to backpropagate, statistics)."""
-    if args.loss == "sft":
-        return sft_step(backbone, policy, batch, epoch, args)
-    weighted = args.loss in ("sipo", "dpo-cm")
-    model_error, ref_error, log_w = pair_errors(backbone, policy, reference, batch, epoch, args, weighted)
+    with mixed_precision(args):
+        if args.loss == "sft":
+            return sft_step(backbone, policy, batch, epoch, args)
+        weighted = args.loss in ("sipo", "dpo-cm")
+        model_error, ref_error, log_w = pair_errors(backbone, policy, reference, batch, epoch, args, weighted)
     e_w, e_l = model_error.chunk(2)
     r_w, r_l = ref_error.chunk(2)
     if not weighted:
@@ -401,8 +466,8 @@ def preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
     log_w_w, log_w_l = log_w.chunk(2)
     loss_fn = sipo.sipo_loss if args.loss == "sipo" else sipo.dpo_cm_loss
     loss, stats = loss_fn(e_w, e_l, r_w, r_l, log_w_w, log_w_l, args.beta, args.tau, args.eps, args.normalise,
-                          all_reduce=all_reduce_sum)  # METHOD §4-5: statistics over the global batch
-    return loss * world_size, stats  # FSDP averages gradients over ranks; the loss is a global sum / count
+                          all_reduce=all_reduce)  # METHOD §4-5: statistics over the global batch
+    return loss * world_size, stats  # gradients are averaged over ranks; the loss is a global sum / count
 
 
 @torch.no_grad()
@@ -412,8 +477,9 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
     totals = torch.zeros(4, dtype=torch.float64)  # correct, pairs, reward sum, samples
     if heldout is not None and args.loss != "sft":
         for indices in data.rank_batches(len(heldout), args.batch_size, rank, world_size, args.seed, 0):
-            model_error, ref_error, _ = pair_errors(backbone, policy, reference,
-                                                       data.collate([heldout[i] for i in indices]), -1, args)
+            with mixed_precision(args):
+                model_error, ref_error, _ = pair_errors(backbone, policy, reference,
+                                                        data.collate([heldout[i] for i in indices]), -1, args)
             e_w, e_l = model_error.chunk(2)
             r_w, r_l = ref_error.chunk(2)
             totals[0] += (((e_l - r_l) - (e_w - r_w)) > 0).sum().item()
@@ -424,15 +490,18 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
         indices = (list(range(rank, len(prompts), world_size)) + list(range(share)))[:share]
         mine, real = [prompts[i] for i in indices], len(prompts[rank::world_size])
         # prompt i is sampled with seed + i: the same image on any number of ranks
-        samples = backbone.sample(mine, seed=[args.seed + i for i in indices], steps=args.eval_sample_steps,
-                                  guidance=args.eval_guidance)
+        with mixed_precision(args):
+            samples = backbone.sample(mine, seed=[args.seed + i for i in indices], steps=args.eval_sample_steps,
+                                      guidance=args.eval_guidance).float()
         scores = reward(samples.cpu(), mine)[:real]
         totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
-        gathered = [torch.empty_like(samples) for _ in range(world_size)]
-        dist.all_gather(gathered, samples.contiguous())
-        # rank r sampled prompts r, r + N, r + 2N, ...: back into the prompts' order
-        samples = torch.stack([gathered[i % world_size][i // world_size] for i in range(len(prompts))]).cpu()
-    dist.all_reduce(totals)
+        if world_size > 1:
+            gathered = [torch.empty_like(samples) for _ in range(world_size)]
+            dist.all_gather(gathered, samples.contiguous())
+            # rank r sampled prompts r, r + N, r + 2N, ...: back into the prompts' order
+            samples = torch.stack([gathered[i % world_size][i // world_size] for i in range(len(prompts))])
+        samples = samples.cpu()
+    all_reduce(totals)
     metrics = {}
     if totals[1]:
         metrics["heldout_accuracy"] = (totals[0] / totals[1]).item()
@@ -459,6 +528,9 @@ def save_samples(out, step, samples, prompts, writer):
 # ---------------------------------------------------------------------------------------------------------
 
 STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# loading: the trainable keys only (what get_model_state_dict gave and dcp.load filled, all of them or it raises);
+# a plain module's strict load_state_dict would count the frozen base as missing
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def latest_checkpoint(out, say=None):
@@ -494,7 +566,7 @@ def save_checkpoint(out, counters, policy, optimizer, scheduler, keep, rank):
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    barrier()
     state = {"model": get_model_state_dict(policy, options=STATE_OPTIONS),
              "optimizer": get_optimizer_state_dict(policy, optimizer, options=STATE_OPTIONS)}
     dcp.save(state, checkpoint_id=tmp)
@@ -504,15 +576,15 @@ def save_checkpoint(out, counters, policy, optimizer, scheduler, keep, rank):
         os.replace(tmp, final)
         for old in sorted(final.parent.glob("step-[0-9]*[0-9]"))[:-keep]:
             shutil.rmtree(old)
-    dist.barrier()
+    barrier()
 
 
 def load_checkpoint(path, policy, optimizer, scheduler):
     state = {"model": get_model_state_dict(policy, options=STATE_OPTIONS),
              "optimizer": get_optimizer_state_dict(policy, optimizer, options=STATE_OPTIONS)}
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(policy, state["model"], options=STATE_OPTIONS)
-    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=STATE_OPTIONS)
+    set_model_state_dict(policy, state["model"], options=LOAD_OPTIONS)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=LOAD_OPTIONS)
     trainer = json.loads((path / "trainer.json").read_text())
     scheduler.load_state_dict(trainer.pop("scheduler"))
     return trainer
@@ -562,7 +634,7 @@ def export(out, backbone, policy, lora_rank, rank):
         backbone.pipe.register_modules(**{name: denoiser})
         write_atomically(out / "model", lambda tmp: backbone.pipe.save_pretrained(tmp, safe_serialization=True))
         backbone.pipe.register_modules(**{name: sharded})
-    dist.barrier()
+    barrier()
 
 
 def write_atomically(folder, write):
@@ -587,8 +659,7 @@ def peak_memory_gb(device):
 def reduce_stats(stats, world_size):
     """Mean of each statistic over ranks, in one all-reduce."""
     keys = sorted(stats)
-    values = torch.stack([stats[k].float().reshape(()) for k in keys])
-    dist.all_reduce(values)
+    values = all_reduce(torch.stack([stats[k].float().reshape(()) for k in keys]))
     return dict(zip(keys, (values / world_size).tolist()))
 
 
@@ -602,19 +673,22 @@ def fail(error, suffix=""):
     print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
 
 
-def train(args):
+def train(args, cleanup):
+    """The run; `cleanup` (an ExitStack) releases what it holds however it ends: the process group, the run
+    directory's lock, the SIGTERM handler, the log."""
     device, rank, world_size = setup_distributed()
-    lock = None
+    cleanup.callback(leave)
     try:
         check_args(args, world_size)
         refusal = [None]
         if rank == 0:  # alone: the other ranks would see the directory half-claimed
             try:
                 check_run_directory(args)
-                lock = claim_run_directory(args)
+                cleanup.callback(claim_run_directory(args).close)
             except (ValueError, OSError) as error:
                 refusal = [f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)]
-        dist.broadcast_object_list(refusal)
+        if dist.is_initialized():
+            dist.broadcast_object_list(refusal)
         if refusal[0]:
             raise ValueError(refusal[0])
         if args.precision is None:
@@ -637,7 +711,6 @@ def train(args):
     except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
         if rank == 0:
             fail(error)
-        dist.destroy_process_group()
         sys.exit(1)
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -655,14 +728,14 @@ def train(args):
         write_args(args, world_size, summary)
         print(f"{args.model}: {sum(p.numel() for p in trainable):,} trainable parameters; data: {summary}; "
               f"{world_size} rank(s); loss {args.loss}" + ("" if args.loss == "sft" else f", beta {args.beta:g}"))
-    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    log = cleanup.enter_context(open(args.out / "log.jsonl", "a")) if rank == 0 else None
     writer = None
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.out / "tensorboard")
 
     stop = {"signal": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    cleanup.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)))
     progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.loss, unit="step")
     batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, micro_batches, args.workers)
     nonfinite_in_a_row = 0
@@ -674,8 +747,7 @@ def train(args):
             epoch, batch = next(batches)
             micro_batches += 1
             loss, stats = preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
-            finite = torch.isfinite(loss.detach()).float()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks skip together, or none does
+            finite = all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN)  # all ranks skip, or none
             if finite.item() < 1:
                 skipped = True
                 break
@@ -689,10 +761,11 @@ def train(args):
                 if rank == 0:
                     print(f"error: {nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping "
                           f"(lower --lr or --beta)", file=sys.stderr)
-                dist.destroy_process_group()
                 sys.exit(1)
             continue
         nonfinite_in_a_row = 0
+        if args.parallel == "replicate":
+            average_gradients(trainable, world_size)
         grad_norm = clip_gradients(trainable, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -707,8 +780,7 @@ def train(args):
             record.update(metrics)
             if samples is not None and rank == 0:
                 save_samples(args.out, step, samples, prompts, writer)
-        stop_now = torch.tensor(float(stop["signal"]))
-        dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        stop_now = all_reduce(torch.tensor(float(stop["signal"])), dist.ReduceOp.MAX)
         if rank == 0:
             pairs = args.batch_size * args.grad_accum * world_size
             record.update(step=step, lr=scheduler.get_last_lr()[0], step_time=elapsed, pairs_per_s=pairs / elapsed,
@@ -727,30 +799,30 @@ def train(args):
         if stop_now.item():
             if rank == 0:
                 print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)
-            dist.destroy_process_group()
             return
     progress.close()
     if not args.no_export:
         export(args.out, backbone, policy, args.lora, rank)
     if rank == 0:
         print(f"done: {args.out}" + ("" if args.no_export else f"; pipeline in {args.out / 'model'}"))
-    if lock is not None:
-        lock.close()
-    dist.destroy_process_group()
 
 
-def main():
+def main(argv=None):
     """train(), and for an error met mid-run (a bad pair without --skip-bad, a full disk) one line saying what the
-    run directory keeps. The other ranks may wait in a collective: this one exits at once and torchrun ends them."""
-    args = parse_args()
-    try:
-        train(args)
-    except (ValueError, OSError) as error:
-        kept = latest_checkpoint(args.out)
-        fail(error, f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
-             f" ({args.out} has no checkpoint yet: a rerun starts again)")
-        sys.stderr.flush()
-        os._exit(1)
+    run directory keeps. With several ranks the others may wait in a collective: this one exits at once and
+    torchrun ends them. One process can call main(argv) in-process (the tests do): it raises SystemExit."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as cleanup:
+        try:
+            train(args, cleanup)
+        except (ValueError, OSError) as error:
+            kept = latest_checkpoint(args.out)
+            fail(error, f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
+                 f" ({args.out} has no checkpoint yet: a rerun starts again)")
+            sys.stderr.flush()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                os._exit(1)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

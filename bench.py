@@ -131,11 +131,6 @@ class Trainer:
         return run
 
 
-def init_single_process():
-    if not dist.is_initialized():
-        train.setup_distributed()
-
-
 def tiny_step_times(repeats, workdir):
     """Figure 0: one full SIPO training step (2 pairs from a latent cache, fp32, one process) of each tiny backbone."""
     results = {}
@@ -464,9 +459,8 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 F
 
 def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
     """Full-size models with random weights at native size (Wan2.1-1.3B: 81x480x832, latents 21x60x104), SIPO
-    steps under FSDP with gradient checkpointing (bf16 on GPU): seconds per step, pairs per second, peak
-    memory, achieved FLOP/s and, on a known GPU, model FLOPs utilisation."""
-    init_single_process()
+    steps in one process as train.py runs them (a plain module, bf16 autocast on GPU, gradient checkpointing):
+    seconds per step, pairs per second, peak memory, achieved FLOP/s and, on a known GPU, model FLOPs utilisation."""
     results = {}
     for name, pairs in specs:
         torch.manual_seed(0)
@@ -539,7 +533,6 @@ def main(argv=None):
         results["scaling model"] = scaling_model()
         results["cache plan"] = cache_plan()
     else:
-        init_single_process()
         with tempfile.TemporaryDirectory() as tmp:
             results["0 tiny backbones"] = tiny_step_times(args.repeats, Path(tmp))
             print_table("0 tiny backbones: SIPO step, 2 pairs, 1 process", results["0 tiny backbones"])
@@ -553,7 +546,6 @@ def main(argv=None):
                 print_table(f"2 step / floor, {size} (target <= 1.10)", results[f"2 distance to floor, {size}"])
             results["3 cache speed-up"] = cache_speedup(args.repeats, Path(tmp))
             print_table("3 latent cache speed-up, tiny-wan2.1-1.3b", results["3 cache speed-up"])
-        dist.destroy_process_group()
         for size in ("medium", "tiny"):
             results[f"4 fsdp memory, {size}"] = fsdp_memory(size)
             print_table(f"4 FSDP memory per rank, {size} (target 2 ranks <= 0.6 x 1 rank)",

@@ -35,7 +35,6 @@ def test_device_benchmark_path_runs_on_tiny_models():
 
 
 def test_tiny_step_times_cover_every_family(tmp_path):
-    bench.init_single_process()
     results = bench.tiny_step_times(1, tmp_path)
     assert set(results) == {f"tiny-{name}" for name in models.FULL}
     assert all(row["step_ms"] > 0 and 0 < row["parameters"] < 2_000_000 for row in results.values())

@@ -80,7 +80,6 @@ def method_step_times(base, pairs, repeats=10, variants=None):
     interleaved in this one process (1 thread)."""
     import bench
     import data
-    bench.init_single_process()
     backbone = models.load_backbone("toy", pretrained=str(base))
     dataset, _ = data.open_dataset(pairs, backbone)
     trainer = bench.Trainer(backbone, 8, torch.device("cpu")).use(dataset)

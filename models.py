@@ -447,6 +447,12 @@ def cast(module, dtype):
     return module if module.dtype == dtype else module.to(dtype)
 
 
+def fp32_names(denoiser):
+    """The names the denoiser's class keeps in fp32 (diffusers' `_keep_in_fp32_modules`; Wan: rope, time embedder,
+    scale-shift tables, norms). diffusers' loader applies them to a parameter when one is a part of its dotted name."""
+    return set(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
+
+
 def freeze(module):
     """Frozen parts carry no gradient and stay in eval mode."""
     return module.requires_grad_(False).eval()

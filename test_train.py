@@ -381,9 +381,12 @@ def one_rank_group():
 @pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-wan2.1-1.3b"])
 def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(pairs, video_pairs, name, parallel,
                                                                                tmp_path, request, monkeypatch):
-    """bf16 compute over fp32 master weights, in both placements: FSDP2's MixedPrecisionPolicy (the reference
-    wholly bf16) and one process's autocast (the reference's Linear and Conv weights bf16, norms and bare parameters
-    fp32). Either way the reference computes what the policy does at step 0: the loss is exactly log 2."""
+    """bf16 compute over fp32 master weights, in both placements. FSDP2: the modules the model keeps in fp32 (Wan's
+    time embedder and affine norms) compute in fp32 in groups of their own, and the reference holds in bf16 exactly
+    the parameters the policy computes in bf16 (buffers such as Wan's rope tables stay fp32: a wholesale cast
+    rounded them, and the reference's errors differed from the policy's at step 0). One process: autocast, and the
+    reference's Linear and Conv weights in bf16, the rest fp32. Either way the reference's per-sample errors at step
+    0 are the policy's, bit for bit."""
     pairs = video_pairs if "wan" in name else pairs
     if parallel == "fsdp":
         request.getfixturevalue("one_rank_group")
@@ -394,19 +397,33 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
                              "--eval-sample-steps", "2"])
     backbone, policy, reference = train.build(args, torch.device("cpu"))
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    for module in reference.modules():
-        held = {p.dtype for p in module.parameters(recurse=False)}
-        computes_in_bf16 = parallel == "fsdp" or isinstance(module, (torch.nn.Linear, torch.nn.Conv2d,
-                                                                     torch.nn.Conv3d))
-        assert held <= {torch.bfloat16 if computes_in_bf16 else torch.float32}, module
+    keep = models.fp32_names(reference)
+    assert bool(keep) == ("wan" in name)
+    linear_or_conv = {id(p) for m in reference.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d,
+                                                                           torch.nn.Conv3d)) for p in m.parameters()}
+    for key, parameter in reference.named_parameters():
+        in_bf16 = not keep.intersection(key.split(".")) if parallel == "fsdp" else id(parameter) in linear_or_conv
+        assert parameter.dtype == (torch.bfloat16 if in_bf16 else torch.float32), key
+    assert {b.dtype for b in reference.buffers() if b.is_floating_point()} <= {torch.float32}
     parts = backbone.frozen_parts()
     assert {p.dtype for p in parts["text_encoder"].parameters()} == {torch.bfloat16}
     assert {p.dtype for p in parts["vae"].parameters()} == {torch.float32 if "wan" in name else torch.bfloat16}
+    computed = {}
+    if "wan" in name:  # the dtype each layer computes in
+        for part, layer in (("time embedder", policy.condition_embedder.time_embedder.linear_1),
+                            ("attention", policy.blocks[0].attn1.to_q), ("norm", policy.blocks[0].norm2)):
+            layer.register_forward_hook(lambda m, inputs, output, part=part: computed.update({part: output.dtype}))
     dataset, _ = data.open_dataset(pairs, backbone)
     batch = data.collate([dataset[0], dataset[1]])
+    with train.mixed_precision(args):
+        model_error, ref_error, _ = train.pair_errors(backbone, policy, reference, dict(batch), 0, args)
+    assert torch.equal(model_error.detach(), ref_error), "policy = reference in bf16 compute"
+    if "wan" in name:
+        time_embedder = torch.float32 if parallel == "fsdp" else torch.bfloat16  # autocast: Linear in bf16
+        assert computed == {"time embedder": time_embedder, "attention": torch.bfloat16, "norm": torch.float32}
     loss, stats = train.preference_loss(backbone, policy, reference, batch, 0, args, 1)
     loss.backward()
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6), "policy = reference in bf16 compute"
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert all(torch.isfinite(getattr(p.grad, "full_tensor", lambda: p.grad)()).all() for p in policy.parameters())
     prompts = ["a red circle", "a green square"]
     metrics, samples = train.heldout_metrics(backbone, policy, reference, None, prompts, evaluate.named_colour, args,

@@ -299,12 +299,32 @@ def device_mesh(device, replicate):
 
 
 def shard(denoiser, param_dtype, mesh=None):
-    """fully_shard each block, then the root, on `mesh`; bf16 compute with fp32 reductions when param_dtype is bf16."""
+    """fully_shard each block, then the root, on `mesh`; bf16 compute with fp32 reductions when param_dtype is bf16.
+    Modules the model keeps in fp32 (models.fp32_names: Wan's time embedder and affine norms) get groups of their
+    own with an fp32 policy first, so that they compute in fp32 as the model's own recipe does. FSDP2 groups are
+    modules: Wan's bare scale-shift tables are gathered in bf16 with their block (diffusers adds them to an fp32
+    temb, so the modulation's arithmetic is fp32; the tables' values are rounded to bf16)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if param_dtype is not None:
+        keep, fp32 = models.fp32_names(denoiser), MixedPrecisionPolicy(param_dtype=torch.float32)
+        for name, module in denoiser.named_modules():
+            if name.rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None:
+                fully_shard(module, mesh=mesh, mp_policy=fp32)
     for block in models.denoiser_blocks(denoiser):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(denoiser, mesh=mesh, mp_policy=policy)
     return denoiser
+
+
+def cast_as_the_policy_computes(reference, dtype):
+    """The reference for FSDP2: its parameters in `dtype` but those its class keeps in fp32 (diffusers' rule, the
+    groups shard() gives an fp32 policy), its buffers (Wan's rope tables) as they are, as FSDP2 leaves the policy's:
+    at step 0 it computes exactly what the policy does."""
+    keep = models.fp32_names(reference)
+    for name, parameter in reference.named_parameters():
+        if not keep.intersection(name.split(".")):
+            parameter.data = parameter.data.to(dtype)
+    return reference
 
 
 def build(args, device):
@@ -344,8 +364,8 @@ def prepare(backbone, args, device):
         cast_training_params(policy, torch.float32)
     elif args.loss != "sft":
         reference = models.freeze(copy.deepcopy(policy))
-        # FSDP2 computes every parameter in its param_dtype; autocast only the Linear and Conv weights
-        reference = (models.cast(reference, frozen_dtype) if sharded else
+        # FSDP2 computes each group in its param_dtype; autocast only the Linear and Conv weights
+        reference = (cast_as_the_policy_computes(reference, frozen_dtype) if sharded else
                      hold_for_autocast(reference, frozen_dtype)).to(device)  # cast, then move
     cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
     if all(cached) and not args.eval_prompts:

@@ -11,7 +11,6 @@ per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone o
 scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -74,7 +73,6 @@ class Trainer:
         self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, data=str(data_path),
                               gradient_checkpointing=gradient_checkpointing)
         self.backbone, self.device = backbone, device
-        self.plain = copy.deepcopy(backbone.denoiser).to(device)  # unsharded: the compute floor has no FSDP in it
         self.policy, self.reference = train.prepare(backbone, self.args, device)
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = train.make_optimizer(self.trainable, self.args)
@@ -115,8 +113,9 @@ class Trainer:
         mark("logging (stats all-reduce, host sync)")
 
     def floor(self, batch_size):
-        """The bare compute floor: forward + backward of the plain (unsharded) denoiser on 2B samples plus a
-        forward on the same 2B, nothing else."""
+        """The bare compute floor: forward + backward of the denoiser on 2B samples plus a forward on the same 2B,
+        nothing else. On the policy itself, a plain module in one process (train.parallelism): no second copy."""
+        assert self.args.parallel == "none", "the floor is measured in one process"
         b = self.backbone
         x = torch.randn(2 * batch_size, *self.dataset[0]["latents_w"].shape, device=self.device)
         cond = {k: torch.cat([v, v]).to(self.device) for k, v in data.conditioning(
@@ -125,9 +124,9 @@ class Trainer:
         levels = torch.randint(0, 1000, (2 * batch_size,), device=self.device)
 
         def run():
-            b.predict(self.plain, x, levels, cond).float().square().mean().backward()
+            b.predict(self.policy, x, levels, cond).float().square().mean().backward()
             with torch.no_grad():
-                b.predict(self.plain, x, levels, cond)
+                b.predict(self.policy, x, levels, cond)
         return run
 
 

@@ -263,14 +263,15 @@ def random_cache(backbone, folder, pairs, native=False):
         shape = backbone.encode_pixels(torch.zeros(1, 3, *frames, *backbone.resolution)).shape[1:]
         cond = {k: v.cpu() for k, v in backbone.encode_prompts([f"prompt {i}" for i in range(pairs)]).items()}
     generator = torch.Generator().manual_seed(0)
-    tensors = {"latents_w": torch.randn(pairs, *shape, generator=generator),
-               "latents_l": torch.randn(pairs, *shape, generator=generator),
-               **{f"cond.{k}": v.contiguous() for k, v in cond.items()}}
     folder = folder / "cache"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / "shard-00000.safetensors")
-    index = {**data.cache_identity(backbone, None), "pairs": pairs,
-             "shards": [{"file": "shard-00000.safetensors", "pairs": pairs}]}
+    save_file({"latents_w": torch.randn(pairs, *shape, generator=generator),
+               "latents_l": torch.randn(pairs, *shape, generator=generator), "prompt": torch.arange(pairs)},
+              folder / "shard-00000.safetensors")
+    save_file({f"cond.{k}": v.contiguous() for k, v in cond.items()}, folder / "prompts-00000.safetensors")
+    index = {**data.cache_identity(backbone, None), "format": data.CACHE_FORMAT, "pairs": pairs, "prompts": pairs,
+             "shard_size": pairs, "shards": [{"file": "shard-00000.safetensors", "pairs": pairs}],
+             "prompt_shards": [{"file": "prompts-00000.safetensors", "prompts": pairs}]}
     (folder / data.CACHE_INDEX).write_text(json.dumps(index))
     return data.CachedPairs(folder, backbone)
 

@@ -5,24 +5,29 @@ Sources `--data` may name:
   *.jsonl                            a manifest: {"prompt", "chosen", "rejected", ...}, paths relative to it
   a directory with cache.json        a latent cache written by `python data.py cache`
 
-    python data.py cache --model NAME [--pretrained PATH] --data SRC --out DIR [--skip-bad]
+    python data.py cache --model NAME [--pretrained PATH] --data SRC --out DIR [--skip-bad] [--resume]
+    torchrun --nproc_per_node N data.py cache ...     every rank encodes its share of the shards
 
 This is the only file that knows file formats.
 """
 import argparse
+import datetime
 import io
 import json
 import os
 import shutil
 import socket
 import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -51,76 +56,157 @@ class Summary:
     read: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def reasons(self):
+        return ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
+
     def __str__(self):
-        reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
-        return f"{self.read} pairs read; skipped: {reasons}"
+        return f"{self.read} pairs read; skipped: {self.reasons()}"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Readers
+# Readers: an index of the pairs (numpy columns plus the distinct prompts); media are read when a pair is accessed
 # ---------------------------------------------------------------------------------------------------------
 
-def read_pickapic(paths, summary, keep_ties=False):
-    """Pick-a-Pic v2 rows as winner-first pairs; ties (label_0 = 0.5) dropped and counted unless keep_ties."""
-    import pyarrow.parquet as pq
-    pairs = []
-    for path in tqdm(paths, desc="reading parquet", disable=len(paths) < 2):
+class PairIndex:
+    """Pairs as a few numpy columns and the distinct prompts, one Pair built on access: memory is a few bytes a
+    pair plus the prompts, whatever the size of the data (Pick-a-Pic v2: 851k pairs, 59k prompts, ~20 MB).
+    `prompt_ids[i]` indexes `prompts`, the de-duplicated table the latent cache stores once."""
+
+    def __init__(self, files, columns, prompts):
+        self.files, self.prompts = files, prompts
+        self.columns = {key: np.asarray(values) for key, values in columns.items()}
+        self.prompt_ids = self.columns["prompt"]
+        self.open = {}
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+    def __getstate__(self):  # DataLoader workers open their own files
+        return {**self.__dict__, "open": {}}
+
+
+class PickapicIndex(PairIndex):
+    """Pick-a-Pic v2 rows: (shard, row group, row) and the label; the two images' bytes are read on access, one row
+    group at a time, and that row group is kept until a pair of another is asked for (a sequential reader reads each
+    once; memory is one row group per DataLoader worker, not the shards)."""
+
+    def __getitem__(self, i):
+        shard, group, row, file_row = (int(self.columns[key][i]) for key in ("shard", "group", "row", "file_row"))
+        where = f"{self.files[shard]} row {file_row}"
+        if self.open.get("key") != (shard, group):
+            self.open.clear()  # the previous row group's bytes go before the next is read
+            try:
+                parquet = pq.ParquetFile(self.files[shard])
+                self.open["images"] = parquet.read_row_group(group, columns=["jpg_0", "jpg_1"])
+            except Exception as error:  # pyarrow raises several types for truncated and corrupt files
+                raise DataError(f"{where}: image bytes cannot be read ({str(error).splitlines()[0][:120]})") from None
+            self.open["key"] = (shard, group)
+        jpg_0, jpg_1 = (self.open["images"].column(name)[row].as_py() for name in ("jpg_0", "jpg_1"))
+        label = float(self.columns["label"][i])
+        chosen, rejected = (jpg_1, jpg_0) if label == 0 else (jpg_0, jpg_1)  # a kept tie: jpg_0 first
+        return Pair(self.prompts[self.prompt_ids[i]], chosen, rejected, where, {"label_0": label})
+
+
+class ManifestIndex(PairIndex):
+    """JSONL rows: the byte offset of each valid line; the line is read again and parsed on access."""
+
+    def __getitem__(self, i):
+        offset, line = int(self.columns["offset"][i]), int(self.columns["line"][i])
+        path = self.files[0]
+        if "manifest" not in self.open:
+            self.open["manifest"] = open(path, "rb")
+        self.open["manifest"].seek(offset)
+        row = json.loads(self.open["manifest"].readline())
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+        return Pair(row["prompt"], path.parent / row["chosen"], path.parent / row["rejected"], f"{path} row {line}",
+                    extra)
+
+
+def read_pickapic(paths, summary, keep_ties=False, skip_bad=False):
+    """Pick-a-Pic v2 shards indexed from their captions and labels alone (the image columns are not read); ties
+    (label_0 = 0.5) dropped and counted unless keep_ties; winners first on access."""
+    columns = {key: array("q") for key in ("shard", "group", "row", "file_row", "prompt")}
+    columns["label"] = array("f")
+    prompts = {}
+    for shard, path in enumerate(tqdm(paths, desc="indexing parquet", disable=len(paths) < 2)):
         try:
-            table = pq.read_table(path, columns=["caption", "jpg_0", "jpg_1", "label_0"])
+            parquet = pq.ParquetFile(path)
+            missing = {"caption", "jpg_0", "jpg_1", "label_0"} - set(parquet.schema_arrow.names)
+            if missing:
+                raise ValueError(f"no column {sorted(missing)[0]}")
+            groups = [parquet.read_row_group(g, columns=["caption", "label_0"]) for g in range(parquet.num_row_groups)]
         except Exception as error:  # pyarrow raises several types for missing columns and corrupt files
             raise DataError(f"{path}: not a Pick-a-Pic v2 parquet shard ({str(error).splitlines()[0]})") from None
-        rows = table.to_pydict()
-        for i, (caption, jpg_0, jpg_1, label) in enumerate(zip(rows["caption"], rows["jpg_0"], rows["jpg_1"],
-                                                                 rows["label_0"])):
-            where = f"{path} row {i}"
-            if label == 0.5 and not keep_ties:
-                summary.skipped["ties"] += 1
-                continue
-            if label not in (0, 0.5, 1):
-                raise DataError(f"{where}: label_0 is {label!r}, expected 1, 0 or 0.5")
-            if not isinstance(caption, str):
-                raise DataError(f"{where}: caption is {_json_type(caption)}, not a string")
-            chosen, rejected = (jpg_0, jpg_1) if label == 1 else (jpg_1, jpg_0)
-            pairs.append(Pair(caption, chosen, rejected, where, {"label_0": label}))
-    return pairs
+        group_start = 0
+        for group, table in enumerate(groups):
+            captions, labels = table.column("caption").to_pylist(), table.column("label_0").to_pylist()
+            for row, (caption, label) in enumerate(zip(captions, labels)):
+                where = f"{path} row {group_start + row}"
+                try:
+                    if label not in (0, 0.5, 1):
+                        raise DataError(f"{where}: label_0 is {label!r}, expected 1, 0 or 0.5")
+                    if not isinstance(caption, str):
+                        raise DataError(f"{where}: caption is {_json_type(caption)}, not a string")
+                except DataError as error:
+                    if not skip_bad:
+                        raise
+                    summary.skipped[_reason(error)] += 1
+                    continue
+                if label == 0.5 and not keep_ties:
+                    summary.skipped["ties"] += 1
+                    continue
+                values = (shard, group, row, group_start + row, prompts.setdefault(caption, len(prompts)), label)
+                for column, value in zip(columns.values(), values):
+                    column.append(value)
+            group_start += len(captions)
+    return PickapicIndex([Path(p) for p in paths], columns, list(prompts))
 
 
 def read_manifest(path, summary, skip_bad=False):
-    """JSON Lines rows {"prompt", "chosen", "rejected", ...}; missing fields or files fail or are counted."""
+    """JSON Lines rows {"prompt", "chosen", "rejected", ...}, streamed; missing fields or files fail or are counted.
+    Only the offsets of the valid lines and the distinct prompts are kept."""
     path = Path(path)
-    pairs = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path} row {number}"
-        try:
+    columns, prompts, offset = {"offset": array("q"), "line": array("q"), "prompt": array("q")}, {}, 0
+    with open(path, "rb") as manifest:
+        for number, raw in enumerate(manifest, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8 text") from None
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: not valid JSON") from None
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{where}: missing required field {missing[0]!r}")
-            for key in ("prompt", "chosen", "rejected"):  # never train on the repr of a null, number or list
-                if not isinstance(row[key], str):
-                    raise DataError(f"{where}: {key} is {_json_type(row[key])}, not a string")
-            files = {k: path.parent / row[k] for k in ("chosen", "rejected")}
-            for key, file in files.items():
-                if not file.is_file():
-                    raise DataError(f"{where}: {key} file {file} does not exist")
-                if file.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    raise DataError(f"{where}: {key} file {file} is not an image or video "
-                                    f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
-        except DataError as error:
-            if not skip_bad:
-                raise
-            summary.skipped[_reason(error)] += 1
-            continue
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
-        pairs.append(Pair(row["prompt"], files["chosen"], files["rejected"], where, extra))
-    return pairs
+                row = _check_row(raw, path, f"{path} row {number}")
+            except DataError as error:
+                if not skip_bad:
+                    raise
+                summary.skipped[_reason(error)] += 1
+                continue
+            for key, value in zip(columns, (start, number, prompts.setdefault(row["prompt"], len(prompts)))):
+                columns[key].append(value)
+    return ManifestIndex([path], columns, list(prompts))
+
+
+def _check_row(raw, path, where):
+    """A manifest line parsed and checked: a JSON object whose prompt, chosen and rejected are strings naming
+    existing image or video files (relative to the manifest)."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError:
+        raise DataError(f"{where}: not valid JSON") from None
+    missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+    if missing:
+        raise DataError(f"{where}: missing required field {missing[0]!r}")
+    for key in ("prompt", "chosen", "rejected"):  # never train on the repr of a null, number or list
+        if not isinstance(row[key], str):
+            raise DataError(f"{where}: {key} is {_json_type(row[key])}, not a string")
+    for key in ("chosen", "rejected"):
+        file = path.parent / row[key]
+        if not file.is_file():
+            raise DataError(f"{where}: {key} file {file} does not exist")
+        if file.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+            raise DataError(f"{where}: {key} file {file} is not an image or video "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
+    return row
 
 
 def _json_type(value):
@@ -138,16 +224,17 @@ def _reason(error):
 
 
 def read_pairs(source, skip_bad=False, keep_ties=False):
-    """The pairs in `source` (a manifest or Pick-a-Pic parquet) and a Summary of what was read and skipped."""
+    """The pairs in `source` (a manifest or Pick-a-Pic parquet) as a PairIndex, and a Summary of what was read and
+    skipped. Rows are checked here as far as that needs no decoding; media are decoded when a pair is accessed."""
     source = Path(source)
     summary = Summary()
     if source.is_dir():
         shards = sorted(source.glob("*.parquet"))
         if not shards:
             raise DataError(f"{source}: no *.parquet shards and no {CACHE_INDEX} in this directory")
-        pairs = read_pickapic(shards, summary, keep_ties)
+        pairs = read_pickapic(shards, summary, keep_ties, skip_bad)
     elif source.suffix == ".parquet":
-        pairs = read_pickapic([source], summary, keep_ties)
+        pairs = read_pickapic([source], summary, keep_ties, skip_bad)
     elif source.suffix == ".jsonl":
         if not source.is_file():
             raise DataError(f"{source}: manifest does not exist")
@@ -217,16 +304,28 @@ def load_media(source, where, height, width, num_frames=0, frame_stride=1):
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Decodes pairs on access; the random flip is the same for both members of a pair."""
+    """Decodes pairs on access; the random flip is the same for both members of a pair. Under skip_bad a pair that
+    cannot be decoded is passed over for the next good one and counted in the item's "skipped": batches keep their
+    size, and a resumed run meets the same substitutes."""
 
-    def __init__(self, pairs, height, width, num_frames=0, frame_stride=1, flip=False, seed=0):
+    def __init__(self, pairs, height, width, num_frames=0, frame_stride=1, flip=False, seed=0, skip_bad=False):
         self.pairs, self.size, self.num_frames, self.frame_stride = pairs, (height, width), num_frames, frame_stride
-        self.flip, self.seed, self.epoch = flip, seed, 0
+        self.flip, self.seed, self.epoch, self.skip_bad = flip, seed, 0, skip_bad
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, index):
+        for skipped in range(len(self)):
+            try:
+                return {**self.decode((index + skipped) % len(self)), "skipped": torch.tensor(skipped)}
+            except DataError:
+                if not self.skip_bad:
+                    raise
+        raise DataError(f"no pair of the {len(self)} can be decoded")
+
+    def decode(self, index):
+        """The pair at `index` as pixels; a bad one raises DataError naming its row."""
         pair = self.pairs[index]
         chosen, rejected = (load_media(x, pair.where, *self.size, self.num_frames, self.frame_stride)
                             for x in (pair.chosen, pair.rejected))
@@ -244,25 +343,15 @@ def _name(source):
     return source if isinstance(source, Path) else "image bytes"
 
 
-def drop_bad_pairs(dataset, summary):
-    """Decodes every pair once (a progress bar), keeps the good ones and counts the rest (--skip-bad)."""
-    good = []
-    for index in tqdm(range(len(dataset)), desc="checking pairs"):
-        try:
-            dataset[index]
-            good.append(dataset.pairs[index])
-        except DataError as error:
-            summary.skipped[_reason(error)] += 1
-    if not good:
-        raise DataError(f"empty dataset after skipping bad pairs ({summary})")
-    dataset.pairs = good
-    summary.read = len(good)
-    return dataset
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The latent cache: safetensors shards plus cache.json, written into DIR.tmp and renamed to DIR when finished
+# The latent cache: safetensors shards plus cache.json, written into DIR.tmp and renamed to DIR when finished.
+# Pair shard k holds pairs [k S, (k + 1) S): two latents and a prompt id each; prompt shard j holds the
+# conditioning of distinct prompts [j S, (j + 1) S). Shard k of either kind is written by rank k % world_size.
 # ---------------------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = 2  # format 1 stored the conditioning again with every pair
+IN_PROGRESS, SETTINGS = "in-progress.lock", "settings.json"
+
 
 def cache_identity(backbone, pretrained):
     if pretrained is not None and Path(pretrained).exists():
@@ -271,67 +360,154 @@ def cache_identity(backbone, pretrained):
             "num_frames": backbone.num_frames}
 
 
+def default_shard_size(backbone):
+    """Pairs (or prompts) per shard: shards of a few hundred MB at native size (an SDXL pair is 0.5 MB, a Wan pair
+    17 MB), so that a shard in the making fits in host memory on every rank."""
+    return 32 if backbone.is_video else 1024
+
+
+def distinct_prompts(pairs):
+    """(prompts, prompt id of each pair): a PairIndex has them; a plain list of Pairs is de-duplicated here."""
+    if isinstance(pairs, PairIndex):
+        return pairs.prompts, pairs.prompt_ids
+    ids = {}
+    prompt_ids = np.array([ids.setdefault(pair.prompt, len(ids)) for pair in pairs])
+    return list(ids), prompt_ids
+
+
 @torch.no_grad()
-def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_size=1024, skip_bad=False, summary=None):
-    """Encodes every pair once with the backbone's VAE and text encoder(s) into safetensors shards. They are
-    written into `out`.tmp, which replaces `out` only when complete: an interrupted run leaves no cache that a reader
-    would take as complete, and an older cache in `out` stays readable until then."""
+def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_size=None, skip_bad=False,
+                latent_dtype=torch.float32, resume=False, workers=0, summary=None):
+    """Encodes every pair's two latents with the backbone's VAE and every distinct prompt once with its text
+    encoder(s), and returns the cache's index (None on ranks other than 0). Shards are written into `out`.tmp, each
+    complete or not at all; `out`.tmp replaces `out` when all are written, so an interrupted run leaves no cache that
+    a reader would take as complete, and an older cache in `out` stays readable until then. `resume` keeps the
+    shards an interrupted run with the same settings finished. Under torchrun every rank writes its share."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     final = Path(out)
-    if final.exists() and (not final.is_dir() or any(final.iterdir()) and not (final / CACHE_INDEX).is_file()):
-        raise DataError(f"--out {final}: exists and is not a latent cache; choose an empty or new directory")
-    out, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    if old.exists() and not (old / CACHE_INDEX).is_file():
-        raise DataError(f"--out {final}: {old} exists and is not a cache of ours; move it away or choose another --out")
-    lock = claim_cache_tmp(out, final)
-    summary = summary or Summary(read=len(dataset))
-    shards, buffer, total = [], [], 0
-    progress = tqdm(total=len(dataset), desc=f"caching {backbone.name}", unit="pair")
-
-    def flush():
-        nonlocal buffer, total
-        tensors = {key: torch.cat([b[key] for b in buffer]).contiguous() for key in buffer[0]}
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(tensors, out / name)
-        count = len(tensors["latents_w"])
-        shards.append({"file": name, "pairs": count})
-        total += count
-        buffer = []
-
-    items, pending = [], 0
-    for index in range(len(dataset)):
-        progress.update(1)
+    tmp = final.with_name(final.name + ".tmp")
+    prompts, prompt_ids = distinct_prompts(dataset.pairs)
+    shard_size = shard_size or default_shard_size(backbone)
+    settings = {**cache_identity(backbone, pretrained), "format": CACHE_FORMAT,
+                "source": [str(Path(f).resolve()) for f in getattr(dataset.pairs, "files", [])],
+                "source_pairs": len(dataset), "prompts": len(prompts), "shard_size": shard_size,
+                "latent_dtype": str(latent_dtype).removeprefix("torch."), "frame_stride": dataset.frame_stride}
+    names = [f"prompts-{j:05d}.safetensors" for j in range(-(-len(prompts) // shard_size))] + \
+            [f"shard-{k:05d}.safetensors" for k in range(-(-len(dataset) // shard_size))]
+    plan, lock = [None], None
+    if rank == 0:  # alone: the other ranks would see DIR.tmp half-claimed
         try:
-            items.append(dataset[index])
+            lock = claim_cache_tmp(tmp, final, settings, resume)
+            plan = [[name for name in names if not (tmp / name).is_file()]]
         except DataError as error:
-            if not skip_bad:
-                raise
-            summary.skipped[_reason(error)] += 1
-        if len(items) == batch_size or (index == len(dataset) - 1 and items):
-            buffer.append(encode_batch(backbone, collate(items)))
-            pending += len(items)
-            items = []
-            if pending >= shard_size:
-                flush()
-                pending = 0
+            plan = [str(error)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(plan)
+    if isinstance(plan[0], str):
+        raise DataError(plan[0])
+    mine = plan[0][rank::world_size]
+    progress = tqdm(total=sum(min(shard_size, len(dataset) - shard_number(n) * shard_size) for n in mine
+                              if n.startswith("shard-")), desc=f"caching {backbone.name}", unit="pair",
+                    disable=rank != 0)
+    for name in mine:
+        number = shard_number(name)
+        if name.startswith("prompts-"):
+            tensors, metadata = encode_prompts(backbone, prompts[number * shard_size:(number + 1) * shard_size],
+                                               batch_size, latent_dtype), {}
+        else:
+            span = range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
+            tensors, metadata = encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad, latent_dtype,
+                                             workers, progress)
+        save_file(tensors, tmp / f"{name}.partial", metadata)
+        os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
     progress.close()
-    if buffer:
-        flush()
-    if not total:
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        return None
+    index = finish_cache(tmp, final, settings, names, summary or Summary())
+    lock.close()
+    return index
+
+
+def shard_number(name):
+    return int(name.split("-")[1].split(".")[0])
+
+
+def encode_prompts(backbone, prompts, batch_size, dtype):
+    """The conditioning of `prompts`, stacked; embeddings in `dtype`, exact small vectors (SDXL's time ids) fp32."""
+    parts = [backbone.encode_prompts(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    return {f"cond.{key}": torch.cat([part[key] for part in parts]).to(dtype if key.endswith("embeds") else
+                                                                       torch.float32).cpu().contiguous()
+            for key in parts[0]}
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The cache writer's view of a PairDataset: under skip_bad a bad pair comes back as the reason it is bad, so
+    that a DataLoader worker hands it on instead of raising, and the shard leaves it out."""
+
+    def __init__(self, dataset, skip_bad):
+        self.dataset, self.skip_bad = dataset, skip_bad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset.decode(index)
+        except DataError as error:
+            if not self.skip_bad:
+                raise
+            return _reason(error)
+
+
+def encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad, dtype, workers, progress):
+    """One pair shard: the latents of the pairs in `span` (winners and losers encoded together) and their prompt
+    ids; metadata counts the bad pairs left out."""
+    loader = torch.utils.data.DataLoader(_Decoded(dataset, skip_bad), batch_size=batch_size, sampler=span,
+                                         collate_fn=list, num_workers=workers)
+    parts, skipped = [], Counter()
+    for items in loader:
+        good = [item for item in items if isinstance(item, dict)]
+        skipped.update(item for item in items if isinstance(item, str))
+        if good:
+            batch = collate(good)
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(backbone.denoiser.device)
+            latents_w, latents_l = backbone.encode_pixels(pixels).to(dtype).cpu().chunk(2)
+            parts.append({"latents_w": latents_w, "latents_l": latents_l,
+                          "prompt": torch.from_numpy(np.asarray(prompt_ids)[batch["index"].numpy()]).long()})
+        progress.update(len(items))
+    tensors = {key: torch.cat([part[key] for part in parts]).contiguous() for key in parts[0]} if parts else {}
+    return tensors, {"skipped": json.dumps(skipped)}
+
+
+def finish_cache(tmp, final, settings, names, summary):
+    """Writes the index of the finished shards into DIR.tmp and swaps DIR.tmp in as DIR."""
+    shards, prompt_shards, skipped = [], [], Counter(summary.skipped)
+    for name in names:
+        with safe_open(tmp / name, framework="pt") as handle:
+            count = handle.get_slice(next(iter(handle.keys()))).get_shape()[0] if handle.keys() else 0
+            if name.startswith("prompts-"):
+                prompt_shards.append({"file": name, "prompts": count})
+                continue
+            skipped.update(json.loads(handle.metadata()["skipped"]))
+        if count:
+            shards.append({"file": name, "pairs": count})
+    pairs = sum(shard["pairs"] for shard in shards)
+    summary.skipped, summary.read = skipped, pairs
+    if not pairs:
         raise DataError(f"empty dataset after skipping bad pairs ({summary})")
-    index = {**cache_identity(backbone, pretrained), "pairs": total, "shards": shards, "skipped": dict(summary.skipped)}
-    (out / CACHE_INDEX).write_text(json.dumps(index, indent=1))
+    index = {**settings, "pairs": pairs, "shards": shards, "prompt_shards": prompt_shards, "skipped": dict(skipped),
+             "bytes": sum((tmp / name).stat().st_size for name in names)}
+    (tmp / CACHE_INDEX).write_text(json.dumps(index, indent=1))
+    old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)  # a cache of ours, left by a swap that was interrupted
     if final.exists():
         os.replace(final, old)
-    (out / IN_PROGRESS).unlink()
-    os.replace(out, final)
-    lock.close()
+    (tmp / IN_PROGRESS).unlink()
+    os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    summary.read = total
-    return summary
-
-
-IN_PROGRESS = "in-progress.lock"
+    return index
 
 
 def take_lock(path, holder):
@@ -354,36 +530,60 @@ def take_lock(path, holder):
     return handle, None
 
 
-def claim_cache_tmp(out, final):
-    """Makes `out` (DIR.tmp) with a lock file that marks it as ours and is held while this process writes. An
-    existing DIR.tmp is removed only if it carries that mark and nobody holds its lock (an interrupted run's);
-    anything else there is refused in one line."""
-    marker = out / IN_PROGRESS
-    if out.exists():
+def claim_cache_tmp(tmp, final, settings, resume):
+    """Makes DIR.tmp with a lock file that marks it as ours and is held while this process writes, and returns the
+    lock. An interrupted run's DIR.tmp (marked, nobody holding its lock) is continued under `resume` if it was made
+    with the same settings, refused if it holds finished shards and `resume` is off, and otherwise replaced;
+    anything not marked as ours is refused in one line, never deleted."""
+    if final.exists() and (not final.is_dir() or any(final.iterdir()) and not (final / CACHE_INDEX).is_file()):
+        raise DataError(f"--out {final}: exists and is not a latent cache; choose an empty or new directory")
+    old = final.with_name(final.name + ".old")
+    if old.exists() and not (old / CACHE_INDEX).is_file():
+        raise DataError(f"--out {final}: {old} exists and is not a cache of ours; move it away or choose another --out")
+    marker = tmp / IN_PROGRESS
+    if tmp.exists():
         if not marker.is_file():
-            raise DataError(f"--out {final}: {out} exists and was not made by data.py cache; move it away or choose "
+            raise DataError(f"--out {final}: {tmp} exists and was not made by data.py cache; move it away or choose "
                             f"another --out")
-        stale, holder = take_lock(marker, "data.py cache")
-        if stale is None:
+        lock, holder = take_lock(marker, "data.py cache")
+        if lock is None:
             raise DataError(f"--out {final}: being written by {holder}; wait for it to end")
-        stale.close()
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return take_lock(marker, "data.py cache")[0]
+        finished = list(tmp.glob("*.safetensors"))
+        if finished and not resume:
+            lock.close()
+            raise DataError(f"--out {final}: {tmp} holds {len(finished)} finished shards of an interrupted run; "
+                            f"continue it with --resume, or remove {tmp} to start again")
+        if finished:
+            made_with = json.loads((tmp / SETTINGS).read_text()) if (tmp / SETTINGS).is_file() else {}
+            for key, value in settings.items():
+                if made_with.get(key) != value:
+                    lock.close()
+                    raise DataError(f"--resume: {tmp} was made with {key}={made_with.get(key)!r}, but this run has "
+                                    f"{key}={value!r}; rerun with its settings, or remove {tmp} to start again")
+            for partial in tmp.glob("*.partial"):  # a shard the interrupted run was writing
+                partial.unlink()
+            return lock
+        lock.close()
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lock = take_lock(marker, "data.py cache")[0]
+    (tmp / SETTINGS).write_text(json.dumps(settings, indent=1))
+    return lock
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Reads a finished cache lazily (memory-mapped safetensors); refuses one made by another backbone."""
+    """Reads a finished cache lazily (memory-mapped safetensors), as fp32 tensors whatever dtype it stores; refuses
+    one made by another backbone."""
 
     def __init__(self, directory, backbone=None, pretrained=None):
         self.directory = Path(directory)
-        index_file = self.directory / CACHE_INDEX
-        if not index_file.is_file():
+        self.index = read_cache_index(directory)
+        if self.index is None:
             raise DataError(f"{directory}: not a finished latent cache (no {CACHE_INDEX})")
-        self.index = json.loads(index_file.read_text())
         if backbone is not None:
             check_cache_matches(self.index, directory, backbone, pretrained)
-        self.files = [self.directory / shard["file"] for shard in self.index["shards"]]
+        self.files = [shard["file"] for shard in self.index["shards"]]
+        self.prompt_files = [shard["file"] for shard in self.index["prompt_shards"]]
         self.offsets = np.cumsum([0] + [shard["pairs"] for shard in self.index["shards"]])
         self.handles = {}
         self.epoch = 0
@@ -393,11 +593,18 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        if shard not in self.handles:
-            self.handles[shard] = safe_open(self.files[shard], framework="pt")
-        handle, row = self.handles[shard], index - int(self.offsets[shard])
-        item = {key: handle.get_slice(key)[row:row + 1][0] for key in handle.keys()}
+        pairs, row = self.handle(self.files[shard]), index - int(self.offsets[shard])
+        prompt = int(pairs.get_slice("prompt")[row:row + 1][0])
+        prompts, prompt_row = self.handle(self.prompt_files[prompt // self.index["shard_size"]]), \
+            prompt % self.index["shard_size"]
+        item = {key: pairs.get_slice(key)[row:row + 1][0].float() for key in ("latents_w", "latents_l")}
+        item.update({key: prompts.get_slice(key)[prompt_row:prompt_row + 1][0].float() for key in prompts.keys()})
         return {**item, "index": torch.tensor(index)}
+
+    def handle(self, name):
+        if name not in self.handles:
+            self.handles[name] = safe_open(self.directory / name, framework="pt")
+        return self.handles[name]
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "handles": {}}
@@ -413,14 +620,19 @@ def check_cache_matches(index, directory, backbone, pretrained):
 
 
 def read_cache_index(directory):
-    """The identity a cache records, or None when `directory` is not a cache (checked before building models)."""
+    """The index of a finished cache, or None when `directory` is not a cache (checked before building models);
+    a cache of the older format is refused with the command that rebuilds it."""
     index = Path(directory) / CACHE_INDEX
     if not index.is_file():
         return None
     try:
-        return json.loads(index.read_text())
+        made = json.loads(index.read_text())
     except (ValueError, OSError):
         raise DataError(f"{index}: unreadable cache index; rebuild the cache with data.py cache") from None
+    if made.get("format") != CACHE_FORMAT:
+        raise DataError(f"{directory}: a latent cache of an older format (the conditioning stored with every pair); "
+                        f"rebuild it: python data.py cache --model {made.get('model')} --data PAIRS --out {directory}")
+    return made
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,7 +652,8 @@ def encode_batch(backbone, batch):
     """Latents and conditioning of a batch: read from the cache, or encoded now (winners and losers together)."""
     device = backbone.denoiser.device
     if "latents_w" in batch:
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "index"}
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()
+                if key not in ("index", "skipped")}
     pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
     latents_w, latents_l = backbone.encode_pixels(pixels).chunk(2)
     cond = backbone.encode_prompts(batch["prompt"])
@@ -482,10 +695,7 @@ def open_dataset(source, backbone, pretrained=None, skip_bad=False, flip=False, 
         dataset = CachedPairs(source, backbone, pretrained)
         return dataset, Summary(read=len(dataset))
     pairs, summary = read_pairs(source, skip_bad)
-    dataset = PairDataset(pairs, *backbone.resolution, backbone.num_frames, frame_stride, flip, seed)
-    if skip_bad:
-        drop_bad_pairs(dataset, summary)
-    return dataset, summary
+    return PairDataset(pairs, *backbone.resolution, backbone.num_frames, frame_stride, flip, seed, skip_bad), summary
 
 
 def main(argv=None):
@@ -496,24 +706,41 @@ def main(argv=None):
     cache.add_argument("--pretrained", help="diffusers directory or hub id of the backbone's weights")
     cache.add_argument("--data", required=True, help="a .jsonl manifest or Pick-a-Pic .parquet shard(s)")
     cache.add_argument("--out", required=True, help="directory for the cache")
+    cache.add_argument("--resume", action="store_true", help="continue an interrupted cache from its finished shards")
     cache.add_argument("--skip-bad", action="store_true", help="skip and count bad pairs instead of stopping")
     cache.add_argument("--frame-stride", type=int, default=1, help="take every k-th video frame")
     cache.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once")
-    cache.add_argument("--shard-size", type=int, default=1024, help="pairs per safetensors shard")
-    cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cache.add_argument("--shard-size", type=int, help="pairs (and prompts) per shard (default 1024, videos 32)")
+    cache.add_argument("--latent-dtype", choices=("fp32", "bf16"),
+                       help="dtype of the stored latents and prompt embeddings (default bf16 on GPU, fp32 on CPU)")
+    cache.add_argument("--workers", type=int, help="DataLoader workers decoding media (default 4 on GPU, 0 on CPU)")
+    cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="one process; under torchrun each rank takes its own GPU")
     args = parser.parse_args(argv)
     import models
     import train
     try:
-        train.check_numbers(args, dict.fromkeys(("frame_stride", "batch_size", "shard_size"), train.AT_LEAST_1))
+        train.check_numbers(args, {"frame_stride": train.AT_LEAST_1, "batch_size": train.AT_LEAST_1,
+                                   "shard_size": train.AT_LEAST_1, "workers": train.NON_NEGATIVE})
+        device, rank, _ = train.setup_distributed(timeout=datetime.timedelta(hours=4)) if "RANK" in os.environ \
+            else (torch.device(args.device), 0, 1)
+        gpu = device.type == "cuda"
+        latent_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.latent_dtype or ("bf16" if gpu else "fp32")]
         pairs, summary = read_pairs(args.data, args.skip_bad)
-        backbone = models.load_backbone(args.model, args.pretrained, device=args.device)
+        backbone = models.load_backbone(args.model, args.pretrained, device=device)
         dataset = PairDataset(pairs, *backbone.resolution, backbone.num_frames, args.frame_stride)
-        write_cache(backbone, dataset, args.out, args.pretrained, args.batch_size, args.shard_size, args.skip_bad,
-                    summary)
+        index = write_cache(backbone, dataset, args.out, args.pretrained, args.batch_size, args.shard_size,
+                            args.skip_bad, latent_dtype, args.resume, 4 if args.workers is None and gpu else
+                            args.workers or 0, summary)
     except ValueError as error:  # DataError and models.ModelError are ValueErrors
-        sys.exit(f"error: {error}")
-    print(f"cache {args.out}: {summary}")
+        train.fail(error)  # under torchrun the other ranks are ended by it
+        sys.exit(1)
+    finally:
+        train.leave()
+    if rank == 0:
+        print(f"cache {args.out}: {index['pairs']:,} pairs, {index['prompts']:,} distinct prompts, "
+              f"{index['bytes'] / index['pairs'] / 1e6:.3g} MB per pair ({index['latent_dtype']}), "
+              f"{index['bytes'] / 1e9:.3g} GB in all; skipped: {Summary(skipped=Counter(index['skipped'])).reasons()}")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup,
 def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pairs, tmp_path):
     tmp = tmp_path / "cache.tmp"
     tmp.mkdir()
-    (tmp / "shard-00000.safetensors").write_bytes(b"half")
+    (tmp / "shard-00000.safetensors.partial").write_bytes(b"half")  # a shard cut off mid-write: nothing finished
     with open(tmp / "in-progress.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("data.py cache pid 4242 on somehost")
@@ -235,6 +235,33 @@ def test_timesteps_reads_a_cache_made_with_the_same_pretrained_weights(pairs, tm
     result = evaluate("timesteps", "--model", "toy", "--pretrained", tmp_path / "base", "--data",
                       tmp_path / "cache", "--pairs", 2, "--buckets", 2, "--draws", 2, "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_bad_pair_met_mid_run_is_one_line_and_the_run_goes_on_with_skip_bad(pairs, tmp_path):
+    """A pair whose image cannot be decoded is found only when a batch reaches it (raw data is not decoded ahead):
+    without --skip-bad one line names its row and the directory stays usable; with it the pair is passed over and
+    counted in the log, and the run resumes as usual."""
+    folder = pairs.parent
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows[5]["rejected"] = "corrupt.png"
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(json.dumps({**r, "chosen": str(folder / r["chosen"]),
+                                              "rejected": str(folder / r["rejected"])}) for r in rows))
+    out = tmp_path / "run"
+    args = ["--data", manifest, "--out", out, "--steps", 4, "--batch-size", 4, "--checkpoint-every", 2, "--no-export"]
+    one_line_error(train(*args), f"{manifest} row 6: {folder / 'corrupt.png'} cannot be decoded")
+    assert (out / "args.json").is_file()
+    result = train(*args, "--skip-bad", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["epoch"] for r in log] == [0, 0, 1, 1]
+    assert log[-1]["bad_pairs_skipped"] == 2, "met once in each of the two epochs"
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    resumed = train(*args, "--skip-bad", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert again[-1]["bad_pairs_skipped"] == 2 and [r["step"] for r in again] == [1, 2, 3, 4]
 
 
 def test_a_parquet_caption_that_is_not_a_string_names_its_row(tmp_path):

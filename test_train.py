@@ -361,7 +361,7 @@ def test_full_size_model_defaults_to_its_hub_id_and_offline_says_so_in_one_line(
 
 def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"model": "tiny-sdxl"}))
+    (tmp_path / "cache" / "cache.json").write_text(json.dumps({"model": "tiny-sdxl", "format": data.CACHE_FORMAT}))
     result = run(0, "--model", "tiny-sd1.5", "--data", tmp_path / "cache", "--out", tmp_path / "r", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (f"error: --data {tmp_path / 'cache'}: cache was made with "

@@ -213,16 +213,17 @@ def default_beta(args, backbone):
 # Distribution: FSDP2 per block, then the root (Wan2.1's recipe)
 # ---------------------------------------------------------------------------------------------------------
 
-def setup_distributed():
+def setup_distributed(timeout=None):
     """torchrun's process group (NCCL on GPUs, gloo on CPU). Plain `python train.py` makes none: one process runs
-    the same code with every collective below a no-op and no sharding (parallelism)."""
+    the same code with every collective below a no-op and no sharding (parallelism). `timeout`: how long a
+    collective waits for the slowest rank (data.py cache's last barrier may wait for a rank's last shard)."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" not in os.environ:
         return device, 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                             **({"device_id": device} if device.type == "cuda" else {}))
     return device, dist.get_rank(), dist.get_world_size()
 
@@ -736,13 +737,14 @@ def train(args, cleanup):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (args.warmup + 1)))
-    counters = {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0}
+    counters = {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0, "bad_pairs_skipped": 0}
     checkpoint = latest_checkpoint(args.out, say=print if rank == 0 else None) if args.resume else None
     if checkpoint is not None:
         counters = load_checkpoint(checkpoint, policy, optimizer, scheduler)
     elif args.resume and rank == 0:
         print(f"note: no complete checkpoint in {args.out}; starting from step 0")
     step, micro_batches, nonfinite_total = (counters[k] for k in ("step", "micro_batches", "nonfinite_skipped"))
+    bad_pairs_before, bad_pairs_here = counters.get("bad_pairs_skipped", 0), 0  # all ranks' before; this rank's
     if rank == 0:
         truncate_log(args.out / "log.jsonl", step)
         write_args(args, world_size, summary)
@@ -756,71 +758,76 @@ def train(args, cleanup):
 
     stop = {"signal": False}
     cleanup.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)))
-    progress = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.loss, unit="step")
-    batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, micro_batches, args.workers)
-    nonfinite_in_a_row = 0
-    while step < args.steps:
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        step_stats, skipped = [], False
-        for _ in range(args.grad_accum):
-            epoch, batch = next(batches)
-            micro_batches += 1
-            loss, stats = preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
-            finite = all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN)  # all ranks skip, or none
-            if finite.item() < 1:
-                skipped = True
-                break
-            (loss / args.grad_accum).backward()
-            step_stats.append({"loss": loss.detach(), **stats})  # its mean over ranks is the global loss
-        if skipped:
-            nonfinite_in_a_row += 1
-            nonfinite_total += 1
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite_in_a_row >= args.max_nonfinite:
-                if rank == 0:
-                    print(f"error: {nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping "
-                          f"(lower --lr or --beta)", file=sys.stderr)
-                sys.exit(1)
-            continue
+    # a context: an error or SIGTERM mid-run ends the bar's line before the one line that says what happened
+    with tqdm(total=args.steps, initial=step, disable=rank != 0, desc=args.loss, unit="step") as progress:
+        batches = data.pair_batches(dataset, args.batch_size, rank, world_size, args.seed, micro_batches, args.workers)
         nonfinite_in_a_row = 0
-        if args.parallel == "replicate":
-            average_gradients(trainable, world_size)
-        grad_norm = clip_gradients(trainable, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
+        while step < args.steps:
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            step_stats, skipped = [], False
+            for _ in range(args.grad_accum):
+                epoch, batch = next(batches)
+                micro_batches += 1
+                bad_pairs_here += int(batch.pop("skipped", torch.zeros(1)).sum())  # --skip-bad's substitutes
+                loss, stats = preference_loss(backbone, policy, reference, batch, epoch, args, world_size)
+                finite = all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN)  # all ranks skip, or none
+                if finite.item() < 1:
+                    skipped = True
+                    break
+                (loss / args.grad_accum).backward()
+                step_stats.append({"loss": loss.detach(), **stats})  # its mean over ranks is the global loss
+            if skipped:
+                nonfinite_in_a_row += 1
+                nonfinite_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                if nonfinite_in_a_row >= args.max_nonfinite:
+                    if rank == 0:
+                        print(f"error: {nonfinite_in_a_row} non-finite losses in a row at step {step}; stopping "
+                              f"(lower --lr or --beta)", file=sys.stderr)
+                    sys.exit(1)
+                continue
+            nonfinite_in_a_row = 0
+            if args.parallel == "replicate":
+                average_gradients(trainable, world_size)
+            grad_norm = clip_gradients(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
 
-        stats = {k: torch.stack([s[k] for s in step_stats]).mean() for k in step_stats[0]}
-        record = reduce_stats({**stats, "grad_norm": grad_norm}, world_size)
-        elapsed = time.perf_counter() - start
-        if (heldout is not None or prompts) and (step % args.eval_every == 0 or step == args.steps):
-            metrics, samples = heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank,
-                                               world_size)
-            record.update(metrics)
-            if samples is not None and rank == 0:
-                save_samples(args.out, step, samples, prompts, writer)
-        stop_now = all_reduce(torch.tensor(float(stop["signal"])), dist.ReduceOp.MAX)
-        if rank == 0:
-            pairs = args.batch_size * args.grad_accum * world_size
-            record.update(step=step, lr=scheduler.get_last_lr()[0], step_time=elapsed, pairs_per_s=pairs / elapsed,
-                          peak_memory_gb=peak_memory_gb(device), nonfinite_skipped=nonfinite_total, epoch=epoch)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if writer:
-                for key, value in record.items():
-                    writer.add_scalar(key, value, step)
-            shown = {"loss": "loss", "acc": "accuracy", "masked": "mask_fraction", "heldout": "heldout_accuracy"}
-            progress.set_postfix({k: f"{record[v]:.4f}" for k, v in shown.items() if v in record}, refresh=False)
-            progress.update(1)
-        if step % args.checkpoint_every == 0 or step == args.steps or stop_now.item():
-            counters = {"step": step, "micro_batches": micro_batches, "nonfinite_skipped": nonfinite_total}
-            save_checkpoint(args.out, counters, policy, optimizer, scheduler, args.keep, rank)
-        if stop_now.item():
+            stats = {k: torch.stack([s[k] for s in step_stats]).mean() for k in step_stats[0]}
+            bad_pairs = torch.tensor(float(bad_pairs_here), device=device)
+            record = reduce_stats({**stats, "grad_norm": grad_norm, "bad_pairs": bad_pairs}, world_size)
+            bad_pairs_total = bad_pairs_before + round(record.pop("bad_pairs") * world_size)
+            elapsed = time.perf_counter() - start
+            if (heldout is not None or prompts) and (step % args.eval_every == 0 or step == args.steps):
+                metrics, samples = heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank,
+                                                   world_size)
+                record.update(metrics)
+                if samples is not None and rank == 0:
+                    save_samples(args.out, step, samples, prompts, writer)
+            stop_now = all_reduce(torch.tensor(float(stop["signal"])), dist.ReduceOp.MAX)
             if rank == 0:
-                print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)
-            return
-    progress.close()
+                pairs = args.batch_size * args.grad_accum * world_size
+                record.update(step=step, lr=scheduler.get_last_lr()[0], step_time=elapsed, pairs_per_s=pairs / elapsed,
+                              peak_memory_gb=peak_memory_gb(device), nonfinite_skipped=nonfinite_total, epoch=epoch,
+                              **({"bad_pairs_skipped": bad_pairs_total} if args.skip_bad else {}))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if writer:
+                    for key, value in record.items():
+                        writer.add_scalar(key, value, step)
+                shown = {"loss": "loss", "acc": "accuracy", "masked": "mask_fraction", "heldout": "heldout_accuracy"}
+                progress.set_postfix({k: f"{record[v]:.4f}" for k, v in shown.items() if v in record}, refresh=False)
+                progress.update(1)
+            if step % args.checkpoint_every == 0 or step == args.steps or stop_now.item():
+                counters = {"step": step, "micro_batches": micro_batches, "nonfinite_skipped": nonfinite_total,
+                            "bad_pairs_skipped": bad_pairs_total}
+                save_checkpoint(args.out, counters, policy, optimizer, scheduler, args.keep, rank)
+            if stop_now.item():
+                if rank == 0:
+                    print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)
+                return
     if not args.no_export:
         export(args.out, backbone, policy, args.lora, rank)
     if rank == 0:

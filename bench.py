@@ -1,6 +1,7 @@
 """Benchmarks: where the time and memory go. Medians after warm-up; ratios measured side by side, interleaved.
 
     python bench.py                    # all CPU figures, under 10 minutes on 2 cores
+    python bench.py data               # figure 8 alone: reading Pick-a-Pic shards, caching with 1 and 2 ranks
     python bench.py planner            # the models only: memory, scaling and cache (meta devices; Wan's encoders
                                        # are counted on the CPU at a small size)
     python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
@@ -8,7 +9,8 @@
 Figures: 0 the SIPO step time of each tiny backbone, 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step
 time vs the bare compute floor with a breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory
 per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs, 6 the
-scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes.
+scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes, 8 data at
+scale measured: peak memory of reading 1 and 8 Pick-a-Pic shards, caching throughput of 2 ranks over 1, bytes a pair.
 """
 import argparse
 import json
@@ -509,6 +511,121 @@ def training_flops(backbone, pairs):
     return 4 * counter.get_total_flops()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Figure 8: data at the paper's scale, measured: reading Pick-a-Pic shards, caching with 1 and 2 ranks
+# ---------------------------------------------------------------------------------------------------------
+
+def synthetic_pickapic(folder, shards, rows=1000, prompts=70, kb=24):
+    """Shards in Pick-a-Pic v2's schema, `rows` rows each (about 47 MB on disk as the real shards' rows are): each
+    image a small JPEG padded to `kb` KB with random bytes after its end marker (decoders stop there; parquet can
+    no more compress them than real JPEGs), one row group a shard (pyarrow's default: the largest a reader holds),
+    one caption in `prompts` per row (Pick-a-Pic: 14 pairs a caption), 1 in 10 a tie."""
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for colour in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) // 8 + 30 * colour).save(buffer, "JPEG")
+        jpegs.append(buffer.getvalue())
+    for shard in range(shards):
+        images = [[jpegs[rng.integers(8)] + rng.bytes(kb * 1024 - len(jpegs[0])) for _ in range(rows)]
+                  for _ in range(2)]
+        labels = rng.choice([1.0, 0.0, 0.5], rows, p=[0.45, 0.45, 0.1])
+        pq.write_table(pa.table({"caption": [f"prompt {rng.integers(prompts)}" for _ in range(rows)],
+                                 "jpg_0": images[0], "jpg_1": images[1], "label_0": labels, "label_1": 1 - labels}),
+                       folder / f"train-{shard:05d}.parquet")
+    return folder
+
+
+def reading_worker(source):
+    """Index `source` and decode every pair once at 64x64 in this process; its peak RSS."""
+    import resource
+    start = time.perf_counter()
+    pairs, _ = data.read_pairs(source)
+    dataset = data.PairDataset(pairs, 64, 64)
+    for index in range(len(dataset)):
+        dataset[index]
+    print("RESULT " + json.dumps({"pairs": len(dataset), "seconds": time.perf_counter() - start,
+                                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+
+
+def worker_result(command, env=None):
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(line[7:])
+
+
+def reading_memory(workdir):
+    """Peak RSS of reading 1 and 8 shards, each in a fresh process (target 8 / 1 <= 1.15)."""
+    results = {}
+    for shards in (1, 8):
+        folder = synthetic_pickapic(workdir / f"pickapic-{shards}", shards)
+        results[shards] = worker_result([sys.executable, __file__, "reading-worker", "--data", str(folder)])
+        results[shards]["gb_on_disk"] = sum(f.stat().st_size for f in folder.iterdir()) / 1e9
+    return {"per_shards": results, "peak_rss_8_over_1": results[8]["peak_rss_gb"] / results[1]["peak_rss_gb"]}
+
+
+def caching_throughput(workdir, repeats, pairs=384, prompts=27):
+    """`data.py cache` of tiny-sd1.5 on `pairs` image pairs with 1 process (2 threads) and 2 torchrun ranks (1
+    thread each), interleaved; pairs per second from the time each run reports for its caching (model loading and
+    interpreter start-up left out); and the bytes per pair with the conditioning stored once per prompt, as measured,
+    against once per pair (what format 1 stored: the pair shards' bytes plus a prompt's bytes for every pair)."""
+    from PIL import Image
+    folder = workdir / "cache-pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    models.load_backbone("tiny-sd1.5").pipe.save_pretrained(folder / "base")
+    rows = []
+    for i in range(pairs):
+        Image.new("RGB", (64, 64), (i % 256, 100, 50)).save(folder / f"w{i}.png")
+        Image.new("RGB", (64, 64), (90, 90, i % 256)).save(folder / f"l{i}.png")
+        rows.append(json.dumps({"prompt": f"a picture {i % prompts}", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+    (folder / "pairs.jsonl").write_text("\n".join(rows))
+    speed = {1: [], 2: []}
+    for repeat in range(repeats):
+        for ranks in (1, 2):
+            out = workdir / f"cache-{ranks}-{repeat}"
+            launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                                           if ranks == 2 else [])
+            command = [str(Path(__file__).parent / "data.py"), "cache", "--model", "tiny-sd1.5", "--pretrained",
+                       str(folder / "base"), "--data", str(folder / "pairs.jsonl"), "--out", str(out), "--shard-size", "64"]
+            run = subprocess.run(launcher + command, capture_output=True, text=True, timeout=600)
+            if run.returncode:
+                raise RuntimeError(run.stderr[-2000:])
+            index = json.loads((out / data.CACHE_INDEX).read_text())
+            speed[ranks].append(index["pairs"] / index["this_run"]["seconds"])
+    size = {kind: sum(f.stat().st_size for f in out.glob(f"{kind}-*.safetensors")) for kind in ("shard", "prompts")}
+    return {"pairs": pairs, "distinct_prompts": prompts,
+            "pairs_per_s": {ranks: statistics.median(values) for ranks, values in speed.items()},
+            "two_ranks_over_one": statistics.median(speed[2]) / statistics.median(speed[1]),
+            "bytes_per_pair_conditioning_per_pair": (size["shard"] + size["prompts"] / prompts * pairs) / pairs,
+            "bytes_per_pair_deduplicated": (size["shard"] + size["prompts"]) / pairs}
+
+
+def data_figures(workdir, repeats):
+    results = {"reading": reading_memory(workdir), "caching": caching_throughput(workdir, repeats)}
+    reading, caching = results["reading"], results["caching"]
+    print_table("8 data: peak RSS of indexing and decoding Pick-a-Pic shards (target 8 / 1 <= 1.15)",
+                {f"{n} shard(s), {r['pairs']:,} pairs, {r['gb_on_disk']:.2f} GB on disk":
+                 f"{r['peak_rss_gb']:.2f} GB peak RSS, {r['seconds']:.0f} s" for n, r in reading["per_shards"].items()}
+                | {"8 / 1": f"{reading['peak_rss_8_over_1']:.2f}"})
+    print_table(f"8 data: data.py cache, tiny-sd1.5, {caching['pairs']} pairs, {caching['distinct_prompts']} prompts",
+                {"1 process (2 threads)": f"{caching['pairs_per_s'][1]:.0f} pairs/s",
+                 "2 ranks (1 thread each)": f"{caching['pairs_per_s'][2]:.0f} pairs/s",
+                 "2 ranks / 1 process": f"{caching['two_ranks_over_one']:.2f}",
+                 "bytes per pair, conditioning per pair (format 1)":
+                     f"{caching['bytes_per_pair_conditioning_per_pair']:,.0f}",
+                 "bytes per pair, each prompt once": f"{caching['bytes_per_pair_deduplicated']:,.0f}"})
+    return results
+
+
 def print_table(title, rows):
     print(f"\n## {title}")
     for key, value in rows.items():
@@ -517,17 +634,24 @@ def print_table(title, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="cpu", choices=("cpu", "planner", "gpu", "fsdp-memory-worker"))
+    parser.add_argument("what", nargs="?", default="cpu",
+                        choices=("cpu", "data", "planner", "gpu", "fsdp-memory-worker", "reading-worker"))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="results/bench.json", help="where the figures go as JSON")
     parser.add_argument("--size", default="medium", choices=("tiny", "medium"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
         return fsdp_memory_worker(args.size)
+    if args.what == "reading-worker":
+        return reading_worker(args.data)
     results = {"machine": machine()}
     if args.what == "gpu":
         results["gpu"] = device_benchmarks(torch.device("cuda", 0))
         results["planner"] = memory_plan(gpus=(1,))
+    elif args.what == "data":
+        with tempfile.TemporaryDirectory() as tmp:
+            results["8 data"] = data_figures(Path(tmp), repeats=3)
     elif args.what == "planner":
         results["planner"] = memory_plan()
         results["scaling model"] = scaling_model()
@@ -546,6 +670,7 @@ def main(argv=None):
                 print_table(f"2 step / floor, {size} (target <= 1.10)", results[f"2 distance to floor, {size}"])
             results["3 cache speed-up"] = cache_speedup(args.repeats, Path(tmp))
             print_table("3 latent cache speed-up, tiny-wan2.1-1.3b", results["3 cache speed-up"])
+            results["8 data"] = data_figures(Path(tmp), repeats=3)
         for size in ("medium", "tiny"):
             results[f"4 fsdp memory, {size}"] = fsdp_memory(size)
             print_table(f"4 FSDP memory per rank, {size} (target 2 ranks <= 0.6 x 1 rank)",

@@ -219,7 +219,6 @@ def sharded_bytes(policy, optimizer):
 
 def fsdp_memory_worker(size):
     """Run under torchrun: one SIPO step, then this rank's sharded bytes and peak RSS."""
-    import resource
     device, rank, world = train.setup_distributed()
     backbone = cpu_backbone(size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,7 +229,7 @@ def fsdp_memory_worker(size):
         value.backward()
         trainer.optimizer.step()
         result = {**sharded_bytes(trainer.policy, trainer.optimizer),
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+                  "peak_rss_gb": train.peak_memory_gb(torch.device("cpu"))}
         dist.barrier()
     if rank == 0:
         print("RESULT " + json.dumps(result))
@@ -544,14 +543,13 @@ def synthetic_pickapic(folder, shards, rows=1000, prompts=70, kb=24):
 
 def reading_worker(source):
     """Index `source` and decode every pair once at 64x64 in this process; its peak RSS."""
-    import resource
     start = time.perf_counter()
     pairs, _ = data.read_pairs(source)
     dataset = data.PairDataset(pairs, 64, 64)
     for index in range(len(dataset)):
         dataset[index]
     print("RESULT " + json.dumps({"pairs": len(dataset), "seconds": time.perf_counter() - start,
-                                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+                                  "peak_rss_gb": train.peak_memory_gb(torch.device("cpu"))}))
 
 
 def worker_result(command, env=None):
@@ -595,7 +593,8 @@ def caching_throughput(workdir, repeats, pairs=384, prompts=27):
             launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
                                            if ranks == 2 else [])
             command = [str(Path(__file__).parent / "data.py"), "cache", "--model", "tiny-sd1.5", "--pretrained",
-                       str(folder / "base"), "--data", str(folder / "pairs.jsonl"), "--out", str(out), "--shard-size", "64"]
+                       str(folder / "base"), "--data", str(folder / "pairs.jsonl"), "--out", str(out),
+                       "--shard-size", "64"]
             run = subprocess.run(launcher + command, capture_output=True, text=True, timeout=600)
             if run.returncode:
                 raise RuntimeError(run.stderr[-2000:])

@@ -674,7 +674,12 @@ def write_atomically(folder, write):
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    # this process's peak RSS: VmHWM, not ru_maxrss, which a process started from a larger one inherits on Linux
+    status = Path("/proc/self/status")
+    if status.is_file():
+        kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        return kib / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def reduce_stats(stats, world_size):

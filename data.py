@@ -408,10 +408,11 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
         dist.broadcast_object_list(plan)
     if isinstance(plan[0], str):
         raise DataError(plan[0])
-    mine = plan[0][rank::world_size]
+    mine = [name for kind in ("prompts-", "shard-") for name in
+            [n for n in plan[0] if n.startswith(kind)][rank::world_size]]  # each kind spread over the ranks
     progress = tqdm(total=sum(min(shard_size, len(dataset) - shard_number(n) * shard_size) for n in mine
-                              if n.startswith("shard-")), desc=f"caching {backbone.name}", unit="pair",
-                    disable=rank != 0)
+                              if n.startswith("shard-")), unit="pair", disable=rank != 0,
+                    desc=f"caching {backbone.name}" + (f" (rank 0 of {world_size})" if world_size > 1 else ""))
     for name in mine:
         number = shard_number(name)
         if name.startswith("prompts-"):
@@ -702,6 +703,15 @@ def open_dataset(source, backbone, pretrained=None, skip_bad=False, flip=False, 
     return PairDataset(pairs, *backbone.resolution, backbone.num_frames, frame_stride, flip, seed, skip_bad), summary
 
 
+def size(count):
+    """Bytes as a person reads them: 8.6 kB, 17 MB, 126 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -743,8 +753,8 @@ def main(argv=None):
         train.leave()
     if rank == 0:
         print(f"cache {args.out}: {index['pairs']:,} pairs, {index['prompts']:,} distinct prompts, "
-              f"{index['bytes'] / index['pairs'] / 1e6:.3g} MB per pair ({index['latent_dtype']}), "
-              f"{index['bytes'] / 1e9:.3g} GB in all; skipped: {Summary(skipped=Counter(index['skipped'])).reasons()}; "
+              f"{size(index['bytes'] / index['pairs'])} per pair ({index['latent_dtype']}), "
+              f"{size(index['bytes'])} in all; skipped: {Summary(skipped=Counter(index['skipped'])).reasons()}; "
               f"{index['this_run']['seconds']:.1f} s on {index['this_run']['ranks']} rank(s)")
 
 

@@ -391,8 +391,8 @@ def test_cache_command_line(tmp_path, capsys):
         data.main(argv)
     assert re.fullmatch(r"error: \S*m.jsonl row 2: missing required field 'rejected'\n", capsys.readouterr().err)
     data.main(argv + ["--skip-bad"])
-    assert re.fullmatch(r"cache \S+: 1 pairs, 1 distinct prompts, [0-9.]+ MB per pair \(float32\), "
-                        r"[0-9.e-]+ GB in all; skipped: 1 missing required field; [0-9.]+ s on 1 rank\(s\)\n",
+    assert re.fullmatch(r"cache \S+: 1 pairs, 1 distinct prompts, [0-9.]+ kB per pair \(float32\), "
+                        r"[0-9.]+ kB in all; skipped: 1 missing required field; [0-9.]+ s on 1 rank\(s\)\n",
                         capsys.readouterr().out)
     assert json.loads((tmp_path / "c" / "cache.json").read_text())["pairs"] == 1
 

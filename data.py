@@ -43,6 +43,10 @@ class DataError(ValueError):
     """Bad input; the message is one line naming the row and the file."""
 
 
+class ShardError(DataError):
+    """A bad pair met while a rank encodes its shards: only that rank knows it (the other errors every rank meets)."""
+
+
 @dataclass
 class Pair:
     prompt: str
@@ -410,21 +414,23 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
         raise DataError(plan[0])
     mine = [name for kind in ("prompts-", "shard-") for name in
             [n for n in plan[0] if n.startswith(kind)][rank::world_size]]  # each kind spread over the ranks
-    progress = tqdm(total=sum(min(shard_size, len(dataset) - shard_number(n) * shard_size) for n in mine
-                              if n.startswith("shard-")), unit="pair", disable=rank != 0,
-                    desc=f"caching {backbone.name}" + (f" (rank 0 of {world_size})" if world_size > 1 else ""))
-    for name in mine:
-        number = shard_number(name)
-        if name.startswith("prompts-"):
-            tensors, metadata = encode_prompts(backbone, prompts[number * shard_size:(number + 1) * shard_size],
-                                               batch_size, latent_dtype), {}
-        else:
-            span = range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
-            tensors, metadata = encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad, latent_dtype,
-                                             workers, progress)
-        save_file(tensors, tmp / f"{name}.partial", metadata)
-        os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
-    progress.close()
+    total = sum(min(shard_size, len(dataset) - shard_number(n) * shard_size) for n in mine if n.startswith("shard-"))
+    with tqdm(total=total, unit="pair", disable=rank != 0,  # a context: an error ends the bar's line first
+              desc=f"caching {backbone.name}" + (f" (rank 0 of {world_size})" if world_size > 1 else "")) as progress:
+        for name in mine:
+            number = shard_number(name)
+            if name.startswith("prompts-"):
+                tensors, metadata = encode_prompts(backbone, prompts[number * shard_size:(number + 1) * shard_size],
+                                                   batch_size, latent_dtype), {}
+            else:
+                span = range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
+                try:
+                    tensors, metadata = encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad,
+                                                     latent_dtype, workers, progress)
+                except DataError as error:
+                    raise ShardError(str(error)) from None
+            save_file(tensors, tmp / f"{name}.partial", metadata)
+            os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
@@ -733,11 +739,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import models
     import train
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; one process is rank 0
     try:
         train.check_numbers(args, {"frame_stride": train.AT_LEAST_1, "batch_size": train.AT_LEAST_1,
                                    "shard_size": train.AT_LEAST_1, "workers": train.NON_NEGATIVE})
-        device, rank, _ = train.setup_distributed(timeout=datetime.timedelta(hours=4)) if "RANK" in os.environ \
-            else (torch.device(args.device), 0, 1)
+        device = train.setup_distributed(timeout=datetime.timedelta(hours=4))[0] if "RANK" in os.environ \
+            else torch.device(args.device)
         gpu = device.type == "cuda"
         latent_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.latent_dtype or ("bf16" if gpu else "fp32")]
         pairs, summary = read_pairs(args.data, args.skip_bad)
@@ -747,7 +754,11 @@ def main(argv=None):
                             args.skip_bad, latent_dtype, args.resume, 4 if args.workers is None and gpu else
                             args.workers or 0, summary)
     except ValueError as error:  # DataError and models.ModelError are ValueErrors
-        train.fail(error)  # under torchrun the other ranks are ended by it
+        if rank == 0 or isinstance(error, ShardError):  # said once; torchrun then ends the other ranks
+            train.fail(error)
+        sys.exit(1)
+    except RuntimeError as error:  # a rank waiting in a collective when another failed, out of memory, ...
+        train.fail(error)
         sys.exit(1)
     finally:
         train.leave()

@@ -81,13 +81,9 @@ class PairIndex:
         self.files, self.prompts = files, prompts
         self.columns = {key: np.asarray(values) for key, values in columns.items()}
         self.prompt_ids = self.columns["prompt"]
-        self.open = {}
 
     def __len__(self):
         return len(self.prompt_ids)
-
-    def __getstate__(self):  # DataLoader workers open their own files
-        return {**self.__dict__, "open": {}}
 
 
 class PickapicIndex(PairIndex):
@@ -95,33 +91,40 @@ class PickapicIndex(PairIndex):
     group at a time, and that row group is kept until a pair of another is asked for (a sequential reader reads each
     once; memory is one row group per DataLoader worker, not the shards)."""
 
+    def __init__(self, files, columns, prompts):
+        super().__init__(files, columns, prompts)
+        self.loaded = {}  # the row group read last: {"key": (shard, group), "images": its two image columns}
+
+    def __getstate__(self):  # DataLoader workers read row groups of their own
+        return {**self.__dict__, "loaded": {}}
+
     def __getitem__(self, i):
         shard, group, row, file_row = (int(self.columns[key][i]) for key in ("shard", "group", "row", "file_row"))
         where = f"{self.files[shard]} row {file_row}"
-        if self.open.get("key") != (shard, group):
-            self.open.clear()  # the previous row group's bytes go before the next is read
+        if self.loaded.get("key") != (shard, group):
+            self.loaded.clear()  # the previous row group's bytes go before the next is read
             try:
                 parquet = pq.ParquetFile(self.files[shard])
-                self.open["images"] = parquet.read_row_group(group, columns=["jpg_0", "jpg_1"])
+                self.loaded["images"] = parquet.read_row_group(group, columns=["jpg_0", "jpg_1"])
             except Exception as error:  # pyarrow raises several types for truncated and corrupt files
                 raise DataError(f"{where}: image bytes cannot be read ({str(error).splitlines()[0][:120]})") from None
-            self.open["key"] = (shard, group)
-        jpg_0, jpg_1 = (self.open["images"].column(name)[row].as_py() for name in ("jpg_0", "jpg_1"))
+            self.loaded["key"] = (shard, group)
+        jpg_0, jpg_1 = (self.loaded["images"].column(name)[row].as_py() for name in ("jpg_0", "jpg_1"))
         label = float(self.columns["label"][i])
         chosen, rejected = (jpg_1, jpg_0) if label == 0 else (jpg_0, jpg_1)  # a kept tie: jpg_0 first
         return Pair(self.prompts[self.prompt_ids[i]], chosen, rejected, where, {"label_0": label})
 
 
 class ManifestIndex(PairIndex):
-    """JSONL rows: the byte offset of each valid line; the line is read again and parsed on access."""
+    """JSONL rows: the byte offset of each valid line; the line is read again and parsed on access (the file is
+    opened each time: a handle shared with forked DataLoader workers would share its position)."""
 
     def __getitem__(self, i):
         offset, line = int(self.columns["offset"][i]), int(self.columns["line"][i])
         path = self.files[0]
-        if "manifest" not in self.open:
-            self.open["manifest"] = open(path, "rb")
-        self.open["manifest"].seek(offset)
-        row = json.loads(self.open["manifest"].readline())
+        with open(path, "rb") as manifest:
+            manifest.seek(offset)
+            row = json.loads(manifest.readline())
         extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
         return Pair(row["prompt"], path.parent / row["chosen"], path.parent / row["rejected"], f"{path} row {line}",
                     extra)

@@ -86,6 +86,9 @@ def test_pickapic_is_indexed_from_captions_and_labels_and_read_by_row_group(tmp_
     for item, winner, loser in zip(items, ["red", "red", "blue"], ["blue", "green", "green"]):
         assert np.allclose(mean_colour(item["pixels_w"]), COLOURS[winner], atol=3), winner
         assert np.allclose(mean_colour(item["pixels_l"]), COLOURS[loser], atol=3), loser
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=data.collate)
+    from_workers = torch.cat([batch["pixels_w"] for batch in loader])  # each worker reads its own row groups
+    assert torch.equal(from_workers, torch.stack([item["pixels_w"] for item in items]))
     assert len(data.read_pairs(tmp_path, keep_ties=True)[0]) == 4
 
 

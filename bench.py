@@ -236,17 +236,20 @@ def fsdp_memory_worker(size):
     dist.destroy_process_group()
 
 
+def worker_result(command):
+    """The JSON a worker process (a figure measured in a fresh process) prints after "RESULT "."""
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(line[7:])
+
+
 def fsdp_memory(size):
     """Figure 4: per-rank bytes of parameters, gradients and optimizer state with 1 and 2 ranks."""
-    results = {}
-    for ranks in (1, 2):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={ranks}", __file__, "fsdp-memory-worker", "--size", size],
-                             capture_output=True, text=True, timeout=600)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(out.stderr[-2000:])
-        results[ranks] = json.loads(line[7:])
+    results = {ranks: worker_result([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                     f"--nproc_per_node={ranks}", __file__, "fsdp-memory-worker", "--size", size])
+               for ranks in (1, 2)}
     return {"per_rank": results, "two_over_one": results[2]["total"] / results[1]["total"],
             "peak_rss_two_over_one": results[2]["peak_rss_gb"] / results[1]["peak_rss_gb"]}
 
@@ -550,14 +553,6 @@ def reading_worker(source):
         dataset[index]
     print("RESULT " + json.dumps({"pairs": len(dataset), "seconds": time.perf_counter() - start,
                                   "peak_rss_gb": train.peak_memory_gb(torch.device("cpu"))}))
-
-
-def worker_result(command, env=None):
-    out = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(line[7:])
 
 
 def reading_memory(workdir):

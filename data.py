@@ -402,36 +402,40 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
                 "source": [str(Path(f).resolve()) for f in getattr(dataset.pairs, "files", [])],
                 "source_pairs": len(dataset), "prompts": len(prompts), "shard_size": shard_size,
                 "latent_dtype": str(latent_dtype).removeprefix("torch."), "frame_stride": dataset.frame_stride}
-    names = [f"prompts-{j:05d}.safetensors" for j in range(-(-len(prompts) // shard_size))] + \
-            [f"shard-{k:05d}.safetensors" for k in range(-(-len(dataset) // shard_size))]
+    shards = {"prompts": -(-len(prompts) // shard_size), "shard": -(-len(dataset) // shard_size)}  # how many
+    names = [shard_file(kind, number) for kind, count in shards.items() for number in range(count)]
     plan, lock = [None], None
     if rank == 0:  # alone: the other ranks would see DIR.tmp half-claimed
         try:
             lock = claim_cache_tmp(tmp, final, settings, resume)
-            plan = [[name for name in names if not (tmp / name).is_file()]]
+            plan = [{kind: [n for n in range(count) if not (tmp / shard_file(kind, n)).is_file()]
+                     for kind, count in shards.items()}]
         except DataError as error:
             plan = [str(error)]
     if dist.is_initialized():
         dist.broadcast_object_list(plan)
     if isinstance(plan[0], str):
         raise DataError(plan[0])
-    mine = [name for kind in ("prompts-", "shard-") for name in
-            [n for n in plan[0] if n.startswith(kind)][rank::world_size]]  # each kind spread over the ranks
-    total = sum(min(shard_size, len(dataset) - shard_number(n) * shard_size) for n in mine if n.startswith("shard-"))
-    with tqdm(total=total, unit="pair", disable=rank != 0,  # a context: an error ends the bar's line first
+    mine = {kind: numbers[rank::world_size] for kind, numbers in plan[0].items()}  # each kind spread over the ranks
+
+    def span(number):  # the pairs of pair shard `number`
+        return range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
+
+    # a context: an error ends the bar's line first
+    with tqdm(total=sum(len(span(n)) for n in mine["shard"]), unit="pair", disable=rank != 0,
               desc=f"caching {backbone.name}" + (f" (rank 0 of {world_size})" if world_size > 1 else "")) as progress:
-        for name in mine:
-            number = shard_number(name)
-            if name.startswith("prompts-"):
-                tensors, metadata = encode_prompts(backbone, prompts[number * shard_size:(number + 1) * shard_size],
-                                                   batch_size, latent_dtype), {}
+        for kind, number in [(kind, n) for kind, numbers in mine.items() for n in numbers]:
+            if kind == "prompts":
+                first = number * shard_size
+                tensors, metadata = encode_prompts(backbone, prompts[first:first + shard_size], batch_size,
+                                                   latent_dtype), {}
             else:
-                span = range(number * shard_size, min((number + 1) * shard_size, len(dataset)))
                 try:
-                    tensors, metadata = encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad,
-                                                     latent_dtype, workers, progress)
+                    tensors, metadata = encode_pairs(backbone, dataset, prompt_ids, span(number), batch_size,
+                                                     skip_bad, latent_dtype, workers, progress)
                 except DataError as error:
                     raise ShardError(str(error)) from None
+            name = shard_file(kind, number)
             save_file(tensors, tmp / f"{name}.partial", metadata)
             os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
     if dist.is_initialized():
@@ -444,8 +448,8 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
     return index
 
 
-def shard_number(name):
-    return int(name.split("-")[1].split(".")[0])
+def shard_file(kind, number):
+    return f"{kind}-{number:05d}.safetensors"
 
 
 def encode_prompts(backbone, prompts, batch_size, dtype):
@@ -486,10 +490,9 @@ def encode_pairs(backbone, dataset, prompt_ids, span, batch_size, skip_bad, dtyp
         skipped.update(item for item in items if isinstance(item, str))
         if good:
             batch = collate(good)
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(backbone.denoiser.device)
-            latents_w, latents_l = backbone.encode_pixels(pixels).to(dtype).cpu().chunk(2)
+            latents_w, latents_l = (latents.to(dtype).cpu() for latents in encode_latents(backbone, batch))
             parts.append({"latents_w": latents_w, "latents_l": latents_l,
-                          "prompt": torch.from_numpy(np.asarray(prompt_ids)[batch["index"].numpy()]).long()})
+                          "prompt": torch.from_numpy(prompt_ids[batch["index"].numpy()]).long()})
         progress.update(len(items))
     tensors = {key: torch.cat([part[key] for part in parts]).contiguous() for key in parts[0]} if parts else {}
     return tensors, {"skipped": json.dumps(skipped)}
@@ -668,10 +671,15 @@ def encode_batch(backbone, batch):
     if "latents_w" in batch:
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()
                 if key not in ("index", "skipped")}
-    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(device)
-    latents_w, latents_l = backbone.encode_pixels(pixels).chunk(2)
+    latents_w, latents_l = encode_latents(backbone, batch)
     cond = backbone.encode_prompts(batch["prompt"])
     return {"latents_w": latents_w, "latents_l": latents_l, **{f"cond.{k}": v for k, v in cond.items()}}
+
+
+def encode_latents(backbone, batch):
+    """The latents of a batch's winners and losers, encoded together."""
+    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(backbone.denoiser.device)
+    return backbone.encode_pixels(pixels).chunk(2)
 
 
 def conditioning(batch):

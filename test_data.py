@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 import data
 import models
-from test_bad_inputs import in_process
+import train as trainer
+from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
 
@@ -290,7 +291,7 @@ def cache_pairs(tmp_path_factory, sd):
 
 
 def test_two_ranks_cache_what_one_process_caches_and_train_on_it(tmp_path, cache_pairs):
-    """torchrun --nproc_per_node 2 data.py cache (gloo), then torchrun --nproc_per_node 2 train.py on that cache."""
+    """torchrun --nproc_per_node 2 data.py cache (gloo), then 2 ranks of train.py on that cache."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cache = cache_args(cache_pairs, "--out", tmp_path / "two")
     two = subprocess.run(torchrun + [str(ROOT / "data.py"), *map(str, cache)], cwd=ROOT, capture_output=True,
@@ -302,8 +303,7 @@ def test_two_ranks_cache_what_one_process_caches_and_train_on_it(tmp_path, cache
     assert_same_cache(tmp_path / "two", tmp_path / "one")
     train = ["--model", "tiny-sd1.5", "--pretrained", cache_pairs.parent / "base", "--data", tmp_path / "two",
              "--out", tmp_path / "run", "--steps", 2, "--batch-size", 1, "--no-export"]
-    trained = subprocess.run(torchrun + [str(ROOT / "train.py"), *map(str, train)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+    trained = ranks_run(2, trainer.main, train)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
 

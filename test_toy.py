@@ -49,18 +49,18 @@ def test_the_shipped_base_draws_what_it_is_asked_for():
 @pytest.fixture(scope="module")
 def mini_toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    report = toy.main(["--out", str(out), "--train-base", "--base-steps", "10", "--pairs-per-prompt", "8",
+    report = toy.main(["--out", str(out), "--train-base", "--base-steps", "5", "--pairs-per-prompt", "2",
                        "--steps", "2", "--samples", "2"])
     return out, report
 
 
 def test_the_base_recipe_still_makes_the_shipped_base(mini_toy):
-    """The first 10 SFT losses of `--train-base` equal the shipped base's (same data, seeds, batch and optimiser;
+    """The first 5 SFT losses of `--train-base` equal the shipped base's (same data, seeds, batch and optimiser;
     the rank count and the CPU's kernels only move them in the last digits)."""
     out, _ = mini_toy
     shipped = json.loads((toy.BASE / "recipe.json").read_text())
     ours = [json.loads(line)["loss"] for line in (out / "base" / "log.jsonl").read_text().splitlines()]
-    assert ours == pytest.approx(shipped["first_losses"][:10], rel=1e-3)
+    assert ours == pytest.approx(shipped["first_losses"][:5], rel=1e-3)
 
 
 def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
@@ -71,7 +71,7 @@ def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
                  "data/heldout/pairs.jsonl", "sipo/samples/step-000002/grid.png"):
         assert (out / path).exists(), path
     rows = [json.loads(line) for line in (out / "data" / "pairs" / "pairs.jsonl").read_text().splitlines()]
-    assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)
+    assert len(rows) == 16 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)
     log = [json.loads(line) for line in (out / "sipo" / "log.jsonl").read_text().splitlines()]
     assert "heldout_accuracy" in log[-1] and "heldout_reward" in log[-1]
     assert "| a yellow square |" in (out / "eval" / "report.md").read_text(), "the report's table by prompt"
@@ -91,15 +91,17 @@ def study_runs(tmp_path_factory):
 
 def test_miniature_study_writes_its_tables(study_runs, tmp_path):
     summary = study.main(["--part", "onpolicy", "--out", str(study_runs), "--results", str(tmp_path),
-                          "--pairs", "8", "--betas", "1000", "--seeds", "2",
+                          "--pairs", "2", "--heldout-pairs", "2", "--betas", "1000", "--seeds", "2",
                           "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2",
-                          "--timing-repeats", "1"])["onpolicy"]
+                          "--timestep-buckets", "4", "--timing-repeats", "1"])["onpolicy"]
     assert set(summary["table"]) == {f"{m} beta=1000" for m in study.METHODS}
     for row in summary["table"].values():
         assert len(row["finals"]) == 2 and 0 <= row["collapse_fraction"] <= 1 and row["step_time"] > 0
         assert 0 <= row["win_rate_mean"] <= 1
     assert set(summary["significance"]) == {f"{m} vs dpo, beta=1000" for m in ("dpo-cm", "sipo")}
     assert (tmp_path / "beta.png").stat().st_size > 10_000 and (tmp_path / "study.json").exists()
+    for model in ("base", "sipo"):
+        assert len((tmp_path / f"timesteps-{model}" / "timesteps.csv").read_text().splitlines()) == 1 + 4, model
     assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")
 
 
@@ -118,16 +120,17 @@ def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_th
 
 def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
     summary = study.main(["--part", "offpolicy", "--out", str(study_runs), "--results", str(tmp_path),
-                          "--off-seeds", "1", "--off-steps", "2", "--off-pairs", "8", "--off-batch", "4",
+                          "--heldout-pairs", "2", "--off-seeds", "1", "--off-steps", "2", "--off-pairs", "2",
+                          "--off-batch", "4",
                           "--off-configs", "dpo,sipo path before-mask", "--samples", "1",
                           "--timing-repeats", "1"])["offpolicy"]
     sources = ("on", "data", "foreign", "mixed")
     assert set(summary["weights"]) == set(sources) and all(set(v) == {"step", "path"}
                                                             for v in summary["weights"].values())
     for source in sources:
-        rows = [json.loads(line) for line in (study_runs / "data" / f"pairs-{source}-8" / "pairs.jsonl").read_text()
+        rows = [json.loads(line) for line in (study_runs / "data" / f"pairs-{source}-2" / "pairs.jsonl").read_text()
                 .splitlines()]
-        assert len(rows) == 64 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
+        assert len(rows) == 16 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
         for weight in ("step", "path"):
             row = summary["weights"][source][weight]
             assert 0 <= row["winner_median_w"] <= 1 and 0 <= row["masked_after"] <= 1

@@ -19,7 +19,7 @@ import data
 import evaluate
 import models
 import train
-from test_bad_inputs import in_process
+from test_bad_inputs import free_port, finish_ranks, in_process, ranks_run, start_ranks
 
 ROOT = Path(__file__).parent
 
@@ -61,29 +61,16 @@ def command(ranks, *args):
     return launcher + [str(ROOT / "train.py"), *map(str, args)]
 
 
-def run(ranks, *args, check=True):
-    """train.py on `ranks` torchrun processes, or with 0 as `python train.py` does, in this process."""
-    result = subprocess.run(command(ranks, *args), capture_output=True, text=True, cwd=ROOT, timeout=300) if ranks \
-        else in_process(train.main, args)
+def run(ranks, *args, check=True, torchrun=False):
+    """train.py on `ranks` ranks (forked as torchrun starts them, or with `torchrun` by torchrun itself, 4 s of
+    imports a process), or with 0 as `python train.py` does, in this process."""
+    if torchrun:
+        result = subprocess.run(command(ranks, *args), capture_output=True, text=True, cwd=ROOT, timeout=300)
+    else:
+        result = ranks_run(ranks, train.main, args) if ranks else in_process(train.main, args)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def descendants(pid):
-    """pid and every process below it (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
 
 
 def log(out):
@@ -102,7 +89,8 @@ COMMON = ["--warmup", "0", "--lr", "1e-4", "--checkpoint-every", "2", "--tau", "
 @pytest.fixture(scope="module")
 def straight(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    run(2, "--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 6, "--batch-size", 2, *COMMON)
+    run(2, "--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 6, "--batch-size", 2, *COMMON,
+        torchrun=True)
     return out
 
 
@@ -143,14 +131,13 @@ def test_resume_is_bit_exact(pairs, straight, tmp_path):
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straight, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--batch-size", 2, *COMMON]
-    process = subprocess.Popen(command(2, *args, "--steps", 400), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    context, logs = start_ranks(2, train.main, [*args, "--steps", 400])
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-000004").exists() and time.time() < deadline:
         time.sleep(0.05)
-    for pid in descendants(process.pid):  # as the OOM killer or a lost node would: every process at once
+    for pid in context.pids():  # as the OOM killer or a lost node would: every rank at once
         os.kill(pid, signal.SIGKILL)
-    process.wait()
+    assert finish_ranks(context, logs, args).returncode == -signal.SIGKILL
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     assert done and done[-1] >= "step-000004" and len(log(out)) < 400
     steps = 6 if done[-1] <= "step-000006" else int(done[-1][5:]) + 2
@@ -158,13 +145,6 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
     assert [r["step"] for r in log(out)] == list(range(1, steps + 1)), "each step logged once, none lost"
     if done[-1] <= "step-000006":
         assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight).values()))
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(*args):
@@ -182,16 +162,20 @@ def two_nodes(*args):
 
 def test_two_nodes_train_and_resume_exactly_like_one_node(pairs, tmp_path):
     """Two nodes of one rank each use hybrid sharding by default (replicate over the nodes, shard within): the same
-    mesh and global batch as one node of two ranks with --replicate 2, so bit-exact, straight and resumed."""
+    mesh and global batch as one node of two ranks with --replicate 2, so bit-exact; and what the two nodes saved
+    resumes there exactly (the nodes' shards meet in one checkpoint on the shared filesystem)."""
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--batch-size", 2, *COMMON]
-    run(2, *args, "--out", tmp_path / "one-node", "--steps", 4, "--replicate", 2)
-    two_nodes(*args, "--out", tmp_path / "two-nodes", "--steps", 2)
+    two_nodes(*args, "--out", tmp_path / "two-nodes", "--steps", 4)
     assert json.loads((tmp_path / "two-nodes" / "args.json").read_text())["world_size"] == 2
-    two_nodes(*args, "--out", tmp_path / "two-nodes", "--steps", 4, "--resume")
-    one, two = log(tmp_path / "one-node"), log(tmp_path / "two-nodes")
-    assert [r["step"] for r in two] == [1, 2, 3, 4] and [r["loss"] for r in two] == [r["loss"] for r in one]
-    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "two-nodes").values(),
-                                                 weights(tmp_path / "one-node").values()))
+    run(2, *args, "--out", tmp_path / "one-node", "--steps", 4, "--replicate", 2)
+    shutil.copytree(tmp_path / "two-nodes", tmp_path / "resumed", ignore=shutil.ignore_patterns("step-000004", "model"))
+    run(2, *args, "--out", tmp_path / "resumed", "--steps", 4, "--replicate", 2, "--resume")
+    one = log(tmp_path / "one-node")
+    for other in ("two-nodes", "resumed"):
+        assert [r["step"] for r in log(tmp_path / other)] == [1, 2, 3, 4]
+        assert [r["loss"] for r in log(tmp_path / other)] == [r["loss"] for r in one], other
+        assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / other).values(),
+                                                     weights(tmp_path / "one-node").values())), other
 
 
 def test_checkpoints_reshard_between_hybrid_and_plain_sharding(pairs, tmp_path):

@@ -95,15 +95,17 @@ def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance,
     """Pairs labelled by named_colour, the higher-scoring image first, from one of METHOD §8's sources:
     "on" two samples of the base; "data" two draws of the base's training distribution (draw); "foreign" a draw
     of the foreign generator (draw(style="foreign")) against a sample of the base ("mixed": mix_pairs).
-    Made `chunk` per prompt at a time (64 images a call); the seeds of training and held-out pairs never overlap."""
+    Made `chunk` per prompt at a time (64 images a call), fewer in the last; the seeds of training and held-out pairs
+    never overlap."""
     if (folder / "pairs.jsonl").exists():
         return folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     backbone = models.load_backbone("toy", pretrained=str(base)) if source in ("on", "foreign") else None
     generator = torch.Generator().manual_seed(first_seed)
-    prompts = PROMPTS * chunk
     rows = []
     for k in tqdm(range(0, per_prompt, chunk), desc=f"sampling {source} pairs in {folder.name}"):
+        prompts = PROMPTS * min(chunk, per_prompt - k)
+
         def drawn(style):
             return torch.stack([torch.from_numpy(draw(p, generator, style=style)).permute(2, 0, 1).float() / 255
                                 for p in prompts])
@@ -111,7 +113,7 @@ def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance,
             backbone.sample(prompts, first_seed + 2 * k, steps, guidance)
         b = drawn("base") if source == "data" else backbone.sample(prompts, first_seed + 2 * k + 1, steps, guidance)
         score_a, score_b = evaluate.named_colour(a, prompts), evaluate.named_colour(b, prompts)
-        for i, prompt in enumerate(prompts[:min(len(prompts), (per_prompt - k) * len(PROMPTS))]):
+        for i, prompt in enumerate(prompts):
             names = [save_image(folder, f"{k:04d}-{i:03d}-{label}.png", image)
                      for label, image in (("a", a[i]), ("b", b[i]))]
             better = score_a[i] >= score_b[i]

@@ -322,13 +322,13 @@ def activation_bytes(backbone, batch):
     return {False: full, True: batch * per_sample(True) + int(full * max(blocks) / sum(blocks))}
 
 
-def memory_plan(gpus=(1, 8, 64)):
+def memory_plan(gpus=(1, 8, 64), names=tuple(models.FULL)):
     """Per-GPU gigabytes for full fine-tuning and LoRA (rank 64) of each full-size backbone, one pair per GPU:
     fp32 master weights, fp32 gradients and Adam state sharded over the GPUs (FSDP), a bf16 reference sharded
     the same way (none for LoRA: the adapter-free policy is the reference), bf16 activations of the 2 samples
     (winner and loser) with and without checkpointing. Frozen encoders are not counted (use the latent cache)."""
     plan = {}
-    for name in models.FULL:
+    for name in names:
         backbone = models.load_backbone(name, device="meta", random_weights=True)
         count = sum(p.numel() for p in backbone.denoiser.parameters())
         lora = lora_parameter_count(backbone.denoiser, 64)

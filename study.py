@@ -5,13 +5,12 @@
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base (toy.py's shipped one by default) on the same pairs for the same steps, one
-process per run (forked from a server that imported train.py once), two runs at a time. Each run's final model is scored on held-out seeds with the known reward;
+process per run (train.launch), two runs at a time. Each run's final model is scored on held-out seeds with the known reward;
 its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ import evaluate
 import models
 import sipo
 import toy
+import train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,28 +39,16 @@ EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 2_000_000, toy.SAMPLE_STEPS, toy.GUIDANCE
 
 def run_one(name, flags, common, out):
     """One train.py run in a process of its own (1 thread, so two share the 2 cores); returns its directory, or None
-    on failure. Its stdout and stderr are in runs/NAME.stderr."""
+    on failure. Its stdout and stderr are in runs/NAME.log."""
     run = out / "runs" / name
     if (run / "model" / "model_index.json").exists():
         return run
     shutil.rmtree(run, ignore_errors=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    forkserver = multiprocessing.get_context("forkserver")
-    forkserver.set_forkserver_preload(["train", "study"])  # a run starts in milliseconds, not 4 s of imports
-    process = forkserver.Process(target=train_quietly, args=([*map(str, common + flags), "--out", str(run)],
-                                                             out / "runs" / f"{name}.stderr"))
-    process.start()
-    process.join()
-    return run if process.exitcode == 0 else None
-
-
-def train_quietly(argv, log):
-    import train
-    torch.set_num_threads(1)
-    output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    train.main(argv)
+    log = out / "runs" / f"{name}.log"
+    log.unlink(missing_ok=True)
+    status = train.finish(train.launch([*common, *flags, "--out", run], threads=1, log=log))
+    return run if status == 0 else None
 
 
 def final_scores(model, samples, rewards=("named_colour",)):
@@ -182,15 +170,14 @@ def main(argv=None):
     parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     parser.add_argument("--timestep-buckets", type=int, default=20, help="timestep buckets in the timestep analysis")
     args = parser.parse_args(argv)
-    import train as trainer
     try:
-        trainer.check_numbers(args, {
+        train.check_numbers(args, {
             **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
                              "off_batch", "off_pairs", "parallel", "heldout_pairs", "timestep_pairs", "timestep_buckets",
                              "timing_repeats"),
-                            trainer.AT_LEAST_1),
-            **dict.fromkeys(("lr", "ablation_beta", "off_beta"), trainer.POSITIVE),
-            "collapse_margin": trainer.NON_NEGATIVE})
+                            train.AT_LEAST_1),
+            **dict.fromkeys(("lr", "ablation_beta", "off_beta"), train.POSITIVE),
+            "collapse_margin": train.NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
     out, base, report = Path(args.out), Path(args.base), Path(args.results)
@@ -320,7 +307,6 @@ def weights_by_source(base, manifests, tau=0.9, batch=32):
     """Under the base: the step and path weights of winners and losers of every pair of each source, at t drawn
     as in training (epoch 0, seed 0). {source: {weight: {winner/loser: median w, mean log w; masked}}}."""
     import data
-    import train
     backbone = models.load_backbone("toy", pretrained=str(base))
     table = {}
     for source, manifest in manifests.items():

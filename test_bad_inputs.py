@@ -4,17 +4,12 @@ import contextlib
 import fcntl
 import io
 import json
-import multiprocessing
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import train as trainer
@@ -156,56 +151,12 @@ def in_process(main, argv):
     return subprocess.CompletedProcess(argv, status or 0, stdout.getvalue(), stderr.getvalue())
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ranks are forked from a server process that imported train.py once (torch, diffusers, transformers: 4 s a process)
-multiprocessing.set_forkserver_preload(["train", "data", "study", "test_bad_inputs"])
-
-
-def start_ranks(ranks, main, argv):
-    """main(argv) on `ranks` processes as `torchrun --standalone --nproc_per_node RANKS` starts them (its variables,
-    1 thread each, stdout and stderr of their own), without an interpreter and imports per rank: returns the
-    ProcessContext (its pids, join) and the folder of the ranks' output."""
-    logs = Path(tempfile.mkdtemp(prefix="ranks-"))
-    context = torch.multiprocessing.start_processes(
-        _rank, (ranks, free_port(), main, [str(arg) for arg in argv], logs), nprocs=ranks, join=False,
-        start_method="forkserver")
-    return context, logs
-
-
-def _rank(rank, ranks, port, main, argv, logs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
-                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-        os.dup2(os.open(logs / f"{rank}.{name}", os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
-    sys.stdout.reconfigure(line_buffering=True)
-    main(argv)
-
-
-def finish_ranks(context, logs, argv):
-    """Waits for every rank: the CompletedProcess torchrun's would be (the first failing rank's exit status; each
-    rank's stdout and stderr, rank 0 first)."""
-    status = 0
-    try:
-        while not context.join():
-            pass
-    except torch.multiprocessing.ProcessExitedException as error:
-        status = error.exit_code
-    except torch.multiprocessing.ProcessRaisedException as error:
-        status, _ = 1, sys.stderr.write(str(error))
-    outputs = {name: "".join(path.read_text() for path in sorted(logs.glob(f"*.{name}")))
-               for name in ("stdout", "stderr")}
-    shutil.rmtree(logs)
-    return subprocess.CompletedProcess(argv, status, outputs["stdout"], outputs["stderr"])
-
-
-def ranks_run(ranks, main, argv):
-    return finish_ranks(*start_ranks(ranks, main, argv), argv)
+def ranks_run(ranks, argv):
+    """train.py on `ranks` ranks (train.launch: torchrun's variables, without an interpreter and imports per rank),
+    as a CompletedProcess whose stderr is every rank's output."""
+    with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+        status = trainer.finish(trainer.launch(argv, ranks, log=log.name))
+        return subprocess.CompletedProcess(argv, status, None, log.read())
 
 
 def cache(*args):

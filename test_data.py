@@ -18,7 +18,6 @@ from safetensors import safe_open
 
 import data
 import models
-import train as trainer
 from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
@@ -303,7 +302,7 @@ def test_two_ranks_cache_what_one_process_caches_and_train_on_it(tmp_path, cache
     assert_same_cache(tmp_path / "two", tmp_path / "one")
     train = ["--model", "tiny-sd1.5", "--pretrained", cache_pairs.parent / "base", "--data", tmp_path / "two",
              "--out", tmp_path / "run", "--steps", 2, "--batch-size", 1, "--no-export"]
-    trained = ranks_run(2, trainer.main, train)
+    trained = ranks_run(2, train)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
 

@@ -1,4 +1,5 @@
-"""train.py under torchrun on CPU (gloo): multi-rank runs, exact resume, SIGKILL and SIGTERM, LoRA, bad flags."""
+"""train.py on CPU (gloo): multi-rank runs (train.launch; torchrun itself for two nodes), exact resume, SIGKILL and
+SIGTERM, LoRA, bad flags."""
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import data
 import evaluate
 import models
 import train
-from test_bad_inputs import free_port, finish_ranks, in_process, ranks_run, start_ranks
+from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
 
@@ -55,19 +56,10 @@ def video_pairs(tmp_path_factory):
     return folder / "pairs.jsonl"
 
 
-def command(ranks, *args):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
-        if ranks else [sys.executable]
-    return launcher + [str(ROOT / "train.py"), *map(str, args)]
-
-
-def run(ranks, *args, check=True, torchrun=False):
-    """train.py on `ranks` ranks (forked as torchrun starts them, or with `torchrun` by torchrun itself, 4 s of
-    imports a process), or with 0 as `python train.py` does, in this process."""
-    if torchrun:
-        result = subprocess.run(command(ranks, *args), capture_output=True, text=True, cwd=ROOT, timeout=300)
-    else:
-        result = ranks_run(ranks, train.main, args) if ranks else in_process(train.main, args)
+def run(ranks, *args, check=True):
+    """train.py on `ranks` ranks (train.launch: torchrun's variables; torchrun itself runs in two_nodes, 4 s of
+    imports a rank), or with 0 as `python train.py` does, in this process."""
+    result = ranks_run(ranks, args) if ranks else in_process(train.main, args)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -89,8 +81,7 @@ COMMON = ["--warmup", "0", "--lr", "1e-4", "--checkpoint-every", "2", "--tau", "
 @pytest.fixture(scope="module")
 def straight(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    run(2, "--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 6, "--batch-size", 2, *COMMON,
-        torchrun=True)
+    run(2, "--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 6, "--batch-size", 2, *COMMON)
     return out
 
 
@@ -131,13 +122,13 @@ def test_resume_is_bit_exact(pairs, straight, tmp_path):
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straight, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--batch-size", 2, *COMMON]
-    context, logs = start_ranks(2, train.main, [*args, "--steps", 400])
+    ranks = train.launch([*args, "--steps", 400], 2, log=tmp_path / "log")
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-000004").exists() and time.time() < deadline:
         time.sleep(0.05)
-    for pid in context.pids():  # as the OOM killer or a lost node would: every rank at once
+    for pid in ranks.pids():  # as the OOM killer or a lost node would: every rank at once
         os.kill(pid, signal.SIGKILL)
-    assert finish_ranks(context, logs, args).returncode == -signal.SIGKILL
+    assert train.finish(ranks) == -signal.SIGKILL
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     assert done and done[-1] >= "step-000004" and len(log(out)) < 400
     steps = 6 if done[-1] <= "step-000006" else int(done[-1][5:]) + 2
@@ -145,6 +136,13 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
     assert [r["step"] for r in log(out)] == list(range(1, steps + 1)), "each step logged once, none lost"
     if done[-1] <= "step-000006":
         assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight).values()))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def two_nodes(*args):
@@ -298,14 +296,13 @@ def test_sigterm_saves_and_exits_cleanly(pairs, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 500, "--checkpoint-every", 1000,
             "--warmup", 0]
-    process = subprocess.Popen(command(0, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = train.launch(args, log=tmp_path / "stderr")  # `python train.py ARGS`, forked
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-2000:]
-    assert "SIGTERM: saved step" in stderr
+    os.kill(process.pids()[0], signal.SIGTERM)
+    status, stderr = train.finish(process), (tmp_path / "stderr").read_text()
+    assert status == 0 and "SIGTERM: saved step" in stderr, stderr[-2000:]
     saved = train.latest_checkpoint(out)
     assert saved is not None and int(saved.name[5:]) == len(log(out)) < 500
 

@@ -17,6 +17,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -243,6 +244,49 @@ def barrier():
 def leave():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch(argv, ranks=1, threads=None, log=None):
+    """main(argv) on `ranks` processes with the variables `torchrun --standalone --nproc_per_node RANKS` gives them
+    (one process: as `python train.py`, no process group), `threads` each (default: its share of the cores), forked
+    by torch.multiprocessing from a server that imported this module once. For a program that runs many short
+    trainings (toy.py, study.py, the tests), this saves an interpreter and 4 s of imports a process. `log`: a file
+    the processes append their stdout and stderr to (default: this process's). Returns torch's ProcessContext (pids,
+    join); finish(context) waits."""
+    import multiprocessing
+    multiprocessing.set_forkserver_preload(["train"])
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads = threads or max(1, os.cpu_count() // ranks)
+    return torch.multiprocessing.start_processes(_launched, ([str(arg) for arg in argv], ranks, threads, port, log),
+                                                 nprocs=ranks, join=False, start_method="forkserver")
+
+
+def _launched(rank, argv, ranks, threads, port, log):
+    if ranks > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
+                          GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    if log is not None:
+        output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+    main(argv)
+
+
+def finish(context):
+    """Waits for launch()'s processes: 0, or the first failing one's exit status (-N: killed by signal N)."""
+    try:
+        while not context.join():
+            pass
+    except torch.multiprocessing.ProcessExitedException as error:
+        return error.exit_code
+    except torch.multiprocessing.ProcessRaisedException as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
 
 
 def parallelism(args, world_size):

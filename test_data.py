@@ -1,6 +1,7 @@
 """data.py: Pick-a-Pic and manifest readers, video frames, the latent cache, and every bad-input message."""
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from safetensors import safe_open
 
 import data
 import models
+import train as trainer
 from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
@@ -236,22 +238,26 @@ def cache_args(pairs, *args):
             "--shard-size", 2, "--batch-size", 2, *args]
 
 
+def cache_killed_at_third_shard(args):
+    """data.py cache that SIGKILLs its process as it starts the third pair shard."""
+    encode, calls = data.encode_pairs, []
+
+    def encode_pairs(*pairs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(*pairs)
+
+    data.encode_pairs = encode_pairs
+    data.main(args)
+
+
 def test_a_killed_cache_resumes_from_its_finished_shards_without_encoding_them_again(tmp_path, cache_pairs):
     """SIGKILL while the third pair shard is being encoded; --resume encodes only what is missing, and the cache is
     the one a run that was never interrupted writes."""
-    kill_at_third_shard = ("import os, signal, sys, data\n"
-                           "encode, calls = data.encode_pairs, []\n"
-                           "def encode_pairs(*args):\n"
-                           "    calls.append(1)\n"
-                           "    if len(calls) == 3:\n"
-                           "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                           "    return encode(*args)\n"
-                           "data.encode_pairs = encode_pairs\n"
-                           "data.main(sys.argv[1:])\n")
-    args = cache_args(cache_pairs, "--out", tmp_path / "cache")
-    killed = subprocess.run([sys.executable, "-c", kill_at_third_shard, *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    args = [str(arg) for arg in cache_args(cache_pairs, "--out", tmp_path / "cache")]
+    killed = trainer.finish(trainer.launch(args, log=tmp_path / "log", entry=cache_killed_at_third_shard))
+    assert killed == -signal.SIGKILL
     tmp = tmp_path / "cache.tmp"
     finished = {p.name: p.stat().st_mtime_ns for p in tmp.glob("*.safetensors")}
     assert sorted(finished) == ["prompts-00000.safetensors", "prompts-00001.safetensors", "shard-00000.safetensors",

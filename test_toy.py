@@ -92,7 +92,7 @@ def study_runs(tmp_path_factory):
 def test_miniature_study_writes_its_tables(study_runs, tmp_path):
     summary = study.main(["--part", "onpolicy", "--out", str(study_runs), "--results", str(tmp_path),
                           "--pairs", "2", "--heldout-pairs", "2", "--betas", "1000", "--seeds", "2",
-                          "--steps", "3", "--samples", "1", "--no-ablations", "--timestep-pairs", "2",
+                          "--steps", "2", "--samples", "1", "--no-ablations", "--timestep-pairs", "2",
                           "--timestep-buckets", "4", "--timing-repeats", "1"])["onpolicy"]
     assert set(summary["table"]) == {f"{m} beta=1000" for m in study.METHODS}
     for row in summary["table"].values():

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import math
+import multiprocessing.forkserver
 import os
 import re
 import resource
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -246,34 +248,42 @@ def leave():
         dist.destroy_process_group()
 
 
-def launch(argv, ranks=1, threads=None, log=None):
-    """main(argv) on `ranks` processes with the variables `torchrun --standalone --nproc_per_node RANKS` gives them
-    (one process: as `python train.py`, no process group), `threads` each (default: its share of the cores), forked
-    by torch.multiprocessing from a server that imported this module once. For a program that runs many short
-    trainings (toy.py, study.py, the tests), this saves an interpreter and 4 s of imports a process. `log`: a file
-    the processes append their stdout and stderr to (default: this process's). Returns torch's ProcessContext (pids,
-    join); finish(context) waits."""
-    import multiprocessing
-    multiprocessing.set_forkserver_preload(["train"])
+def launch(argv, ranks=1, threads=None, log=None, entry=None):
+    """entry(argv) (default: main, `python train.py ARGV`; data.main for data.py) on `ranks` processes with the
+    variables `torchrun --standalone --nproc_per_node RANKS` gives them (one process: none, as `python train.py`),
+    `threads` each (default: its share of the cores), forked by torch.multiprocessing from a server that imported
+    this module once. For a program that runs many short trainings (toy.py, study.py, the tests), this saves an
+    interpreter and 4 s of imports a process. `log`: a file the processes append their stdout and stderr to
+    (default: this process's). Returns torch's ProcessContext (pids, join); finish(context) waits."""
+    start_launcher()
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     threads = threads or max(1, os.cpu_count() // ranks)
-    return torch.multiprocessing.start_processes(_launched, ([str(arg) for arg in argv], ranks, threads, port, log),
-                                                 nprocs=ranks, join=False, start_method="forkserver")
+    return torch.multiprocessing.start_processes(
+        _launched, (entry or main, [str(arg) for arg in argv], ranks, threads, port, log), nprocs=ranks, join=False,
+        start_method="forkserver")
 
 
-def _launched(rank, argv, ranks, threads, port, log):
+def start_launcher():
+    """launch()'s server, a process that imports this module once and forks the training processes. Starting it
+    early overlaps its imports with other work; launch() starts it if need be."""
+    multiprocessing.set_forkserver_preload(["train"])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _launched(rank, entry, argv, ranks, threads, port, log):
     if ranks > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
                           GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    tqdm.set_lock(threading.RLock())  # not tqdm's multiprocessing lock, whose semaphore a killed process would leak
     if log is not None:
         output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(output, 1)
         os.dup2(output, 2)
-    main(argv)
+    entry(argv)
 
 
 def finish(context):

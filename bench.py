@@ -5,12 +5,14 @@
     python bench.py planner            # the models only: memory, scaling and cache (meta devices; Wan's encoders
                                        # are counted on the CPU at a small size)
     python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
+    python bench.py peer --peer-script train_diffusion_dpo.py   # against diffusers' DPO example, a local copy
 
 Figures: 0 the SIPO step time of each tiny backbone, 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step
 time vs the bare compute floor with a breakdown, 3 latent-cache speed-up on a tiny video backbone, 4 FSDP memory
 per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs, 6 the
 scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes, 8 data at
-scale measured: peak memory of reading 1 and 8 Pick-a-Pic shards, caching throughput of 2 ranks over 1, bytes a pair.
+scale measured: peak memory of reading 1 and 8 Pick-a-Pic shards, caching throughput of 2 ranks over 1, bytes a pair,
+9 seconds a step against diffusers' DPO example.
 """
 import argparse
 import json
@@ -620,6 +622,51 @@ def data_figures(workdir, repeats):
     return results
 
 
+PEER = "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py"
+
+
+def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2, 12))):
+    """Figure 9: seconds per step of diffusers' DPO example (`script`, a local copy of PEER; never downloaded) and of
+    train.py on its raw pairs and on a latent cache: the same saved pipeline (tiny-sd1.5, or with the medium UNet),
+    the same Pick-a-Pic-schema shard, LoRA rank 4, 2 pairs a step, fp32, 1 process, no activation checkpointing,
+    Diffusion-DPO's loss. A step's time is the difference of a long and a short run over their difference in steps
+    (start-up, data loading and saving cancel), the runs interleaved, `repeats` times; medians."""
+    pairs = synthetic_pickapic(workdir / "pairs", 1, rows=64)
+    results = {}
+    for size, short, long in sizes:
+        model = workdir / size
+        cpu_backbone(size).pipe.save_pretrained(model)
+        cache = workdir / f"cache-{size}"
+        subprocess.run([sys.executable, str(Path(__file__).with_name("data.py")), "cache", "--model", "tiny-sd1.5",
+                        "--pretrained", str(model), "--data", str(pairs), "--out", str(cache)], check=True,
+                       capture_output=True)
+        peer = [sys.executable, str(script), "--pretrained_model_name_or_path", model, "--dataset_name", pairs,
+                "--dataset_split_name", "train", "--resolution", 32, "--train_batch_size", 2, "--rank", 4,
+                "--checkpointing_steps", 10 ** 6, "--lr_warmup_steps", 0, "--seed", 0, "--report_to", "all",
+                "--output_dir", workdir / "out", "--max_train_steps"]
+        ours = [sys.executable, str(Path(__file__).with_name("train.py")), "--model", "tiny-sd1.5", "--pretrained",
+                model, "--lora", 4, "--batch-size", 2, "--loss", "dpo", "--warmup", 0, "--checkpoint-every", 10 ** 6,
+                "--no-export", "--no-gradient-checkpointing", "--out", workdir / "out", "--data"]
+        commands = {"peer": peer, "ours, raw pairs": ours + [pairs, "--steps"], "ours, cache": ours + [cache, "--steps"]}
+        seconds = {name: [] for name in commands}
+        for _ in range(repeats):
+            for name, command in commands.items():
+                took = []
+                for steps in (short, long):
+                    subprocess.run(["rm", "-rf", str(workdir / "out")], check=True)
+                    start = time.perf_counter()
+                    run = subprocess.run([str(arg) for arg in command + [steps]], capture_output=True, text=True)
+                    if run.returncode:
+                        raise SystemExit(f"error: {name} failed: {run.stderr.strip().splitlines()[-1]}")
+                    took.append(time.perf_counter() - start)
+                seconds[name].append((took[1] - took[0]) / (long - short))
+        per_step = {name: statistics.median(values) for name, values in seconds.items()}
+        results[size] = {"seconds_per_step": per_step, "runs": seconds,
+                         "ours_over_peer": {name: per_step[name] / per_step["peer"] for name in commands
+                                            if name != "peer"}}
+    return results
+
+
 def print_table(title, rows):
     print(f"\n## {title}")
     for key, value in rows.items():
@@ -629,11 +676,12 @@ def print_table(title, rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu",
-                        choices=("cpu", "data", "planner", "gpu", "fsdp-memory-worker", "reading-worker"))
+                        choices=("cpu", "data", "planner", "gpu", "peer", "fsdp-memory-worker", "reading-worker"))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="results/bench.json", help="where the figures go as JSON")
     parser.add_argument("--size", default="medium", choices=("tiny", "medium"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--peer-script", type=Path, help=f"peer: a local copy of diffusers' {PEER}")
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
         return fsdp_memory_worker(args.size)
@@ -646,6 +694,18 @@ def main(argv=None):
     elif args.what == "data":
         with tempfile.TemporaryDirectory() as tmp:
             results["8 data"] = data_figures(Path(tmp), repeats=3)
+    elif args.what == "peer":
+        if args.peer_script is None or not args.peer_script.is_file():
+            print(f"peer: skipped: pass --peer-script PATH, a local copy of diffusers' {PEER} (its imports installed:"
+                  " datasets, torchvision, wandb)")
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            results["9 peer"] = peer_steps(args.peer_script, Path(tmp))
+        for size, row in results["9 peer"].items():
+            print_table(f"9 ours / diffusers' DPO example, {size}, LoRA 4, 2 pairs a step, 1 process (target raw "
+                        "<= 1.00, cache <= 0.90)",
+                        {name: f"{1000 * t:.0f} ms a step" for name, t in row["seconds_per_step"].items()}
+                        | {f"{name} / peer": f"{ratio:.2f}" for name, ratio in row["ours_over_peer"].items()})
     elif args.what == "planner":
         results["planner"] = memory_plan()
         results["scaling model"] = scaling_model()

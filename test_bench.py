@@ -67,3 +67,12 @@ def test_cache_plan_counts_latents_per_pair_and_conditioning_per_distinct_prompt
     assert row["gb_bf16_deduplicated"] == pytest.approx(2 * (1000 * latents + 10 * prompt) / 1e9)
     # the VAE encoder dominates: about 1.1 TFLOP an image at 512^2, CLIP-L about 13 GFLOP a prompt
     assert 1.5 < row["tflop_per_pair"] < 3 and 5 < row["gflop_per_prompt"] < 30 and row["gpu_hours"] > 0
+
+
+def test_peer_comparison_without_a_local_copy_of_the_peer_is_skipped_in_one_line(tmp_path, capsys):
+    for argv in (["peer"], ["peer", "--peer-script", str(tmp_path / "nowhere.py")]):
+        assert bench.main([*argv, "--out", str(tmp_path / "bench.json")]) is None
+        assert capsys.readouterr().out.strip().splitlines() == [
+            f"peer: skipped: pass --peer-script PATH, a local copy of diffusers' {bench.PEER} (its imports installed: "
+            "datasets, torchvision, wandb)"]
+    assert not (tmp_path / "bench.json").exists(), "nothing is downloaded, nothing is written"

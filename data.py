@@ -667,7 +667,7 @@ def collate(items):
 
 def encode_batch(backbone, batch):
     """Latents and conditioning of a batch: read from the cache, or encoded now (winners and losers together)."""
-    device = backbone.denoiser.device
+    device = backbone.device
     if "latents_w" in batch:
         return {key: value.to(device, non_blocking=True) for key, value in batch.items()
                 if key not in ("index", "skipped")}
@@ -678,7 +678,7 @@ def encode_batch(backbone, batch):
 
 def encode_latents(backbone, batch):
     """The latents of a batch's winners and losers, encoded together."""
-    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(backbone.denoiser.device)
+    pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(backbone.device)
     return backbone.encode_pixels(pixels).chunk(2)
 
 

@@ -647,7 +647,8 @@ def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2,
         ours = [sys.executable, str(Path(__file__).with_name("train.py")), "--model", "tiny-sd1.5", "--pretrained",
                 model, "--lora", 4, "--batch-size", 2, "--loss", "dpo", "--warmup", 0, "--checkpoint-every", 10 ** 6,
                 "--no-export", "--no-gradient-checkpointing", "--out", workdir / "out", "--data"]
-        commands = {"peer": peer, "ours, raw pairs": ours + [pairs, "--steps"], "ours, cache": ours + [cache, "--steps"]}
+        commands = {"peer": peer, "ours, raw pairs": ours + [pairs, "--steps"],
+                    "ours, cache": ours + [cache, "--steps"]}
         seconds = {name: [] for name in commands}
         for _ in range(repeats):
             for name, command in commands.items():

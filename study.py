@@ -5,8 +5,8 @@
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base (toy.py's shipped one by default) on the same pairs for the same steps, one
-process per run (train.launch), two runs at a time. Each run's final model is scored on held-out seeds with the known reward;
-its log gives loss-curve roughness, held-out accuracy over training, and step time.
+process per run (train.launch), two runs at a time. Each run's final model is scored on held-out seeds with the
+known reward; its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
 import argparse
 import itertools
@@ -173,8 +173,8 @@ def main(argv=None):
     try:
         train.check_numbers(args, {
             **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
-                             "off_batch", "off_pairs", "parallel", "heldout_pairs", "timestep_pairs", "timestep_buckets",
-                             "timing_repeats"),
+                             "off_batch", "off_pairs", "parallel", "heldout_pairs", "timestep_pairs",
+                             "timestep_buckets", "timing_repeats"),
                             train.AT_LEAST_1),
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), train.POSITIVE),
             "collapse_margin": train.NON_NEGATIVE})

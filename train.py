@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import warnings
+from multiprocessing.resource_sharer import DupFd
 from pathlib import Path
 
 import torch
@@ -254,15 +255,17 @@ def launch(argv, ranks=1, threads=None, log=None, entry=None):
     `threads` each (default: its share of the cores), forked by torch.multiprocessing from a server that imported
     this module once. For a program that runs many short trainings (toy.py, study.py, the tests), this saves an
     interpreter and 4 s of imports a process. `log`: a file the processes append their stdout and stderr to
-    (default: this process's). Returns torch's ProcessContext (pids, join); finish(context) waits."""
+    (default: this process's, as they are now). Returns torch's ProcessContext (pids, join); finish(context) waits."""
     start_launcher()
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     threads = threads or max(1, os.cpu_count() // ranks)
+    # the server's stdout and stderr are the ones it started with (under pytest, another test's capture)
+    outputs = None if log else [(DupFd(1), DupFd(2)) for _ in range(ranks)]
     return torch.multiprocessing.start_processes(
-        _launched, (entry or main, [str(arg) for arg in argv], ranks, threads, port, log), nprocs=ranks, join=False,
-        start_method="forkserver")
+        _launched, (entry or main, [str(arg) for arg in argv], ranks, threads, port, log, outputs), nprocs=ranks,
+        join=False, start_method="forkserver")
 
 
 def start_launcher():
@@ -272,7 +275,7 @@ def start_launcher():
     multiprocessing.forkserver.ensure_running()
 
 
-def _launched(rank, entry, argv, ranks, threads, port, log):
+def _launched(rank, entry, argv, ranks, threads, port, log, outputs):
     if ranks > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
                           GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -280,9 +283,11 @@ def _launched(rank, entry, argv, ranks, threads, port, log):
     torch.set_num_threads(threads)
     tqdm.set_lock(threading.RLock())  # not tqdm's multiprocessing lock, whose semaphore a killed process would leak
     if log is not None:
-        output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
+        stdout = stderr = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    else:
+        stdout, stderr = (fd.detach() for fd in outputs[rank])
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
     entry(argv)
 
 

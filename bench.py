@@ -629,8 +629,10 @@ def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2,
     """Figure 9: seconds per step of diffusers' DPO example (`script`, a local copy of PEER; never downloaded) and of
     train.py on its raw pairs and on a latent cache: the same saved pipeline (tiny-sd1.5, or with the medium UNet),
     the same Pick-a-Pic-schema shard, LoRA rank 4, 2 pairs a step, fp32, 1 process, no activation checkpointing,
-    Diffusion-DPO's loss. A step's time is the difference of a long and a short run over their difference in steps
-    (start-up, data loading and saving cancel), the runs interleaved, `repeats` times; medians."""
+    Diffusion-DPO's loss. Two measures from the same runs, each script run by step_times_worker: the difference of a
+    long and a short run's wall clock over their difference in steps (start-up, data loading and saving cancel), and
+    the long run's median interval between its progress bar's updates (a steady-state step). The runs interleaved,
+    `repeats` times; medians."""
     pairs = synthetic_pickapic(workdir / "pairs", 1, rows=64)
     results = {}
     for size, short, long in sizes:
@@ -640,32 +642,54 @@ def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2,
         subprocess.run([sys.executable, str(Path(__file__).with_name("data.py")), "cache", "--model", "tiny-sd1.5",
                         "--pretrained", str(model), "--data", str(pairs), "--out", str(cache)], check=True,
                        capture_output=True)
-        peer = [sys.executable, str(script), "--pretrained_model_name_or_path", model, "--dataset_name", pairs,
+        peer = [script, "Steps", "--pretrained_model_name_or_path", model, "--dataset_name", pairs,
                 "--dataset_split_name", "train", "--resolution", 32, "--train_batch_size", 2, "--rank", 4,
                 "--checkpointing_steps", 10 ** 6, "--lr_warmup_steps", 0, "--seed", 0, "--report_to", "all",
                 "--output_dir", workdir / "out", "--max_train_steps"]
-        ours = [sys.executable, str(Path(__file__).with_name("train.py")), "--model", "tiny-sd1.5", "--pretrained",
-                model, "--lora", 4, "--batch-size", 2, "--loss", "dpo", "--warmup", 0, "--checkpoint-every", 10 ** 6,
+        ours = [Path(__file__).with_name("train.py"), "dpo", "--model", "tiny-sd1.5", "--pretrained", model,
+                "--lora", 4, "--batch-size", 2, "--loss", "dpo", "--warmup", 0, "--checkpoint-every", 10 ** 6,
                 "--no-export", "--no-gradient-checkpointing", "--out", workdir / "out", "--data"]
         commands = {"peer": peer, "ours, raw pairs": ours + [pairs, "--steps"],
                     "ours, cache": ours + [cache, "--steps"]}
-        seconds = {name: [] for name in commands}
+        differenced, steady = ({name: [] for name in commands} for _ in range(2))
         for _ in range(repeats):
             for name, command in commands.items():
                 took = []
                 for steps in (short, long):
                     subprocess.run(["rm", "-rf", str(workdir / "out")], check=True)
                     start = time.perf_counter()
-                    run = subprocess.run([str(arg) for arg in command + [steps]], capture_output=True, text=True)
-                    if run.returncode:
-                        raise SystemExit(f"error: {name} failed: {run.stderr.strip().splitlines()[-1]}")
+                    result = worker_result([sys.executable, __file__, "step-times-worker",
+                                            *map(str, command + [steps])])
                     took.append(time.perf_counter() - start)
-                seconds[name].append((took[1] - took[0]) / (long - short))
-        per_step = {name: statistics.median(values) for name, values in seconds.items()}
-        results[size] = {"seconds_per_step": per_step, "runs": seconds,
-                         "ours_over_peer": {name: per_step[name] / per_step["peer"] for name in commands
-                                            if name != "peer"}}
+                differenced[name].append((took[1] - took[0]) / (long - short))
+                steady[name].append(result["seconds_per_step"])
+        results[size] = {}
+        for measure, runs in (("differenced", differenced), ("steady", steady)):
+            per_step = {name: statistics.median(values) for name, values in runs.items()}
+            results[size][measure] = {"seconds_per_step": per_step, "runs": runs,
+                                      "ours_over_peer": {name: per_step[name] / per_step["peer"]
+                                                         for name in commands if name != "peer"}}
     return results
+
+
+def step_times_worker(script, bar, argv):
+    """`python SCRIPT ARGV` in this process, timing the updates of its progress bar named `bar` (both scripts update
+    theirs once a step): prints the median interval after the first 5 updates."""
+    import runpy
+    import tqdm.std
+    stamps, update = [], tqdm.std.tqdm.update
+
+    def timed_update(progress, n=1):
+        if progress.desc == bar:
+            stamps.append(time.perf_counter())
+        return update(progress, n)
+
+    tqdm.std.tqdm.update = timed_update
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+    gaps = [later - earlier for earlier, later in zip(stamps[5:], stamps[6:])]
+    print("RESULT " + json.dumps({"seconds_per_step": statistics.median(gaps) if gaps else None,
+                                  "updates": len(stamps)}))
 
 
 def print_table(title, rows):
@@ -675,6 +699,9 @@ def print_table(title, rows):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["step-times-worker"]:  # SCRIPT BAR ARGS: the rest are the script's flags, not ours
+        return step_times_worker(*argv[1:3], argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu",
                         choices=("cpu", "data", "planner", "gpu", "peer", "fsdp-memory-worker", "reading-worker"))
@@ -702,11 +729,12 @@ def main(argv=None):
             return None
         with tempfile.TemporaryDirectory() as tmp:
             results["9 peer"] = peer_steps(args.peer_script, Path(tmp))
-        for size, row in results["9 peer"].items():
-            print_table(f"9 ours / diffusers' DPO example, {size}, LoRA 4, 2 pairs a step, 1 process (target raw "
-                        "<= 1.00, cache <= 0.90)",
-                        {name: f"{1000 * t:.0f} ms a step" for name, t in row["seconds_per_step"].items()}
-                        | {f"{name} / peer": f"{ratio:.2f}" for name, ratio in row["ours_over_peer"].items()})
+        for size, measures in results["9 peer"].items():
+            for measure, row in measures.items():
+                print_table(f"9 ours / diffusers' DPO example, {size}, {measure}, LoRA 4, 2 pairs a step, 1 process "
+                            "(target raw <= 1.00, cache <= 0.90)",
+                            {name: f"{1000 * t:.0f} ms a step" for name, t in row["seconds_per_step"].items()}
+                            | {f"{name} / peer": f"{ratio:.2f}" for name, ratio in row["ours_over_peer"].items()})
     elif args.what == "planner":
         results["planner"] = memory_plan()
         results["scaling model"] = scaling_model()

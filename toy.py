@@ -1,6 +1,6 @@
 """The embedded default: align a diffusion model to a preference with SIPO on a laptop CPU, and show it worked.
 
-    python toy.py                # about 1.5 minutes on 2 Xeon cores (3 on a 2-core AVX2 laptop); re-running reuses what exists
+    python toy.py                # 1.5 minutes on 2 Xeon cores (about 3 on a 2-core AVX2 laptop); reruns reuse
     python toy.py --train-base   # the same from a base trained here by the shipped base's recipe
 
 The task: coloured circles and squares on dark, noisy backgrounds, 16x16 RGB, prompts "a red circle", ...; the

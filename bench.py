@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -656,7 +657,7 @@ def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2,
             for name, command in commands.items():
                 took = []
                 for steps in (short, long):
-                    subprocess.run(["rm", "-rf", str(workdir / "out")], check=True)
+                    shutil.rmtree(workdir / "out", ignore_errors=True)
                     start = time.perf_counter()
                     result = worker_result([sys.executable, __file__, "step-times-worker",
                                             *map(str, command + [steps])])
@@ -728,7 +729,10 @@ def main(argv=None):
                   " datasets, torchvision, wandb)")
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            results["9 peer"] = peer_steps(args.peer_script, Path(tmp))
+            try:
+                results["9 peer"] = peer_steps(args.peer_script, Path(tmp))
+            except RuntimeError as error:  # a run that failed: its last line (the peer's missing import, say)
+                sys.exit(f"error: peer comparison: {str(error).strip().splitlines()[-1]}")
         for size, measures in results["9 peer"].items():
             for measure, row in measures.items():
                 print_table(f"9 ours / diffusers' DPO example, {size}, {measure}, LoRA 4, 2 pairs a step, 1 process "

@@ -138,16 +138,9 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
         assert all(torch.equal(a, b) for a, b in zip(weights(out).values(), weights(straight).values()))
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(*args):
     """train.py on two torchrun 'nodes' of one process each, meeting through c10d rendezvous on 127.0.0.1."""
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{train.free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                                "--rdzv-id", "sipo-test", str(ROOT / "train.py"), *map(str, args)],
@@ -353,7 +346,7 @@ def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
 @pytest.fixture
 def one_rank_group():
     """A process group of one, in this process (what torchrun --nproc_per_node 1 gives a rank)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{train.free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 

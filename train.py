@@ -257,15 +257,20 @@ def launch(argv, ranks=1, threads=None, log=None, entry=None):
     interpreter and 4 s of imports a process. `log`: a file the processes append their stdout and stderr to
     (default: this process's, as they are now). Returns torch's ProcessContext (pids, join); finish(context) waits."""
     start_launcher()
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     threads = threads or max(1, os.cpu_count() // ranks)
     # the server's stdout and stderr are the ones it started with (under pytest, another test's capture)
     outputs = None if log else [(DupFd(1), DupFd(2)) for _ in range(ranks)]
     return torch.multiprocessing.start_processes(
         _launched, (entry or main, [str(arg) for arg in argv], ranks, threads, port, log, outputs), nprocs=ranks,
         join=False, start_method="forkserver")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous on this machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_launcher():

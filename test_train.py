@@ -169,23 +169,25 @@ def test_two_nodes_train_and_resume_exactly_like_one_node(pairs, tmp_path):
                                                      weights(tmp_path / "one-node").values())), other
 
 
-def test_checkpoints_reshard_between_hybrid_and_plain_sharding(pairs, tmp_path):
-    """4 ranks saved as 2 x 2 (--replicate 2) resume as 1 x 4 (plain FSDP), and that run's checkpoint resumes as
-    2 x 2 again: DCP reshards the model and optimizer both ways. The first step after resuming starts from the saved
-    state, so its loss equals the one the saving layout computed at that step; later steps differ only by
-    reduction order."""
-    args = ["--model", "tiny-sd1.5", "--data", pairs, "--batch-size", 1, *COMMON, "--no-export"]
-    hybrid, plain, back = tmp_path / "hybrid", tmp_path / "plain", tmp_path / "back"
-    run(4, *args, "--out", hybrid, "--steps", 4, "--replicate", 2)
-    shutil.copytree(hybrid, plain, ignore=shutil.ignore_patterns("step-000004"))
-    run(4, *args, "--out", plain, "--steps", 6, "--replicate", 1, "--resume")
-    shutil.copytree(plain, back, ignore=shutil.ignore_patterns("step-000006"))
-    run(4, *args, "--out", back, "--steps", 6, "--replicate", 2, "--resume")
-    for saved, resumed, first in ((log(hybrid), log(plain), 3), (log(plain), log(back), 5)):
+def test_checkpoints_reshard_between_hybrid_sharding_and_one_process(pairs, tmp_path):
+    """4 ranks saved as 2 x 2 (--replicate 2: each weight sharded in 2 and the halves replicated twice) resume in
+    one process, and that run's checkpoint resumes as 2 x 2 again: DCP reshards the model and optimizer both ways (and
+    from plain FSDP: test_checkpoints_move_between_placements). The first step after resuming starts from the saved
+    state, so its loss equals the one the saving layout computed at that step, to the float noise of 4 ranks against
+    1 process (2.9e-5 measured; another state moves it by 2% to 10%); later steps differ only by reduction order."""
+    args = ["--model", "tiny-sd1.5", "--data", pairs, *COMMON, "--no-export"]
+    hybrid, alone, back = tmp_path / "hybrid", tmp_path / "alone", tmp_path / "back"
+    run(4, *args, "--out", hybrid, "--steps", 4, "--batch-size", 1, "--replicate", 2)
+    shutil.copytree(hybrid, alone, ignore=shutil.ignore_patterns("step-000004"))
+    run(0, *args, "--out", alone, "--steps", 6, "--batch-size", 4, "--resume")
+    shutil.copytree(alone, back, ignore=shutil.ignore_patterns("step-000006"))
+    run(4, *args, "--out", back, "--steps", 6, "--batch-size", 1, "--replicate", 2, "--resume")
+    for saved, resumed, first in ((log(hybrid), log(alone), 3), (log(alone), log(back), 5)):
         assert [r["step"] for r in resumed][:first - 1] == list(range(1, first))
         assert resumed[:first - 1] == saved[:first - 1], "the log lines before the checkpoint are kept as written"
-        assert resumed[first - 1]["loss"] == pytest.approx(saved[first - 1]["loss"], rel=1e-6)
+        assert resumed[first - 1]["loss"] == pytest.approx(saved[first - 1]["loss"], rel=1e-4)
         assert resumed[first]["loss"] == pytest.approx(saved[first]["loss"], rel=1e-3)
+    assert json.loads((back / "args.json").read_text())["parallel"] == "fsdp"
 
 
 @pytest.mark.parametrize("flags", [["--weight", "step", "--normalise", "after-mask"],

@@ -50,7 +50,7 @@ def test_the_shipped_base_draws_what_it_is_asked_for():
 def mini_toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     report = toy.main(["--out", str(out), "--train-base", "--base-steps", "5", "--pairs-per-prompt", "2",
-                       "--steps", "2", "--samples", "2"])
+                       "--heldout-per-prompt", "2", "--steps", "2", "--samples", "2"])
     return out, report
 
 

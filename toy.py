@@ -147,7 +147,8 @@ BASE = Path(__file__).with_name("toy-base")  # the shipped base; `python toy.py 
 BASE_RECIPE = {"images": 4096, "steps": 3200, "batch": 64, "lr": 1e-3, "warmup": 20}
 SAMPLE_STEPS, GUIDANCE = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
 # each phase and its seconds on 2 Xeon cores (AVX-512) from a fresh clone; about twice that on a 2-core AVX2 laptop
-PHASES = {"pairs": ("sample {pairs} training and 64 held-out pairs from the base, label them by named_colour", 30),
+PHASES = {"pairs": ("sample {pairs} training and {heldout} held-out pairs from the base, label them by named_colour",
+                     30),
           "align": ("align the base with {loss}, {steps} steps on {ranks} rank(s)", 45),
           "compare": ("compare tuned and base on 8 prompts x {samples} held-out seeds", 15)}
 
@@ -202,6 +203,8 @@ def main(argv=None):
     parser.add_argument("--base-steps", type=int, default=BASE_RECIPE["steps"],
                         help=f"SFT steps of --train-base (default {BASE_RECIPE['steps']}: the shipped base's)")
     parser.add_argument("--pairs-per-prompt", type=int, default=32, help="training pairs per prompt")
+    parser.add_argument("--heldout-per-prompt", type=int, default=8,
+                        help="held-out pairs per prompt (the held-out accuracy during training)")
     parser.add_argument("--steps", type=int, default=100, help="preference-optimisation steps")
     parser.add_argument("--beta", type=float, default=None, help="default: train.py's for the loss")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -209,8 +212,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        trainer.check_numbers(args, {**dict.fromkeys(("ranks", "base_steps", "pairs_per_prompt", "steps", "samples"),
-                                                     trainer.AT_LEAST_1),
+        counts = ("ranks", "base_steps", "pairs_per_prompt", "heldout_per_prompt", "steps", "samples")
+        trainer.check_numbers(args, {**dict.fromkeys(counts, trainer.AT_LEAST_1),
                                      "beta": trainer.POSITIVE, "lr": trainer.POSITIVE, "seed": trainer.NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -223,11 +226,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     made_from.write_text(f"{base.resolve()}\n")
     (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    sizes = {"pairs": args.pairs_per_prompt * len(PROMPTS), "heldout": args.heldout_per_prompt * len(PROMPTS)}
     print(f"{args.loss} on the toy task: 16x16 coloured shapes, {len(PROMPTS)} prompts (\"a red circle\", ...)\n"
           f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
           f" ({base})\n" +
-          "".join(f"  {i}. {text.format(pairs=args.pairs_per_prompt * len(PROMPTS), **vars(args))}: ~{seconds} s\n"
+          "".join(f"  {i}. {text.format(**sizes, **vars(args))}: ~{seconds} s\n"
                   for i, (text, seconds) in enumerate(PHASES.values(), 1)) +
           "  (seconds on 2 cores of a Xeon with AVX-512, for the defaults; about twice that on a 2-core AVX2 "
           "laptop; a rerun reuses what exists)", flush=True)
@@ -239,7 +243,8 @@ def main(argv=None):
     with timed(seconds, "pairs"):
         pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, SAMPLE_STEPS,
                                       GUIDANCE)
-        heldout = make_preference_pairs(out / "data" / "heldout", base, 8, 20_000, SAMPLE_STEPS, GUIDANCE)
+        heldout = make_preference_pairs(out / "data" / "heldout", base, args.heldout_per_prompt, 20_000, SAMPLE_STEPS,
+                                        GUIDANCE)
 
     run = out / args.loss
     with timed(seconds, "align"):

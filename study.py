@@ -217,10 +217,16 @@ def run_jobs(jobs, common, out, args, rewards, base_scores):
                          **{f"final_{name}": float(scores[name].mean()) for name in rewards[1:]})
         return config, entry
 
+    failed = []
     with ThreadPoolExecutor(args.parallel) as pool:
         for done, (config, entry) in enumerate(pool.map(work, jobs), start=1):
             results.setdefault(config, []).append(entry)
-            print(f"[{done}/{len(jobs)}] {config} seed {entry['seed']}: final {entry['final']}", flush=True)
+            if entry["final"] is None:
+                failed.append(out / "runs" / f"{run_name(config, entry['seed'])}.log")
+            outcome = f"final {entry['final']:.4f}" if entry["final"] is not None else f"failed, see {failed[-1]}"
+            print(f"[{done}/{len(jobs)}] {config} seed {entry['seed']}: {outcome}", flush=True)
+    if len(failed) == len(jobs):  # nothing to summarise: the cause is not the method, and each log says it
+        sys.exit(f"error: all {len(jobs)} training runs failed; the first one's log: {failed[0]}")
     return results
 
 

@@ -105,6 +105,16 @@ def test_miniature_study_writes_its_tables(study_runs, tmp_path):
     assert (tmp_path / "RESULTS.md").read_text().startswith("# Results")
 
 
+def test_a_study_whose_runs_all_fail_says_so_in_one_line(study_runs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "run_one", lambda *args: None)  # as when train.py exits 1 (e.g. a full disk)
+    with pytest.raises(SystemExit, match=r"^error: all 3 training runs failed; the first one's log: .*_seed0\.log$"):
+        study.main(["--part", "onpolicy", "--out", str(study_runs), "--results", str(tmp_path), "--pairs", "2",
+                    "--heldout-pairs", "2", "--betas", "1000", "--seeds", "1", "--steps", "2", "--samples", "1",
+                    "--no-ablations"])
+    assert "sipo beta=1000 seed 0: failed, see " in capsys.readouterr().out
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
 def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_the_reward():
     generator = torch.Generator().manual_seed(0)
     for prompt in toy.PROMPTS:

@@ -102,7 +102,8 @@ def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance,
     backbone = models.load_backbone("toy", pretrained=str(base)) if source in ("on", "foreign") else None
     generator = torch.Generator().manual_seed(first_seed)
     rows = []
-    for k in tqdm(range(0, per_prompt, chunk), desc=f"sampling {source} pairs in {folder.name}"):
+    origin = "the base" if source == "on" else f"{source} images"
+    for k in tqdm(range(0, per_prompt, chunk), desc=f"making {folder.name}/ from {origin}"):
         prompts = PROMPTS * min(chunk, per_prompt - k)
 
         def drawn(style):

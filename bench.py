@@ -640,9 +640,11 @@ def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2,
         model = workdir / size
         cpu_backbone(size).pipe.save_pretrained(model)
         cache = workdir / f"cache-{size}"
-        subprocess.run([sys.executable, str(Path(__file__).with_name("data.py")), "cache", "--model", "tiny-sd1.5",
-                        "--pretrained", str(model), "--data", str(pairs), "--out", str(cache)], check=True,
-                       capture_output=True)
+        cached = subprocess.run([sys.executable, str(Path(__file__).with_name("data.py")), "cache", "--model",
+                                 "tiny-sd1.5", "--pretrained", str(model), "--data", str(pairs), "--out", str(cache)],
+                                capture_output=True, text=True)
+        if cached.returncode:
+            raise RuntimeError(cached.stderr)  # data.py's one line
         peer = [script, "Steps", "--pretrained_model_name_or_path", model, "--dataset_name", pairs,
                 "--dataset_split_name", "train", "--resolution", 32, "--train_batch_size", 2, "--rank", 4,
                 "--checkpointing_steps", 10 ** 6, "--lr_warmup_steps", 0, "--seed", 0, "--report_to", "all",

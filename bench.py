@@ -626,7 +626,7 @@ def data_figures(workdir, repeats):
 PEER = "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py"
 
 
-def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2, 12))):
+def peer_steps(script, workdir, repeats=3, sizes=(("tiny", 5, 45), ("medium", 2, 22))):
     """Figure 9: seconds per step of diffusers' DPO example (`script`, a local copy of PEER; never downloaded) and of
     train.py on its raw pairs and on a latent cache: the same saved pipeline (tiny-sd1.5, or with the medium UNet),
     the same Pick-a-Pic-schema shard, LoRA rank 4, 2 pairs a step, fp32, 1 process, no activation checkpointing,

@@ -50,7 +50,9 @@ RATIO = {"image": 0.2, "video": 0.01}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # prog: a rank that train.launch forked for toy.py or study.py has their name in sys.argv[0]
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL",
                    help=f"backbone: {', '.join(models.NAMES)}")
     p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (default for full-size "

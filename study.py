@@ -487,8 +487,9 @@ def onpolicy_lines(summary):
               "| method | spread |", "|---|---|"]
     lines += [f"| {m} | {v:.4f} |" for m, v in summary["beta_spread"].items()]
     if ablations:
-        lines += ["", "### SIPO ablations", "", "| setting | final reward (mean ± sd) | vs base | win rate over base | "
-                  "mean mask fraction |", "|---|---|---|---|---|"]
+        lines += ["", "### SIPO ablations", "",
+                  "| setting | final reward (mean ± sd) | vs base | win rate over base | mean mask fraction |",
+                  "|---|---|---|---|---|"]
         for config in ablations:
             row = table[config]
             lines.append(f"| {config} | {reward_cells(row, base_mean)} | {row['mask_fraction']:.2f} |")

@@ -1,6 +1,6 @@
 """Benchmarks: where the time and memory go. Medians after warm-up; ratios measured side by side, interleaved.
 
-    python bench.py                    # all CPU figures, under 10 minutes on 2 cores
+    python bench.py                    # all CPU figures (times: docs/performance.md)
     python bench.py data               # figure 8 alone: reading Pick-a-Pic shards, caching with 1 and 2 ranks
     python bench.py planner            # the models only: memory, scaling and cache (meta devices; Wan's encoders
                                        # are counted on the CPU at a small size)
@@ -33,6 +33,7 @@ from diffusers import UNet2DConditionModel
 import data
 import models
 import train
+from common import peak_memory_gb, setup_distributed, write_text_atomically
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -70,58 +71,37 @@ def cpu_backbone(size):
     return backbone
 
 
-class Trainer:
-    """train.py's pieces on one backbone: the same functions, so the benchmark measures the real path."""
+class StepTimer:
+    """train.py's own optimizer step (train.make_trainer, train.optimizer_step: micro-batches, the non-finite check,
+    the gradients' average, clipping, AdamW) on one backbone, so that the benchmark measures the path a run takes."""
 
     def __init__(self, backbone, batch_size, device, loss="sipo", gradient_checkpointing=False, data_path="."):
         """`data_path` a latent cache keeps the VAE and text encoders off the device, as in train.py."""
         self.args = make_args(batch_size=batch_size, loss=loss, beta=1000.0, data=str(data_path),
                               gradient_checkpointing=gradient_checkpointing)
         self.backbone, self.device = backbone, device
-        self.policy, self.reference = train.prepare(backbone, self.args, device)
-        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = train.make_optimizer(self.trainable, self.args)
+        self.trainer = train.make_trainer(backbone, self.args, device, *rank_and_world())
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def use(self, dataset, rank=0, world_size=1):
+    def use(self, dataset):
         """Train on `dataset` from its first batch (this rank's share)."""
         self.dataset = dataset
-        self.batches = data.pair_batches(dataset, self.args.batch_size, rank, world_size, 0)
+        self.batches = data.pair_batches(dataset, self.args.batch_size, self.trainer.rank, self.trainer.world_size, 0)
         return self
 
-    def step(self, variant=None, phases=None):
-        """One full training step, as train.py runs it; `variant` a loss name or a dict of train.py flags to set
-        first ({"loss": "sipo", "weight": "path"}); `phases` collects the time of each part."""
-        args = self.args
+    def step(self, variant=None):
+        """One optimizer step; `variant` a loss name or a dict of train.py flags to set first
+        ({"loss": "sipo", "weight": "path"})."""
         for key, value in ({"loss": variant} if isinstance(variant, str) else variant or {}).items():
-            setattr(args, key, value)
-        clock = {"t": time.perf_counter()}
-
-        def mark(name):
-            self.sync()
-            now = time.perf_counter()
-            if phases is not None:
-                phases.setdefault(name, []).append(now - clock["t"])
-            clock["t"] = now
-
-        self.optimizer.zero_grad(set_to_none=True)
-        epoch, batch = next(self.batches)
-        mark("data")
-        value, stats = train.preference_loss(self.backbone, self.policy, self.reference, batch, epoch, args, 1)
-        mark("encode + policy forward + reference forward + loss")
-        value.backward()
-        mark("policy backward")
-        train.clip_gradients(self.trainable, 1.0)
-        self.optimizer.step()
-        mark("clip + optimizer")
-        train.reduce_stats(stats, 1)
-        mark("logging (stats all-reduce, host sync)")
+            setattr(self.args, key, value)
+        if train.optimizer_step(self.trainer, self.batches) is None:
+            raise RuntimeError("a non-finite loss: the benchmark would time a skipped step")
 
     def floor(self, batch_size):
         """The bare compute floor: forward + backward of the denoiser on 2B samples plus a forward on the same 2B,
         nothing else. On the policy itself, a plain module in one process (train.parallelism): no second copy."""
         assert self.args.parallel == "none", "the floor is measured in one process"
-        b = self.backbone
+        b, policy = self.backbone, self.trainer.policy
         x = torch.randn(2 * batch_size, *self.dataset[0]["latents_w"].shape, device=self.device)
         cond = {k: torch.cat([v, v]).to(self.device) for k, v in data.conditioning(
             data.collate([{k: v for k, v in self.dataset[i].items() if k != "index"} for i in range(batch_size)]))
@@ -129,10 +109,25 @@ class Trainer:
         levels = torch.randint(0, 1000, (2 * batch_size,), device=self.device)
 
         def run():
-            b.predict(self.policy, x, levels, cond).float().square().mean().backward()
+            b.predict(policy, x, levels, cond).float().square().mean().backward()
             with torch.no_grad():
-                b.predict(self.policy, x, levels, cond)
+                b.predict(policy, x, levels, cond)
         return run
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def phase_breakdown(timer, repeats, variant="sipo"):
+    """Where a step's time goes: the numbered ranges train.optimizer_step marks (record_function), under torch's
+    profiler, in ms a step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(repeats):
+            timer.step(variant)
+    return {event.key: event.cpu_time_total / 1000 / repeats for event in profiler.key_averages()
+            if event.key[:1].isdigit() and event.key[1:2] == " "}
 
 
 def tiny_step_times(repeats, workdir):
@@ -142,9 +137,9 @@ def tiny_step_times(repeats, workdir):
         torch.manual_seed(0)
         backbone = models.load_backbone(name)
         cache = random_cache(backbone, workdir / name, 4)
-        trainer = Trainer(backbone, 2, torch.device("cpu"), data_path=cache.directory).use(cache)
+        trainer = StepTimer(backbone, 2, torch.device("cpu"), data_path=cache.directory).use(cache)
         trainer.step()
-        results[name] = {"parameters": sum(p.numel() for p in trainer.policy.parameters()),
+        results[name] = {"parameters": sum(p.numel() for p in trainer.trainer.policy.parameters()),
                          "step_ms": median_ms([timed(trainer.step, trainer.sync) for _ in range(repeats)])}
     return results
 
@@ -166,17 +161,17 @@ def loss_overhead(trainer, repeats, variants=None):
 
 
 def floor_distance(trainer, batch_size, repeats):
-    """Figure 2: full step vs the bare compute floor, interleaved, with a breakdown of the full step."""
+    """Figure 2: full step vs the bare compute floor, interleaved, then a breakdown of the full step."""
     floor = trainer.floor(batch_size)
     floor()
     trainer.step("sipo")
-    steps, floors, phases = [], [], {}
+    steps, floors = [], []
     for _ in range(repeats):
-        steps.append(timed(lambda: trainer.step("sipo", phases), trainer.sync))
+        steps.append(timed(lambda: trainer.step("sipo"), trainer.sync))
         floors.append(timed(floor, trainer.sync))
     return {"step_ms": median_ms(steps), "floor_ms": median_ms(floors),
             "step_over_floor": statistics.median(steps) / statistics.median(floors),
-            "breakdown_ms": {k: median_ms(v) for k, v in phases.items()}}
+            "breakdown_ms_under_profiler": phase_breakdown(trainer, max(3, repeats // 3))}
 
 
 def cache_speedup(repeats, workdir):
@@ -195,7 +190,7 @@ def cache_speedup(repeats, workdir):
     raw, _ = data.open_dataset(workdir / "v.jsonl", backbone)
     data.write_cache(backbone, raw, workdir / "vcache")
     cached, _ = data.open_dataset(workdir / "vcache", backbone)
-    trainer = Trainer(backbone, 2, torch.device("cpu"), "dpo").use(raw)  # one model; only the batches differ
+    trainer = StepTimer(backbone, 2, torch.device("cpu"), "dpo").use(raw)  # one model; only the batches differ
     times = {"on the fly": [], "cache": []}
     sources = {"on the fly": data.pair_batches(raw, 2, 0, 1, 0), "cache": data.pair_batches(cached, 2, 0, 1, 0)}
     for name in times:
@@ -222,17 +217,14 @@ def sharded_bytes(policy, optimizer):
 
 def fsdp_memory_worker(size):
     """Run under torchrun: one SIPO step, then this rank's sharded bytes and peak RSS."""
-    device, rank, world = train.setup_distributed()
+    device, rank, _ = setup_distributed()
     backbone = cpu_backbone(size)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = random_cache(backbone, Path(tmp), 8)  # each rank its own, identical (seeded)
-        trainer = Trainer(backbone, 2, device, "sipo", data_path=dataset.directory).use(dataset, rank, world)
-        value, _ = train.preference_loss(backbone, trainer.policy, trainer.reference, next(trainer.batches)[1], 0,
-                                         trainer.args, world)
-        value.backward()
-        trainer.optimizer.step()
-        result = {**sharded_bytes(trainer.policy, trainer.optimizer),
-                  "peak_rss_gb": train.peak_memory_gb(torch.device("cpu"))}
+        timer = StepTimer(backbone, 2, device, "sipo", data_path=dataset.directory).use(dataset)
+        timer.step()
+        result = {**sharded_bytes(timer.trainer.policy, timer.trainer.optimizer),
+                  "peak_rss_gb": peak_memory_gb(torch.device("cpu"))}
         dist.barrier()
     if rank == 0:
         print("RESULT " + json.dumps(result))
@@ -474,8 +466,8 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
         backbone = models.load_backbone(name, random_weights=True)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = random_cache(backbone, Path(tmp), pairs, native=True)
-            trainer = Trainer(backbone, pairs, device, "sipo", gradient_checkpointing=True,
-                              data_path=dataset.directory).use(dataset)
+            trainer = StepTimer(backbone, pairs, device, "sipo", gradient_checkpointing=True,
+                                data_path=dataset.directory).use(dataset)
             for _ in range(2):
                 trainer.step()
             if device.type == "cuda":
@@ -485,7 +477,7 @@ def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
         peak = next((v for k, v in GPU_PEAK_BF16.items() if device.type == "cuda" and k in
                      torch.cuda.get_device_name(device)), None)
         results[name] = {"pairs_per_step": pairs, "seconds_per_step": seconds, "pairs_per_second": pairs / seconds,
-                         "peak_memory_gb": train.peak_memory_gb(device), "achieved_tflops": flops / 1e12,
+                         "peak_memory_gb": peak_memory_gb(device), "achieved_tflops": flops / 1e12,
                          "mfu": flops / peak if peak else None}
         del trainer, backbone
     return results
@@ -555,7 +547,7 @@ def reading_worker(source):
     for index in range(len(dataset)):
         dataset[index]
     print("RESULT " + json.dumps({"pairs": len(dataset), "seconds": time.perf_counter() - start,
-                                  "peak_rss_gb": train.peak_memory_gb(torch.device("cpu"))}))
+                                  "peak_rss_gb": peak_memory_gb(torch.device("cpu"))}))
 
 
 def reading_memory(workdir):
@@ -751,7 +743,8 @@ def main(argv=None):
             print_table("0 tiny backbones: SIPO step, 2 pairs, 1 process", results["0 tiny backbones"])
             for size in ("medium", "tiny"):
                 backbone = cpu_backbone(size)
-                trainer = Trainer(backbone, 4, torch.device("cpu")).use(random_cache(backbone, Path(tmp) / size, 16))
+                cache = random_cache(backbone, Path(tmp) / size, 16)
+                trainer = StepTimer(backbone, 4, torch.device("cpu"), data_path=cache.directory).use(cache)
                 if size == "medium":
                     results["1 loss overhead"] = loss_overhead(trainer, args.repeats)
                     print_table("1 loss overhead, medium (target SIPO / DPO <= 1.02)", results["1 loss overhead"])
@@ -786,8 +779,10 @@ def main(argv=None):
                      "GPU-hours": f"{row['gpu_hours']:.2f}"})
     if "gpu" in results:
         print_table("GPU", results["gpu"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(out.read_text()) if out.is_file() else {}  # a figure run alone keeps the others
+    write_text_atomically(out, json.dumps({**earlier, **results}, indent=1, default=str))
     return results
 
 

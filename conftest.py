@@ -1,6 +1,6 @@
-"""pytest's hook for this suite: train.launch's server imports train.py (4 s) while the first tests run."""
-import train
+"""pytest's hook for this suite: the launcher's server imports train.py while the first tests run."""
+import launcher
 
 
 def pytest_sessionstart(session):
-    train.start_launcher()
+    launcher.start_server()

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from array import array
@@ -33,6 +32,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+import models
+from common import AT_LEAST_1, NON_NEGATIVE, check_numbers, fail, leave, setup_distributed, take_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -74,7 +76,7 @@ class Summary:
 
 class PairIndex:
     """Pairs as a few numpy columns and the distinct prompts, one Pair built on access: memory is a few bytes a
-    pair plus the prompts, whatever the size of the data (Pick-a-Pic v2: 24 bytes a pair and 59k captions, ~30 MB).
+    pair plus the prompts, whatever the size of the data (docs/data.md, figure 8).
     `prompt_ids[i]` indexes `prompts`, the de-duplicated table the latent cache stores once."""
 
     def __init__(self, files, columns, prompts):
@@ -527,26 +529,6 @@ def finish_cache(tmp, final, settings, names, summary, run):
     return index
 
 
-def take_lock(path, holder):
-    """An exclusive lock on the file `path`, which then names `holder`, this pid and host: (handle, None); the lock
-    lasts until the handle is closed or the process ends (the kernel drops it, so a killed holder leaves no stale
-    lock). (None, whom the file names) when another process holds it. For the run directory and the cache."""
-    import fcntl
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        named = handle.read().strip() or "another process"
-        handle.close()
-        return None, named
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{holder} pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle, None
-
-
 def claim_cache_tmp(tmp, final, settings, resume):
     """Makes DIR.tmp with a lock file that marks it as ours and is held while this process writes, and returns the
     lock. An interrupted run's DIR.tmp (marked, nobody holding its lock) is continued under `resume` if it was made
@@ -748,13 +730,11 @@ def main(argv=None):
     cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="one process; under torchrun each rank takes its own GPU")
     args = parser.parse_args(argv)
-    import models
-    import train
     rank = int(os.environ.get("RANK", 0))  # torchrun's; one process is rank 0
     try:
-        train.check_numbers(args, {"frame_stride": train.AT_LEAST_1, "batch_size": train.AT_LEAST_1,
-                                   "shard_size": train.AT_LEAST_1, "workers": train.NON_NEGATIVE})
-        device = train.setup_distributed(timeout=datetime.timedelta(hours=4))[0] if "RANK" in os.environ \
+        check_numbers(args, {"frame_stride": AT_LEAST_1, "batch_size": AT_LEAST_1, "shard_size": AT_LEAST_1,
+                             "workers": NON_NEGATIVE})
+        device = setup_distributed(timeout=datetime.timedelta(hours=4))[0] if "RANK" in os.environ \
             else torch.device(args.device)
         gpu = device.type == "cuda"
         latent_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.latent_dtype or ("bf16" if gpu else "fp32")]
@@ -766,13 +746,13 @@ def main(argv=None):
                             args.workers or 0, summary)
     except ValueError as error:  # DataError and models.ModelError are ValueErrors
         if rank == 0 or isinstance(error, ShardError):  # said once; torchrun then ends the other ranks
-            train.fail(error)
+            fail(error)
         sys.exit(1)
     except RuntimeError as error:  # a rank waiting in a collective when another failed, out of memory, ...
-        train.fail(error)
+        fail(error)
         sys.exit(1)
     finally:
-        train.leave()
+        leave()
     if rank == 0:
         print(f"cache {args.out}: {index['pairs']:,} pairs, {index['prompts']:,} distinct prompts, "
               f"{size(index['bytes'] / index['pairs'])} per pair ({index['latent_dtype']}), "

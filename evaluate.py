@@ -25,6 +25,8 @@ from tqdm import tqdm
 import data
 import models
 import sipo
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_numbers, valid_range
+from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -211,7 +213,7 @@ def load_rewards(names, args):
             rewards[name] = ClipReward(name, path, head)
         elif name in ("hpsv2", "hpsv2.1"):
             raise ValueError(f"reward {name} needs open_clip (its ViT-H-14 with the HPS checkpoint), which depends on "
-                             "torchvision; this project does not install it (README: Rewards)")
+                             "torchvision; this project does not install it (docs/evaluation.md)")
         else:
             raise ValueError(f"unknown reward {name!r}; choose from {', '.join([*BUILTIN, *MODEL_BASED])}")
     return rewards
@@ -262,14 +264,6 @@ def read_prompts(path):
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts")
     return prompts
-
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
-
-def model_dir(path):
-    """A run directory's exported pipeline, or the path itself."""
-    return str(Path(path) / "model") if (Path(path) / "model" / "model_index.json").is_file() else str(path)
 
 
 def load(args, path):
@@ -430,7 +424,7 @@ def timestep_analysis(args):
                 2, *[1] * (x0.dim() - 1))
             x_t, target = backbone.noised(x0, noise, levels)
             error = sipo.per_sample_error(predict(policy, x_t, levels), target)
-            log_w = backbone.step_log_weight(error, levels, args.sample_steps, args.temperature)
+            log_w = backbone.step_log_weight(error, levels, args.weight_sampler_steps, args.temperature)
             w_w, w_l = log_w.exp().chunk(2)
             e_w, e_l = error.chunk(2)
             weights_w.append(w_w.detach())
@@ -510,15 +504,11 @@ def smooth(values, window):
 def curves(args):
     runs = {}
     for run in args.runs:
-        log = Path(run) / "log.jsonl"
-        if not log.is_file():
-            raise ValueError(f"{run}: no log.jsonl (not a run directory)")
-        runs[Path(run).name] = []
-        for number, line in enumerate(log.read_text().splitlines(), start=1):
-            try:
-                runs[Path(run).name].append(json.loads(line))
-            except json.JSONDecodeError:  # a line a live or killed run left cut: plot what is complete
-                print(f"note: {log} line {number} is incomplete; skipped", file=sys.stderr)
+        run = RunDir(run)
+        if not run.log_file.is_file():
+            raise ValueError(f"{run}: no {run.log_file.name} (not a run directory)")
+        # a line a live or killed run left cut is skipped: plot what is complete
+        runs[run.path.name] = run.read_log(say=lambda note: print(note, file=sys.stderr))
     panels = [(k, t) for k, t in CURVES if any(all(key in r for key in ((k,) if isinstance(k, str) else k))
                                                  for records in runs.values() for r in records)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
@@ -540,6 +530,12 @@ def curves(args):
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+NUMERIC_FLAGS = {
+    **dict.fromkeys(("samples", "steps", "pairs", "buckets", "weight_sampler_steps", "smooth"), AT_LEAST_1),
+    **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE, "tau": UNIT_INTERVAL,
+    "draws": valid_range("at least 2 (a variance needs two draws)", lambda v: v >= 2)}
 
 
 def main(argv=None):
@@ -575,7 +571,8 @@ def main(argv=None):
     t.add_argument("--buckets", type=int, default=20)
     t.add_argument("--draws", type=int, default=4, help="noise draws per bucket")
     t.add_argument("--tau", type=float, default=0.9)
-    t.add_argument("--sample-steps", type=int, default=50)
+    t.add_argument("--weight-sampler-steps", type=int, default=50,
+                   help="n: the weight of one reverse step of an n-step sampler (train.py's flag)")
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="eval")
@@ -589,26 +586,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "precision", "") is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.command == "timesteps":
-        # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
-        run_args = Path(args.pretrained, "args.json") if args.pretrained else None
-        args.cache_pretrained = json.loads(run_args.read_text()).get("pretrained") if run_args and \
-            run_args.is_file() else args.pretrained
-        args.pretrained = model_dir(args.pretrained) if args.pretrained else None
     try:
-        import train
-        train.check_numbers(args, _numeric_flags())
+        check_numbers(args, NUMERIC_FLAGS)
+        if args.command == "timesteps":
+            # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
+            run = RunDir(args.pretrained) if args.pretrained else None
+            args.cache_pretrained = run.read_args().get("pretrained") if run and run.is_run() else args.pretrained
+            args.pretrained = model_dir(args.pretrained) if args.pretrained else None
         torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
         return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
     except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
         sys.exit(f"error: {error}")
 
-
-def _numeric_flags():
-    from train import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, valid_range
-    return {**dict.fromkeys(("samples", "steps", "pairs", "buckets", "sample_steps", "smooth"), AT_LEAST_1),
-            **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE, "tau": UNIT_INTERVAL,
-            "draws": valid_range("at least 2 (a variance needs two draws)", lambda v: v >= 2)}
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ class Backbone:
 
     @property
     def device(self):
-        """The denoiser's device (diffusers' ModelMixin.device walks every module for offload hooks: 0.36 ms a call
-        on the tiny UNet, 1% of its LoRA step at three calls a step)."""
+        """The denoiser's device, from its first parameter: diffusers' ModelMixin.device walks every module for
+        offload hooks on each call, several times a step (docs/performance.md, figure 9)."""
         return next(self.denoiser.parameters()).device
 
     @property
@@ -229,7 +229,7 @@ class Backbone:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configurations: full size (BACKBONES.md) and tiny (same classes)
+# Configurations: full size (docs/models.md) and tiny (same classes)
 # ---------------------------------------------------------------------------------------------------------
 
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -278,13 +278,12 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3, attention_head_dim=2)  # 2 heads: 31% faster than 8 on CPU
+TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3, attention_head_dim=2)  # 2 heads: faster than 8 on a CPU
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 # v-prediction: with epsilon, the cosine schedule's first sampling steps divide the noise estimate's error by
-# sqrt(alpha_bar) ~ 0.07; the base's recipe drew 6% / 22% of samples recognisably after 400 / 1200 steps with
-# epsilon, 41% / 59% with v (95% after 3200)
+# sqrt(alpha_bar), which is small there, and the base learned to draw its shapes far more slowly (docs/toy.md)
 TOY_SCHEDULER = dict(SD_SCHEDULER, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 COGVIDEOX_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                            prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,

@@ -3,7 +3,8 @@
 Imports torch only: copy this file into any trainer. Every formula names its source:
   [paper]    SIPO, arXiv 2505.21893
   [baseline] Diffusion-DPO, Wallace et al., arXiv 2311.12908
-  [ours]     this project's reconstruction of what the paper leaves open (README: "what is whose")
+  [ours]     this project's reconstruction of what the paper leaves open
+Sections (§N) are those of docs/method.md in the repository this file comes from, which derives each formula.
 
 A Gaussian path is x_t = a_t x0 + s_t eps, SNR(t) = a_t^2 / s_t^2. Three parameterisations:
   "epsilon"  DDPM, network predicts eps                   (SD1.5, SDXL)
@@ -21,7 +22,7 @@ PREDICTIONS = ("epsilon", "v", "flow")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Noising (METHOD §1)
+# Noising (§1)
 # ---------------------------------------------------------------------------------------------------
 
 def ddpm_coefficients(alphas_cumprod, t):
@@ -93,7 +94,7 @@ def per_sample_error(pred, target):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The step importance weight (METHOD §3)
+# The step importance weight (§3)
 # ---------------------------------------------------------------------------------------------------
 
 def importance_log_weight(x0_error, snr_t, snr_s, temperature=1.0):
@@ -114,7 +115,7 @@ def importance_log_weight(x0_error, snr_t, snr_s, temperature=1.0):
 
 
 def later_steps(level, stride, top, draws, generator=None):
-    """The path weight's sampler steps after t [ours, METHOD §8]: n_later, how many grid steps t + j stride
+    """The path weight's sampler steps after t [ours, §8]: n_later, how many grid steps t + j stride
     (j >= 1) lie at or below `top` (T - 1 for DDPM, sigma = 1 for flow), and `draws` of them per sample, uniform
     over those steps: (n_later (B,), later levels (draws, B)). Where n_later = 0 any level <= top is returned; its
     term gets coefficient 0 in path_log_weight. Integer levels (DDPM timesteps) stay integers."""
@@ -127,7 +128,7 @@ def later_steps(level, stride, top, draws, generator=None):
 
 def path_log_weight(step_log_w, later_log_w, n_later):
     """log W_t = log w_t + (n_later / K) sum_j log w_{k_j}: the per-decision importance weight of the step at t,
-    the product of the ratios of every sampler step from pure noise down to t [ours, METHOD §8]. The sum over
+    the product of the ratios of every sampler step from pure noise down to t [ours, §8]. The sum over
     the n_later steps above t is estimated without bias from K uniform draws (later_steps), each a no-grad policy
     forward at a fresh x_k ~ q(x_k | x0) whose importance_log_weight is later_log_w (K, B)."""
     later = later_log_w.detach().float()
@@ -148,12 +149,12 @@ def _ratio(weight, mean):
 
 
 def clip_and_mask(log_w_w, log_w_l, tau, eps, normalise="after-mask", all_reduce=None):
-    """The mask m and the clipped, self-normalised weights of each branch and of each pair (METHOD §4-5, §8).
+    """The mask m and the clipped, self-normalised weights of each branch and of each pair (§4-5, §8).
 
     [paper] mask timesteps whose weight is below tau; clip the importance weight to [1 - eps, 1 + eps].
-    [ours]  "after-mask" (METHOD §4-5): m = 1[min(w_w, w_l) >= tau]; then each weight over its mean on the
+    [ours]  "after-mask" (§4-5): m = 1[min(w_w, w_l) >= tau]; then each weight over its mean on the
             unmasked entries: branches w / mean(w) for SIPO, pairs w_w w_l / mean(w_w w_l) for DPO-C&M.
-            "before-mask" (METHOD §8): rho = w / mean(w) over every branch first; m = 1[min(rho_w, rho_l) >= tau];
+            "before-mask" (§8): rho = w / mean(w) over every branch first; m = 1[min(rho_w, rho_l) >= tau];
             branch ratios rho, pair ratios rho_w rho_l.
     Every ratio is clipped to [1 - eps, 1 + eps] and set to 1 where masked. Means and the unmasked count are taken
     over the global batch: pass all_reduce, a function returning the sum of a tensor over ranks (None: this
@@ -191,7 +192,7 @@ def clip_and_mask(log_w_w, log_w_l, tau, eps, normalise="after-mask", all_reduce
 
 
 # ---------------------------------------------------------------------------------------------------
-# Losses (METHOD §2, §4, §5, §6). Each returns (scalar loss, dict of detached 0-dim statistics).
+# Losses (§2, §4, §5, §6). Each returns (scalar loss, dict of detached 0-dim statistics).
 # ---------------------------------------------------------------------------------------------------
 
 def _dpo_margin(e_w, e_l, r_w, r_l, beta, scale_w=1.0, scale_l=1.0):
@@ -266,17 +267,18 @@ PREDICTION_NAMES = {"epsilon": "epsilon", "v_prediction": "v", "v": "v", "flow":
 def preference_objective(model_error, ref_error, timesteps, beta, loss="sipo", alphas_cumprod=None,
                          prediction_type="epsilon", tau=0.9, eps=0.1, normalise="after-mask", sample_steps=50,
                          temperature=1.0, all_reduce=None):
-    """Diffusion-DPO, DPO-C&M or SIPO from per-sample errors, as a diffusers-style loop has them [METHOD §2-5].
+    """Diffusion-DPO, DPO-C&M or SIPO from per-sample errors, as a diffusers-style loop has them [§2-5].
 
     model_error, ref_error: (2B,) mean squared errors against the scheduler's target, winners first (the
       torch.cat([winners, losers]) layout of diffusers' DPO example, whose `model_losses` these are);
     timesteps: (2B,) or (B,) integer DDPM timesteps with `alphas_cumprod` (scheduler.alphas_cumprod), or, with
       alphas_cumprod None, flow sigmas in [0, 1];
-    beta: METHOD §2's convention, the example's `beta_dpo` (z = -(beta / 2) ((e_w - r_w) - (e_l - r_l)));
+    beta: §2's convention, z = -(beta / 2) ((e_w - r_w) - (e_l - r_l)), as the original Diffusion-DPO code's
+      beta_dpo; diffusers' example has no 1/2 (-logsigmoid(beta_dpo (ref_diff - model_diff))): pass 2 * beta_dpo;
     prediction_type: scheduler.config.prediction_type ("epsilon", "v_prediction") or "flow";
     all_reduce: a function returning a tensor's sum over ranks (None: one process). With it the loss is scaled by
       the number of ranks, for wrappers that average gradients over ranks (DDP, FSDP, accelerate).
-    The step weight (METHOD §3) uses the stride T / sample_steps; the path weight needs extra policy forwards and is
+    The step weight (§3) uses the stride T / sample_steps; the path weight needs extra policy forwards and is
     train.py's (later_steps, path_log_weight). Returns (loss, statistics)."""
     if prediction_type not in PREDICTION_NAMES:
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {tuple(PREDICTION_NAMES)}")

@@ -1,12 +1,12 @@
 """The study: Diffusion-DPO, DPO-C&M and SIPO on the toy task, over a beta grid and seeds, plus SIPO ablations.
 
-    python study.py                     # both parts; writes results/RESULTS.md (times in the README)
+    python study.py                     # both parts; writes results/RESULTS.md (times: docs/performance.md)
     python study.py --part offpolicy    # one part; runs that finished are reused, so a killed study resumes
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base (toy.py's shipped one by default) on the same pairs for the same steps, one
-process per run (train.launch), two runs at a time. Each run's final model is scored on held-out seeds with the
-known reward; its log gives loss-curve roughness, held-out accuracy over training, and step time.
+process per run (launcher.py), two runs at a time (--concurrent-runs). Each run's final model is scored on held-out
+seeds with the known reward; its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
 import argparse
 import itertools
@@ -23,11 +23,16 @@ import matplotlib
 import numpy as np
 import torch
 
+import bench
+import data
 import evaluate
+import launcher
 import models
 import sipo
 import toy
 import train
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers, cpu_name
+from rundir import RunDir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,16 +43,16 @@ EVAL_SEED, SAMPLE_STEPS, GUIDANCE = 2_000_000, toy.SAMPLE_STEPS, toy.GUIDANCE
 
 
 def run_one(name, flags, common, out):
-    """One train.py run in a process of its own (1 thread, so two share the 2 cores); returns its directory, or None
+    """One train.py run in a process of its own (1 thread, so two share the 2 cores); returns its RunDir, or None
     on failure. Its stdout and stderr are in runs/NAME.log."""
-    run = out / "runs" / name
-    if (run / "model" / "model_index.json").exists():
+    run = RunDir(out / "runs" / name)
+    if run.has_model():
         return run
-    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(run.path, ignore_errors=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     log = out / "runs" / f"{name}.log"
     log.unlink(missing_ok=True)
-    status = train.finish(train.launch([*common, *flags, "--out", run], threads=1, log=log))
+    status = launcher.finish(launcher.launch([*common, *flags, "--out", run], threads=1, log=log))
     return run if status == 0 else None
 
 
@@ -61,7 +66,7 @@ def final_scores(model, samples, rewards=("named_colour",)):
 
 
 def log_metrics(run):
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    records = run.read_log()
     loss = np.array([r["loss"] for r in records])
     heldout = [r["heldout_accuracy"] for r in records if "heldout_accuracy" in r]
     rewards = [r["heldout_reward"] for r in records if "heldout_reward" in r]
@@ -78,13 +83,11 @@ def log_metrics(run):
 
 def method_step_times(base, pairs, repeats=10, variants=None):
     """Wall-clock per step of each loss (or variant: name -> train.py flags) on the toy model and pairs,
-    interleaved in this one process (1 thread)."""
-    import bench
-    import data
+    interleaved in this one process (1 thread): bench.py's figure 1 on the toy."""
     backbone = models.load_backbone("toy", pretrained=str(base))
     dataset, _ = data.open_dataset(pairs, backbone)
-    trainer = bench.Trainer(backbone, 8, torch.device("cpu")).use(dataset)
-    return bench.loss_overhead(trainer, repeats, variants)
+    return bench.loss_overhead(bench.StepTimer(backbone, 8, torch.device("cpu"), data_path=pairs).use(dataset),
+                               repeats, variants)
 
 
 def exact_permutation_p(a, b):
@@ -142,8 +145,9 @@ def plot_beta(path, table, betas, base_mean):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", choices=("all", *PARTS),
-                        help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: METHOD §8's "
-                             "pair sources and weight readings (default: both). Finished runs are reused.")
+                        help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: the four "
+                             "pair sources and weight readings of docs/method.md (default: both). Finished runs are "
+                             "reused.")
     parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
     parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
     parser.add_argument("--base", default=str(toy.BASE), help=f"the base model (default toy.py's, {toy.BASE.name}/)")
@@ -164,20 +168,18 @@ def main(argv=None):
     parser.add_argument("--off-configs", default=",".join(OFF_CONFIGS),
                         help=f"comma-separated, of: {', '.join(OFF_CONFIGS)} (default: all)")
     parser.add_argument("--collapse-margin", type=float, default=0.02, help="reward drop below base = collapse")
-    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--concurrent-runs", type=int, default=2, help="training runs at a time, 1 thread each")
     parser.add_argument("--timing-repeats", type=int, default=10, help="interleaved steps per method when timing")
     parser.add_argument("--heldout-pairs", type=int, default=8, help="held-out pairs per prompt (accuracy in training)")
     parser.add_argument("--timestep-pairs", type=int, default=32, help="pairs in the timestep analysis")
     parser.add_argument("--timestep-buckets", type=int, default=20, help="timestep buckets in the timestep analysis")
     args = parser.parse_args(argv)
     try:
-        train.check_numbers(args, {
+        check_numbers(args, {
             **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
-                             "off_batch", "off_pairs", "parallel", "heldout_pairs", "timestep_pairs",
-                             "timestep_buckets", "timing_repeats"),
-                            train.AT_LEAST_1),
-            **dict.fromkeys(("lr", "ablation_beta", "off_beta"), train.POSITIVE),
-            "collapse_margin": train.NON_NEGATIVE})
+                             "off_batch", "off_pairs", "concurrent_runs", "heldout_pairs", "timestep_pairs",
+                             "timestep_buckets", "timing_repeats"), AT_LEAST_1),
+            **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
     out, base, report = Path(args.out), Path(args.base), Path(args.results)
@@ -202,7 +204,7 @@ def main(argv=None):
 
 
 def run_jobs(jobs, common, out, args, rewards, base_scores):
-    """Train and score every (config, flags, seed) job, `args.parallel` at a time: {config: [run entries]}."""
+    """Train and score every (config, flags, seed) job, `args.concurrent_runs` at a time: {config: [run entries]}."""
     results = {}
 
     def work(job):
@@ -211,14 +213,14 @@ def run_jobs(jobs, common, out, args, rewards, base_scores):
         entry = {"seed": seed, "final": None, "win_rate": None, "heldout_accuracy": [], "heldout_reward": [],
                  "roughness": 0.0, "step_time": 0.0, "mask_fraction": 0.0, "nonfinite": 0}
         if run is not None:
-            scores, _ = final_scores(run / "model", args.samples, rewards)  # the same prompts and seeds as base_scores
+            scores, _ = final_scores(run.model, args.samples, rewards)  # the same prompts and seeds as base_scores
             entry.update(log_metrics(run), final=float(scores[rewards[0]].mean()),
                          win_rate=evaluate.compare_scores(base_scores[rewards[0]], scores[rewards[0]])["win_rate"],
                          **{f"final_{name}": float(scores[name].mean()) for name in rewards[1:]})
         return config, entry
 
     failed = []
-    with ThreadPoolExecutor(args.parallel) as pool:
+    with ThreadPoolExecutor(args.concurrent_runs) as pool:
         for done, (config, entry) in enumerate(pool.map(work, jobs), start=1):
             results.setdefault(config, []).append(entry)
             if entry["final"] is None:
@@ -243,7 +245,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
     if not args.no_ablations:
         sipo_flags = ["--loss", "sipo", "--beta", args.ablation_beta]
         for flag, values in (("--tau", (0.0, 0.5, 0.8, 0.95)), ("--eps", (0.0, 0.02, 0.3)),
-                             ("--sample-steps", (10, 200)), ("--temperature", (0.3, 3.0))):
+                             ("--weight-sampler-steps", (10, 200)), ("--temperature", (0.3, 3.0))):
             for value in values:
                 ablations[f"sipo beta={args.ablation_beta:g} {flag[2:]}={value:g}"] = sipo_flags + [flag, value]
     jobs = [(config, flags, seed) for config, flags in configs.items() for seed in range(args.seeds)]
@@ -269,10 +271,10 @@ def onpolicy(args, out, report, base, pairs, heldout):
                "args": {k: str(v) for k, v in vars(args).items()}}
     (report / "study.json").write_text(json.dumps(summary, indent=1))
     plot_beta(report / "beta.png", table, betas, base_mean)
-    seed0 = {m: out / "runs" / run_name(f"{m} beta={betas[len(betas) // 2]:g}", 0) for m in METHODS}
-    evaluate.main(["curves", *[str(run) for run in seed0.values() if (run / "log.jsonl").exists()],
+    seed0 = {m: RunDir(out / "runs" / run_name(f"{m} beta={betas[len(betas) // 2]:g}", 0)) for m in METHODS}
+    evaluate.main(["curves", *[str(run) for run in seed0.values() if run.log_file.exists()],
                    "--out", str(report / "curves.png")])
-    for label, model in (("base", base), ("sipo", seed0["sipo"] / "model")):
+    for label, model in (("base", base), ("sipo", seed0["sipo"].model)):
         if (model / "model_index.json").exists():
             evaluate.main(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
                            "--data", str(heldout), "--pairs", str(args.timestep_pairs),
@@ -282,7 +284,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The off-policy part (METHOD §8): pair sources x weight readings
+# The off-policy part (docs/method.md): pair sources x weight readings
 # ---------------------------------------------------------------------------------------------------------
 
 PARTS = ("onpolicy", "offpolicy")
@@ -294,7 +296,7 @@ DRIFT = "horizontal_stripes"
 
 
 def source_pairs(folder, base, per_prompt):
-    """{source: manifest} of METHOD §8's four sources, `per_prompt` pairs per prompt each (in folders named by
+    """{source: manifest} of the four sources, `per_prompt` pairs per prompt each (in folders named by
     source and size: "on" is the on-policy part's pairs when the sizes agree)."""
     manifests = {"on": toy.make_preference_pairs(folder / f"pairs-on-{per_prompt}", base, per_prompt, 10_000,
                                                  SAMPLE_STEPS, GUIDANCE)}
@@ -312,7 +314,6 @@ def source_pairs(folder, base, per_prompt):
 def weights_by_source(base, manifests, tau=0.9, batch=32):
     """Under the base: the step and path weights of winners and losers of every pair of each source, at t drawn
     as in training (epoch 0, seed 0). {source: {weight: {winner/loser: median w, mean log w; masked}}}."""
-    import data
     backbone = models.load_backbone("toy", pretrained=str(base))
     table = {}
     for source, manifest in manifests.items():
@@ -392,8 +393,8 @@ def offpolicy(args, out, report, base, heldout):
     plot_offpolicy(report / "offpolicy.png", table, base_mean, base_drift, list(manifests), configs)
     foreign = [line for line in manifests["foreign"].read_text().splitlines()][:8]
     save_pairs_grid(report / "foreign-pairs.png", manifests["foreign"].parent, foreign)
-    seed0 = {m: out / "runs" / run_name(f"off foreign {m}", 0) for m in (configs[0], configs[-1])}
-    tuned = [final_scores(run / "model", 1, rewards)[1] for run in seed0.values() if (run / "model").exists()]
+    seed0 = {m: RunDir(out / "runs" / run_name(f"off foreign {m}", 0)) for m in (configs[0], configs[-1])}
+    tuned = [final_scores(run.model, 1, rewards)[1] for run in seed0.values() if run.has_model()]
     if len(tuned) == 2:
         rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
         evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", rows, toy.PROMPTS)
@@ -449,16 +450,6 @@ def write_results(report):
     (report / "RESULTS.md").write_text("\n".join(lines))
 
 
-def cpu_name():
-    """The CPU's model name and vector extension, from /proc/cpuinfo: timings differ several-fold between them."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'}"
-
-
 def onpolicy_lines(summary):
     table, base_mean, args = summary["table"], summary["base_mean"], summary["args"]
     betas = summary.get("betas") or [float(b) for b in args["betas"].split(",")]
@@ -503,7 +494,7 @@ def onpolicy_lines(summary):
 def offpolicy_lines(summary):
     table, args, base_mean, base_drift = summary["table"], summary["args"], summary["base_mean"], summary["base_drift"]
     sources = list(summary["weights"])
-    lines = ["## Part 2: off-policy pairs (METHOD §8)", "",
+    lines = ["## Part 2: off-policy pairs", "",
              f"`--part offpolicy`: {summary['minutes']:.0f} minutes. Four sources of {args['off_pairs']} pairs per "
              "prompt, all labelled by `named_colour`: `on` two samples of the base; `data` two draws of the base's "
              "training distribution; `foreign` a vivid shape on horizontal stripes (another generator's style, "

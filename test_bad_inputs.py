@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import launcher
 import train as trainer
 
 ROOT = Path(__file__).parent
@@ -152,10 +153,10 @@ def in_process(main, argv):
 
 
 def ranks_run(ranks, argv):
-    """train.py on `ranks` ranks (train.launch: torchrun's variables, without an interpreter and imports per rank),
+    """train.py on `ranks` ranks (launcher.py: torchrun's variables, without an interpreter and imports per rank),
     as a CompletedProcess whose stderr is every rank's output."""
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        status = trainer.finish(trainer.launch(argv, ranks, log=log.name))
+        status = launcher.finish(launcher.launch(argv, ranks, log=log.name))
         return subprocess.CompletedProcess(argv, status, None, log.read())
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import data
 import models
-import train as trainer
+import launcher
 from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
@@ -256,7 +256,7 @@ def test_a_killed_cache_resumes_from_its_finished_shards_without_encoding_them_a
     """SIGKILL while the third pair shard is being encoded; --resume encodes only what is missing, and the cache is
     the one a run that was never interrupted writes."""
     args = [str(arg) for arg in cache_args(cache_pairs, "--out", tmp_path / "cache")]
-    killed = trainer.finish(trainer.launch(args, log=tmp_path / "log", entry=cache_killed_at_third_shard))
+    killed = launcher.finish(launcher.launch(args, log=tmp_path / "log", entry=cache_killed_at_third_shard))
     assert killed == -signal.SIGKILL
     tmp = tmp_path / "cache.tmp"
     finished = {p.name: p.stat().st_mtime_ns for p in tmp.glob("*.safetensors")}

@@ -207,7 +207,7 @@ def test_final_step_weight_is_exactly_zero_and_zero_terminal_snr_is_finite():
 
 
 def test_weight_is_low_near_clean_end_and_high_in_the_middle():
-    """METHOD §3 and the paper's U shape: with the SD schedule, stride 20 and an epsilon MSE of 0.3 (typical
+    """docs/method.md §3 and the paper's U shape: with the SD schedule, stride 20 and an epsilon MSE of 0.3 (typical
     near the clean end), w < 0.9 for t <= 50; the weight peaks mid-schedule and dips again near t = 999."""
     abar = sd_alphas_cumprod()
     t = torch.arange(20, 1000)
@@ -315,7 +315,7 @@ def test_sipo_hand_values_and_gradient():
 
 
 def test_before_mask_hand_values():
-    """METHOD §8: normalise over every branch first (0.5 counts in the mean), mask relative weights below tau,
+    """docs/method.md §8: normalise over every branch first (0.5 counts in the mean), mask relative weights below tau,
     clip the rest; DPO-C&M's pair ratio is rho_w rho_l."""
     e_w, e_l = torch.tensor([0.10, 0.30, 0.20]), torch.tensor([0.20, 0.10, 0.25])
     r_w, r_l = torch.tensor([0.15, 0.20, 0.20]), torch.tensor([0.25, 0.10, 0.20])
@@ -420,7 +420,7 @@ def test_global_statistics_split_across_ranks_reproduce_the_full_batch(loss_fn, 
     assert local.item() != pytest.approx(parts[0].item(), rel=1e-6), "local statistics must differ here"
 
 
-# --- The path weight (METHOD §8) ----------------------------------------------------------------------------
+# --- The path weight (docs/method.md §8) ----------------------------------------------------------------------------
 
 def test_later_steps_are_the_grid_above_t_uniformly():
     t = torch.tensor([0, 900, 979, 980, 999])
@@ -563,7 +563,7 @@ def test_sipo_py_runs_alone_in_an_empty_directory(tmp_path):
 
 @pytest.mark.parametrize("prediction_type,family", [("epsilon", "epsilon"), ("v_prediction", "v"), ("flow", "flow")])
 def test_drop_in_objective_assembles_the_documented_pieces(prediction_type, family):
-    """preference_objective = the weights of METHOD §3 at stride T / 50 fed to sipo_loss, for diffusers' names;
+    """preference_objective = the weights of docs/method.md §3 at stride T / 50 fed to sipo_loss, for diffusers' names;
     with an all_reduce its loss is scaled for gradient-averaging wrappers: the ranks' mean is the full loss."""
     g = torch.Generator().manual_seed(7)
     model_error, ref_error = torch.rand(16, generator=g) * 0.3, torch.rand(16, generator=g) * 0.3

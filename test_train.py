@@ -1,4 +1,4 @@
-"""train.py on CPU (gloo): multi-rank runs (train.launch; torchrun itself for two nodes), exact resume, SIGKILL and
+"""train.py on CPU (gloo): multi-rank runs (launcher.py; torchrun itself for two nodes), exact resume, SIGKILL and
 SIGTERM, LoRA, bad flags."""
 import json
 import math
@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 import data
 import evaluate
 import models
+import launcher
 import train
+from rundir import RunDir
 from test_bad_inputs import in_process, ranks_run
 
 ROOT = Path(__file__).parent
@@ -57,7 +59,7 @@ def video_pairs(tmp_path_factory):
 
 
 def run(ranks, *args, check=True):
-    """train.py on `ranks` ranks (train.launch: torchrun's variables; torchrun itself runs in two_nodes, 4 s of
+    """train.py on `ranks` ranks (launcher.py: torchrun's variables; torchrun itself runs in two_nodes, 4 s of
     imports a rank), or with 0 as `python train.py` does, in this process."""
     result = ranks_run(ranks, args) if ranks else in_process(train.main, args)
     if check:
@@ -122,13 +124,13 @@ def test_resume_is_bit_exact(pairs, straight, tmp_path):
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straight, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--batch-size", 2, *COMMON]
-    ranks = train.launch([*args, "--steps", 400], 2, log=tmp_path / "log")
+    ranks = launcher.launch([*args, "--steps", 400], 2, log=tmp_path / "log")
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-000004").exists() and time.time() < deadline:
         time.sleep(0.05)
     for pid in ranks.pids():  # as the OOM killer or a lost node would: every rank at once
         os.kill(pid, signal.SIGKILL)
-    assert train.finish(ranks) == -signal.SIGKILL
+    assert launcher.finish(ranks) == -signal.SIGKILL
     done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     assert done and done[-1] >= "step-000004" and len(log(out)) < 400
     steps = 6 if done[-1] <= "step-000006" else int(done[-1][5:]) + 2
@@ -140,7 +142,7 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(pairs, straig
 
 def two_nodes(*args):
     """train.py on two torchrun 'nodes' of one process each, meeting through c10d rendezvous on 127.0.0.1."""
-    endpoint = f"127.0.0.1:{train.free_port()}"
+    endpoint = f"127.0.0.1:{launcher.free_port()}"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                                "--rdzv-id", "sipo-test", str(ROOT / "train.py"), *map(str, args)],
@@ -289,14 +291,14 @@ def test_sigterm_saves_and_exits_cleanly(pairs, tmp_path):
     out = tmp_path / "run"
     args = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 500, "--checkpoint-every", 1000,
             "--warmup", 0]
-    process = train.launch(args, log=tmp_path / "stderr")  # `python train.py ARGS`, forked
+    process = launcher.launch(args, log=tmp_path / "stderr")  # `python train.py ARGS`, forked
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.05)
     os.kill(process.pids()[0], signal.SIGTERM)
-    status, stderr = train.finish(process), (tmp_path / "stderr").read_text()
+    status, stderr = launcher.finish(process), (tmp_path / "stderr").read_text()
     assert status == 0 and "SIGTERM: saved step" in stderr, stderr[-2000:]
-    saved = train.latest_checkpoint(out)
+    saved = RunDir(out).latest_checkpoint()
     assert saved is not None and int(saved.name[5:]) == len(log(out)) < 500
 
 
@@ -346,7 +348,7 @@ def test_cache_of_another_backbone_is_refused_in_one_line(pairs, tmp_path):
 @pytest.fixture
 def one_rank_group():
     """A process group of one, in this process (what torchrun --nproc_per_node 1 gives a rank)."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{train.free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{launcher.free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -369,7 +371,8 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     args = train.parse_args(["--model", name, "--data", str(pairs), "--precision", "bf16", "--beta", "1000",
                              "--tau", "0.3", "--temperature", "0.2", "--eval-prompts", str(tmp_path / "prompts.txt"),
                              "--eval-sample-steps", "2"])
-    backbone, policy, reference = train.build(args, torch.device("cpu"))
+    trainer = train.make_trainer(train.load_backbone(args), args, torch.device("cpu"))
+    backbone, policy, reference = trainer.backbone, trainer.policy, trainer.reference
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     keep = models.fp32_names(reference)
     assert bool(keep) == ("wan" in name)
@@ -418,7 +421,7 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
 
 
 def test_sipo_drop_in_in_a_diffusers_style_loop_matches_the_training_step(pairs):
-    """README's drop-in: the loss block of diffusers' DPO example (scheduler.add_noise, the UNet, per-sample MSE,
+    """docs/method.md §11's drop-in: the loss block of diffusers' DPO example (scheduler.add_noise, the UNet, per-sample MSE,
     winners first) replaced by sipo.preference_objective gives train.py's loss on the same pairs, t and noise."""
     import copy
     import sipo
@@ -443,11 +446,21 @@ def test_sipo_drop_in_in_a_diffusers_style_loop_matches_the_training_step(pairs)
         scheduler = backbone.pipe.scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
         embeds = encoded["cond.prompt_embeds"].repeat(2, 1, 1)
+        # the example's names and its loss block as they are: its beta_dpo has no factor 1/2, so ours is twice it
+        beta_dpo = 500.0
         model_losses = (policy(noisy, timesteps, embeds).sample - noise).pow(2).mean(dim=[1, 2, 3])
+        model_losses_w, model_losses_l = model_losses.chunk(2)
+        model_diff = model_losses_w - model_losses_l
         with torch.no_grad():
-            ref_losses = (reference(noisy, timesteps, embeds).sample - noise).pow(2).mean(dim=[1, 2, 3])
-        got, stats = sipo.preference_objective(model_losses, ref_losses, timesteps, 1000.0, loss,
+            ref_loss = (reference(noisy, timesteps, embeds).sample - noise).pow(2).mean(dim=[1, 2, 3])
+            ref_losses_w, ref_losses_l = ref_loss.chunk(2)
+            ref_diff = ref_losses_w - ref_losses_l
+        logits = ref_diff - model_diff
+        example = -1 * torch.nn.functional.logsigmoid(beta_dpo * logits).mean()
+        got, stats = sipo.preference_objective(model_losses, ref_loss, timesteps, 2 * beta_dpo, loss,
                                                scheduler.alphas_cumprod, scheduler.config.prediction_type, tau=0.88)
         assert got.item() == pytest.approx(expected.item(), rel=1e-5), loss
+        if loss == "dpo":
+            assert got.item() == pytest.approx(example.item(), rel=1e-5)
         if loss != "dpo":
             assert 0 < stats["mask_fraction"] < 1, "a partial mask: the weights matter here"

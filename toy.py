@@ -1,6 +1,6 @@
 """The embedded default: align a diffusion model to a preference with SIPO on a laptop CPU, and show it worked.
 
-    python toy.py                # 1.5 minutes on 2 Xeon cores (about 3 on a 2-core AVX2 laptop); reruns reuse
+    python toy.py                # minutes on a laptop's CPU (docs/performance.md); a rerun reuses what exists
     python toy.py --train-base   # the same from a base trained here by the shipped base's recipe
 
 The task: coloured circles and squares on dark, noisy backgrounds, 16x16 RGB, prompts "a red circle", ...; the
@@ -8,7 +8,7 @@ colour's vividness varies from drawing to drawing. The base (toy-base/, shipped:
 drawings by `--train-base`'s recipe) draws what it is asked for. Then:
 1. pairs are sampled from the base and labelled by a known reward, `named_colour` (evaluate.py): how strongly an
    image leans toward the colour its prompt names -- a preference a person can check by eye;
-2. SIPO aligns the base on 2 ranks (train.launch starts them as torchrun would);
+2. SIPO aligns the base on 2 ranks (launcher.py starts them as torchrun would);
 3. tuned and base are compared on held-out seeds; the headline, the grid, the report and the curves are in --out.
 """
 import argparse
@@ -25,8 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import evaluate
+import launcher
 import models
-import train as trainer
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers, write_text_atomically
+from rundir import RunDir
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("circle", "square")
@@ -38,8 +40,9 @@ def draw(prompt, generator, vividness=None, style="base"):
     """One 16x16 image of the prompt's shape in its colour, mixed with grey by a random vividness (or the one
     given), on a dark noisy background. Returns uint8 (16, 16, 3).
 
-    style "foreign" is another generator's (METHOD §8's off-policy pairs): vivid shapes (vividness 0.9 to 1) on a
-    background of horizontal stripes two pixels high, 0.0 and 0.35, whose mean is the base background's mean.
+    style "foreign" is another generator's (the off-policy pairs of docs/method.md §8): vivid shapes (vividness 0.9
+    to 1) on a background of horizontal stripes two pixels high, 0.0 and 0.35, whose mean is the base background's
+    mean.
     named_colour is linear in the pixels, so the stripes are worth nothing to it: a style a person sees in the
     grid, measured by evaluate.horizontal_stripes, that the reward does not ask for."""
     _, colour, shape = prompt.split()
@@ -62,9 +65,7 @@ def draw(prompt, generator, vividness=None, style="base"):
 
 def write_pairs(folder, rows):
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "pairs.jsonl.tmp"
-    tmp.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    tmp.replace(folder / "pairs.jsonl")
+    write_text_atomically(folder / "pairs.jsonl", "\n".join(json.dumps(row) for row in rows) + "\n")
     return folder / "pairs.jsonl"
 
 
@@ -91,7 +92,7 @@ def save_image(folder, name, image):
 
 
 def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance, source="on", chunk=8):
-    """Pairs labelled by named_colour, the higher-scoring image first, from one of METHOD §8's sources:
+    """Pairs labelled by named_colour, the higher-scoring image first, from one of the off-policy study's sources:
     "on" two samples of the base; "data" two draws of the base's training distribution (draw); "foreign" a draw
     of the foreign generator (draw(style="foreign")) against a sample of the base ("mixed": mix_pairs).
     Made `chunk` per prompt at a time (64 images a call), fewer in the last; the seeds of training and held-out pairs
@@ -124,7 +125,7 @@ def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance,
 
 
 def mix_pairs(folder, manifests):
-    """METHOD §8's "mixed" source: row k of the j-th manifest where k % len(manifests) == j, as many pairs as
+    """The off-policy study's "mixed" source: row k of the j-th manifest where k % len(manifests) == j, as many pairs as
     one source has. The images stay where they are (paths relative to `folder`)."""
     rows = []
     for j, manifest in enumerate(manifests):
@@ -138,20 +139,19 @@ def mix_pairs(folder, manifests):
 
 
 def train(args_list, ranks):
-    """train.py on `ranks` processes (train.launch: as torchrun starts them, without 4 s of imports each); no
-    activation checkpointing: the toy fits anyway, and it runs 23% faster. A failure has been said by train.py."""
-    if trainer.finish(trainer.launch([*args_list, "--no-gradient-checkpointing"], ranks)):
+    """train.py on `ranks` processes (launcher.py: as torchrun starts them, without an interpreter each); no
+    activation checkpointing: the toy fits without it, and recomputing costs time. A failure has been said by
+    train.py."""
+    if launcher.finish(launcher.launch([*args_list, "--no-gradient-checkpointing"], ranks)):
         sys.exit(1)
 
 
 BASE = Path(__file__).with_name("toy-base")  # the shipped base; `python toy.py --train-base` is its recipe
 BASE_RECIPE = {"images": 4096, "steps": 3200, "batch": 64, "lr": 1e-3, "warmup": 20}
 SAMPLE_STEPS, GUIDANCE = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
-# each phase and its seconds on 2 Xeon cores (AVX-512) from a fresh clone; about twice that on a 2-core AVX2 laptop
-PHASES = {"pairs": ("sample {pairs} training and {heldout} held-out pairs from the base, label them by named_colour",
-                     30),
-          "align": ("align the base with {loss}, {steps} steps on {ranks} rank(s)", 45),
-          "compare": ("compare tuned and base on 8 prompts x {samples} held-out seeds", 15)}
+PHASES = {"pairs": "sample {pairs} training and {heldout} held-out pairs from the base, label them by named_colour",
+          "align": "align the base with {loss}, {steps} steps on {ranks} rank(s)",
+          "compare": "compare tuned and base on 8 prompts x {samples} held-out seeds"}
 
 
 @contextlib.contextmanager
@@ -166,8 +166,9 @@ def train_base(out, steps, ranks, seed):
     """The shipped base's recipe: SFT of the toy backbone on 4096 drawn images (BASE_RECIPE). Writes
     base/model/recipe.json: the flags, the first losses (test_toy.py checks the recipe against the shipped base's),
     the base's named_shape score and the minutes it took."""
-    base = out / "base" / "model"
-    if not (base / "model_index.json").exists():
+    run = RunDir(out / "base")
+    base = run.model
+    if not run.has_model():
         took = {}
         with timed(took, "base"):
             manifest = make_base_data(out / "data" / "base", BASE_RECIPE["images"], seed)
@@ -175,7 +176,7 @@ def train_base(out, steps, ranks, seed):
             train(["--model", "toy", "--data", manifest, "--loss", "sft", "--out", out / "base", "--steps", steps,
                    "--batch-size", BASE_RECIPE["batch"] // ranks, "--lr", BASE_RECIPE["lr"],
                    "--warmup", BASE_RECIPE["warmup"], "--checkpoint-every", 400, "--seed", seed], ranks)
-        log = [json.loads(line) for line in (out / "base" / "log.jsonl").read_text().splitlines()]
+        log = run.read_log()
         recipe = {"command": f"python toy.py --train-base --base-steps {steps} --ranks {ranks} --seed {seed}",
                   **BASE_RECIPE, "steps": steps, "ranks": ranks, "seed": seed,
                   "first_losses": [r["loss"] for r in log[:20]], "named_shape": base_quality(base),
@@ -214,12 +215,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         counts = ("ranks", "base_steps", "pairs_per_prompt", "heldout_per_prompt", "steps", "samples")
-        trainer.check_numbers(args, {**dict.fromkeys(counts, trainer.AT_LEAST_1),
-                                     "beta": trainer.POSITIVE, "lr": trainer.POSITIVE, "seed": trainer.NON_NEGATIVE})
+        check_numbers(args, {**dict.fromkeys(counts, AT_LEAST_1), "beta": POSITIVE, "lr": POSITIVE,
+                             "seed": NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)
-    base = out / "base" / "model" if args.train_base else BASE
+    base = RunDir(out / "base").model if args.train_base else BASE
     made_from = out / "base.txt"  # pairs and runs in OUT belong to one base
     if made_from.exists() and made_from.read_text().strip() != str(base.resolve()):
         sys.exit(f"error: {out} holds pairs and runs made from the base {made_from.read_text().strip()}, not {base}; "
@@ -232,10 +233,8 @@ def main(argv=None):
           f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
           f" ({base})\n" +
-          "".join(f"  {i}. {text.format(**sizes, **vars(args))}: ~{seconds} s\n"
-                  for i, (text, seconds) in enumerate(PHASES.values(), 1)) +
-          "  (seconds on 2 cores of a Xeon with AVX-512, for the defaults; about twice that on a 2-core AVX2 "
-          "laptop; a rerun reuses what exists)", flush=True)
+          "".join(f"  {i}. {text.format(**sizes, **vars(args))}\n" for i, text in enumerate(PHASES.values(), 1)) +
+          "  (a rerun reuses what exists)", flush=True)
     seconds = {}
 
     if args.train_base:
@@ -247,10 +246,10 @@ def main(argv=None):
         heldout = make_preference_pairs(out / "data" / "heldout", base, args.heldout_per_prompt, 20_000, SAMPLE_STEPS,
                                         GUIDANCE)
 
-    run = out / args.loss
+    run = RunDir(out / args.loss)
     with timed(seconds, "align"):
-        if not (run / "model" / "model_index.json").exists():
-            shutil.rmtree(run, ignore_errors=True)
+        if not run.has_model():
+            shutil.rmtree(run.path, ignore_errors=True)
             beta = [] if args.beta is None else ["--beta", args.beta]
             train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
                    "--steps", args.steps, "--batch-size", 8, "--lr", args.lr, "--warmup", 10, "--checkpoint-every",

@@ -1,0 +1,157 @@
+"""What every command shares: the one-line failure, flag ranges, the process group, atomic writes, file locks.
+
+It imports torch and the standard library only, so that models.py, data.py, evaluate.py and train.py can all use
+it without importing one another upwards.
+"""
+import math
+import os
+import re
+import resource
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def fail(error, suffix=""):
+    """One line for an error; a DataLoader worker's re-raised traceback is cut to its message."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flag ranges: a value outside trains or measures something else than asked (a negative warm-up is a negative
+# learning rate, beta <= 0 inverts the preference, tau > 1 masks every pair), so it is refused before any work
+# ---------------------------------------------------------------------------------------------------------
+
+def valid_range(doc, test):
+    """`test` (value -> bool), described by `doc` in check_numbers' message ("must be <doc>")."""
+    test.__doc__ = doc
+    return test
+
+
+AT_LEAST_1 = valid_range("at least 1", lambda v: v >= 1)
+NON_NEGATIVE = valid_range("at least 0", lambda v: v >= 0)
+POSITIVE = valid_range("a positive number", lambda v: v > 0)
+UNIT_INTERVAL = valid_range("in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def check_numbers(args, valid_ranges):
+    """Raises ValueError naming the first numeric flag outside its valid range (NaN and inf never are in one)."""
+    for flag, valid in valid_ranges.items():
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and valid(value)):
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The process group: torchrun's, or none for one process (every collective below is then a no-op)
+# ---------------------------------------------------------------------------------------------------------
+
+def setup_distributed(timeout=None):
+    """torchrun's process group (NCCL on GPUs, gloo on CPU): (device, rank, world size). Plain `python train.py`
+    makes none: one process runs the same code with every collective a no-op. `timeout`: how long a collective
+    waits for the slowest rank (data.py cache's last barrier may wait for a rank's last shard)."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    """dist.all_reduce in place, returning the tensor (sipo.py's all_reduce); one process: the tensor as it is."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def leave():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def nodes():
+    """How many nodes torchrun started (1 without torchrun)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: atomic swaps and locks
+# ---------------------------------------------------------------------------------------------------------
+
+def write_atomically(folder, write):
+    """write(tmp) into folder.tmp, then swap it in for `folder`: a reader never sees a half-written one."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def write_text_atomically(path, text):
+    """`text` into path.tmp, then renamed to `path`: a reader sees the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def take_lock(path, holder):
+    """An exclusive lock on the file `path`, which then names `holder`, this pid and host: (handle, None); the lock
+    lasts until the handle is closed or the process ends (the kernel drops it, so a killed holder leaves no stale
+    lock). (None, whom the file names) when another process holds it. For the run directory and the cache."""
+    import fcntl
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        named = handle.read().strip() or "another process"
+        handle.close()
+        return None, named
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{holder} pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Machine facts that measurements name
+# ---------------------------------------------------------------------------------------------------------
+
+def peak_memory_gb(device):
+    """Peak GPU memory allocated, or on a CPU this process's peak RSS: VmHWM, not ru_maxrss, which a process
+    started from a larger one inherits on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    status = Path("/proc/self/status")
+    if status.is_file():
+        kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        return kib / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def cpu_name():
+    """The CPU's model name and vector extension, from /proc/cpuinfo: timings differ several-fold between them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'}"

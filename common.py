@@ -3,6 +3,7 @@
 It imports torch and the standard library only, so that models.py, data.py, evaluate.py and train.py can all use
 it without importing one another upwards.
 """
+import errno
 import math
 import os
 import re
@@ -17,7 +18,9 @@ import torch.distributed as dist
 
 
 def fail(error, suffix=""):
-    """One line for an error; a DataLoader worker's re-raised traceback is cut to its message."""
+    """One line for an error; a DataLoader worker's re-raised traceback is cut to its message; a full disk says so."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        error = f"the disk is full: {error.filename or 'no space left on device'} could not be written"
     lines = str(error).strip().splitlines() or [type(error).__name__]
     print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
 

@@ -15,8 +15,11 @@ import datetime
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import sys
+import uuid
 import time
 from array import array
 from collections import Counter
@@ -34,7 +37,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import AT_LEAST_1, NON_NEGATIVE, check_numbers, fail, leave, setup_distributed, take_lock
+from common import (AT_LEAST_1, NON_NEGATIVE, check_numbers, fail, leave, setup_distributed, take_lock,
+                    write_text_atomically)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -361,7 +365,41 @@ def _name(source):
 # ---------------------------------------------------------------------------------------------------------
 
 CACHE_FORMAT = 2  # format 1 stored the conditioning again with every pair
-IN_PROGRESS, SETTINGS = "in-progress.lock", "settings.json"
+IN_PROGRESS, SETTINGS, OWNER = "in-progress.lock", "settings.json", "written-by.json"
+CACHE_FILE = re.compile(r"(shard|prompts)-\d{5}\.safetensors(\.partial)?")
+
+
+class CacheComplete(Exception):
+    """--out already holds this very cache, finished: nothing to do unless asked to rebuild it."""
+
+
+def owner_record(directory):
+    """The cache id that data.py cache wrote into DIR/written-by.json when it made DIR, or None."""
+    try:
+        record = json.loads((Path(directory) / OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("cache") if isinstance(record, dict) and record.get("by") == "data.py cache" else None
+
+
+def foreign_entry(directory):
+    """The first entry of `directory` that data.py cache does not write (None: every entry is one of its own)."""
+    ours = {CACHE_INDEX, SETTINGS, IN_PROGRESS, OWNER}
+    return next((p.name for p in sorted(Path(directory).iterdir())
+                 if not (p.is_file() and (p.name.removesuffix(".tmp") in ours or CACHE_FILE.fullmatch(p.name)))), None)
+
+
+def provably_ours(directory):
+    """True only for a directory this program made (its written-by.json names a cache) that holds nothing else:
+    the one kind of directory data.py cache ever removes."""
+    directory = Path(directory)
+    return directory.is_dir() and owner_record(directory) is not None and foreign_entry(directory) is None
+
+
+def remove_ours(directory):
+    if not provably_ours(directory):
+        raise DataError(f"{directory}: holds files data.py cache did not write; it is left as it is")
+    shutil.rmtree(directory)
 
 
 def cache_identity(backbone, pretrained):
@@ -388,12 +426,13 @@ def distinct_prompts(pairs):
 
 @torch.no_grad()
 def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_size=None, skip_bad=False,
-                latent_dtype=torch.float32, resume=False, workers=0, summary=None):
+                latent_dtype=torch.float32, resume=False, workers=0, summary=None, rebuild=False):
     """Encodes every pair's two latents with the backbone's VAE and every distinct prompt once with its text
     encoder(s), and returns the cache's index (None on ranks other than 0). Shards are written into `out`.tmp, each
     complete or not at all; `out`.tmp replaces `out` when all are written, so an interrupted run leaves no cache that
     a reader would take as complete, and an older cache in `out` stays readable until then. `resume` keeps the
-    shards an interrupted run with the same settings finished. Under torchrun every rank writes its share."""
+    shards an interrupted run with the same settings finished; a finished cache of the same settings in `out` is
+    left alone (CacheComplete) unless `rebuild`. Under torchrun every rank writes its share."""
     started = time.perf_counter()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     final = Path(out)
@@ -406,18 +445,19 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
                 "latent_dtype": str(latent_dtype).removeprefix("torch."), "frame_stride": dataset.frame_stride}
     shards = {"prompts": -(-len(prompts) // shard_size), "shard": -(-len(dataset) // shard_size)}  # how many
     names = [shard_file(kind, number) for kind, count in shards.items() for number in range(count)]
-    plan, lock = [None], None
+    plan, lock = [None, None], None
     if rank == 0:  # alone: the other ranks would see DIR.tmp half-claimed
         try:
-            lock = claim_cache_tmp(tmp, final, settings, resume)
+            lock, cache_id = claim_cache_tmp(tmp, final, settings, resume, rebuild)
             plan = [{kind: [n for n in range(count) if not (tmp / shard_file(kind, n)).is_file()]
-                     for kind, count in shards.items()}]
-        except DataError as error:
-            plan = [str(error)]
+                     for kind, count in shards.items()}, cache_id]
+        except (DataError, CacheComplete) as error:
+            plan = [error, None]
     if dist.is_initialized():
         dist.broadcast_object_list(plan)
-    if isinstance(plan[0], str):
-        raise DataError(plan[0])
+    if isinstance(plan[0], Exception):
+        raise plan[0]
+    cache_id = plan[1]
     mine = {kind: numbers[rank::world_size] for kind, numbers in plan[0].items()}  # each kind spread over the ranks
 
     def span(number):  # the pairs of pair shard `number`
@@ -438,13 +478,13 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
                 except DataError as error:
                     raise ShardError(str(error)) from None
             name = shard_file(kind, number)
-            save_file(tensors, tmp / f"{name}.partial", metadata)
+            save_file(tensors, tmp / f"{name}.partial", {**metadata, "cache": cache_id, "file": name})
             os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
     if dist.is_initialized():
         dist.barrier()
     if rank != 0:
         return None
-    index = finish_cache(tmp, final, settings, names, summary or Summary(),
+    index = finish_cache(tmp, final, {**settings, "id": cache_id}, names, summary or Summary(),
                          {"seconds": time.perf_counter() - started, "ranks": world_size})
     lock.close()
     return index
@@ -506,45 +546,55 @@ def finish_cache(tmp, final, settings, names, summary, run):
     for name in names:
         with safe_open(tmp / name, framework="pt") as handle:
             count = handle.get_slice(next(iter(handle.keys()))).get_shape()[0] if handle.keys() else 0
+            size = (tmp / name).stat().st_size
             if name.startswith("prompts-"):
-                prompt_shards.append({"file": name, "prompts": count})
+                prompt_shards.append({"file": name, "prompts": count, "bytes": size})
                 continue
             skipped.update(json.loads(handle.metadata()["skipped"]))
         if count:
-            shards.append({"file": name, "pairs": count})
+            shards.append({"file": name, "pairs": count, "bytes": size})
     pairs = sum(shard["pairs"] for shard in shards)
     summary.skipped, summary.read = skipped, pairs
     if not pairs:
         raise DataError(f"empty dataset after skipping bad pairs ({summary})")
     index = {**settings, "pairs": pairs, "shards": shards, "prompt_shards": prompt_shards, "skipped": dict(skipped),
              "bytes": sum((tmp / name).stat().st_size for name in names), "this_run": run}
-    (tmp / CACHE_INDEX).write_text(json.dumps(index, indent=1))
+    write_text_atomically(tmp / CACHE_INDEX, json.dumps(index, indent=1))
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)  # a cache of ours, left by a swap that was interrupted
-    if final.exists():
-        os.replace(final, old)
+    if old.exists():  # a cache of ours, left by a swap that was interrupted (claim_cache_tmp checked it)
+        remove_ours(old)
+    if final.exists() and any(final.iterdir()):
+        os.replace(final, old)  # provably ours: claim_cache_tmp refused anything else
     (tmp / IN_PROGRESS).unlink()
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        remove_ours(old)
     return index
 
 
-def claim_cache_tmp(tmp, final, settings, resume):
-    """Makes DIR.tmp with a lock file that marks it as ours and is held while this process writes, and returns the
-    lock. An interrupted run's DIR.tmp (marked, nobody holding its lock) is continued under `resume` if it was made
-    with the same settings, refused if it holds finished shards and `resume` is off, and otherwise replaced;
-    anything not marked as ours is refused in one line, never deleted."""
-    if final.exists() and (not final.is_dir() or any(final.iterdir()) and not (final / CACHE_INDEX).is_file()):
+def claim_cache_tmp(tmp, final, settings, resume, rebuild=False):
+    """Makes DIR.tmp, marked as ours (written-by.json) and locked while this process writes: (lock, cache id). An
+    interrupted run's DIR.tmp (ours, nobody holding its lock) is continued under `resume` if it was made with the
+    same settings, refused if it holds finished shards and `resume` is off, and otherwise replaced. DIR and DIR.old
+    must be new, empty or caches of ours; a finished cache of the same settings in DIR is CacheComplete unless
+    `rebuild`. Anything data.py cache did not write is refused in one line, never deleted."""
+    if final.exists() and not final.is_dir():
         raise DataError(f"--out {final}: exists and is not a latent cache; choose an empty or new directory")
+    if final.is_dir() and any(final.iterdir()):
+        if owner_record(final) is None:
+            raise DataError(f"--out {final}: exists and is not a latent cache written by data.py cache (no "
+                            f"{OWNER}); choose an empty or new directory")
+        if foreign_entry(final) is not None:
+            raise DataError(f"--out {final}: holds {foreign_entry(final)}, which data.py cache did not write; move it "
+                            f"away or choose another --out")
     old = final.with_name(final.name + ".old")
-    if old.exists() and not (old / CACHE_INDEX).is_file():
+    if old.exists() and not provably_ours(old):
         raise DataError(f"--out {final}: {old} exists and is not a cache of ours; move it away or choose another --out")
-    marker = tmp / IN_PROGRESS
     if tmp.exists():
-        if not marker.is_file():
-            raise DataError(f"--out {final}: {tmp} exists and was not made by data.py cache; move it away or choose "
-                            f"another --out")
-        lock, holder = take_lock(marker, "data.py cache")
+        if not provably_ours(tmp):
+            raise DataError(f"--out {final}: {tmp} exists and was not made by data.py cache alone; move it away or "
+                            f"choose another --out")
+        lock, holder = take_lock(tmp / IN_PROGRESS, "data.py cache")
         if lock is None:
             raise DataError(f"--out {final}: being written by {holder}; wait for it to end")
         finished = list(tmp.glob("*.safetensors"))
@@ -561,13 +611,23 @@ def claim_cache_tmp(tmp, final, settings, resume):
                                     f"{key}={value!r}; rerun with its settings, or remove {tmp} to start again")
             for partial in tmp.glob("*.partial"):  # a shard the interrupted run was writing
                 partial.unlink()
-            return lock
+            return lock, owner_record(tmp)
         lock.close()
-        shutil.rmtree(tmp)
+        remove_ours(tmp)
+    made = read_cache_index(final) if (final / CACHE_INDEX).is_file() else None
+    if made is not None and not rebuild:
+        changed = next((k for k, v in settings.items() if made.get(k) != v), None)
+        if changed is None:
+            raise CacheComplete(f"cache {final} is complete ({made['pairs']:,} pairs, the same settings); pass "
+                                f"--rebuild to encode it again")
+        raise DataError(f"--out {final}: holds a finished cache made with {changed}={made.get(changed)!r}, but this "
+                        f"run has {changed}={settings[changed]!r}; pass --rebuild to replace it")
+    cache_id = uuid.uuid4().hex
     tmp.mkdir(parents=True)
-    lock = take_lock(marker, "data.py cache")[0]
-    (tmp / SETTINGS).write_text(json.dumps(settings, indent=1))
-    return lock
+    write_text_atomically(tmp / OWNER, json.dumps({"by": "data.py cache", "cache": cache_id}))
+    lock = take_lock(tmp / IN_PROGRESS, "data.py cache")[0]
+    write_text_atomically(tmp / SETTINGS, json.dumps(settings, indent=1))
+    return lock, cache_id
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -583,6 +643,14 @@ class CachedPairs(torch.utils.data.Dataset):
             check_cache_matches(self.index, directory, backbone, pretrained)
         self.files = [shard["file"] for shard in self.index["shards"]]
         self.prompt_files = [shard["file"] for shard in self.index["prompt_shards"]]
+        self.counts = {**{s["file"]: s["pairs"] for s in self.index["shards"]},
+                       **{s["file"]: s["prompts"] for s in self.index["prompt_shards"]}}
+        for shard in self.index["shards"] + self.index["prompt_shards"]:  # a stat each: cheap, at open
+            path = self.directory / shard["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size is None or "bytes" in shard and size != shard["bytes"]:
+                raise DataError(f"{path}: " + ("missing" if size is None else f"{size:,} bytes, but {CACHE_INDEX} "
+                                f"says {shard['bytes']:,} (cut short or replaced)") + "; rebuild the cache")
         self.offsets = np.cumsum([0] + [shard["pairs"] for shard in self.index["shards"]])
         self.handles = {}
         self.epoch = 0
@@ -601,8 +669,23 @@ class CachedPairs(torch.utils.data.Dataset):
         return {**item, "index": torch.tensor(index)}
 
     def handle(self, name):
+        """The shard, opened once and checked once: it must be this cache's own (its metadata names the cache's id,
+        so a shard copied from another cache is refused) and hold as many rows as the index says."""
         if name not in self.handles:
-            self.handles[name] = safe_open(self.directory / name, framework="pt")
+            path = self.directory / name
+            try:
+                handle = safe_open(path, framework="pt")
+                metadata, keys = handle.metadata() or {}, list(handle.keys())
+                rows = handle.get_slice(keys[0]).get_shape()[0] if keys else 0
+            except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a damaged file
+                raise DataError(f"{path}: not a readable safetensors shard ({str(error).splitlines()[0][:100]}); "
+                                f"rebuild the cache") from None
+            if "id" in self.index and (metadata.get("cache"), metadata.get("file")) != (self.index["id"], name):
+                raise DataError(f"{path}: a shard of another cache (its metadata names cache {metadata.get('cache')!r} "
+                                f"and file {metadata.get('file')!r}); rebuild the cache")
+            if rows != self.counts[name]:
+                raise DataError(f"{path}: {rows} rows, but {CACHE_INDEX} says {self.counts[name]}; rebuild the cache")
+            self.handles[name] = handle
         return self.handles[name]
 
     def __getstate__(self):  # DataLoader workers open their own handles
@@ -628,10 +711,29 @@ def read_cache_index(directory):
         made = json.loads(index.read_text())
     except (ValueError, OSError):
         raise DataError(f"{index}: unreadable cache index; rebuild the cache with data.py cache") from None
+    if not isinstance(made, dict):
+        raise DataError(f"{index}: {_json_type(made)}, not a cache index; rebuild the cache with data.py cache")
     if made.get("format") != CACHE_FORMAT:
         raise DataError(f"{directory}: a latent cache of an older format (the conditioning stored with every pair); "
                         f"rebuild it: python data.py cache --model {made.get('model')} --data PAIRS --out {directory}")
+    check_index(made, index)
     return made
+
+
+def check_index(made, index):
+    """The index's own consistency: its shard lists are lists of {file, count}, and the pairs it states are the
+    pairs its shards hold."""
+    for key, count in (("shards", "pairs"), ("prompt_shards", "prompts")):
+        listed = made.get(key)
+        if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and
+                                                    isinstance(s.get(count), int) for s in listed):
+            raise DataError(f"{index}: '{key}' is missing or not a list of {{file, {count}}}; rebuild the cache")
+    for key in ("pairs", "shard_size"):
+        if not isinstance(made.get(key), int) or made[key] < 1:
+            raise DataError(f"{index}: '{key}' is missing or not a positive number; rebuild the cache")
+    held = sum(shard["pairs"] for shard in made["shards"])
+    if held != made["pairs"]:
+        raise DataError(f"{index}: states {made['pairs']:,} pairs, but its shards hold {held:,}; rebuild the cache")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -719,7 +821,10 @@ def main(argv=None):
     cache.add_argument("--pretrained", help="diffusers directory or hub id of the backbone's weights")
     cache.add_argument("--data", required=True, help="a .jsonl manifest or Pick-a-Pic .parquet shard(s)")
     cache.add_argument("--out", required=True, help="directory for the cache")
+    cache.add_argument("--random-weights", action="store_true",
+                       help="full-size architecture with random weights (benchmarks at native size, offline)")
     cache.add_argument("--resume", action="store_true", help="continue an interrupted cache from its finished shards")
+    cache.add_argument("--rebuild", action="store_true", help="encode again a cache that --out already holds")
     cache.add_argument("--skip-bad", action="store_true", help="skip and count bad pairs instead of stopping")
     cache.add_argument("--frame-stride", type=int, default=1, help="take every k-th video frame")
     cache.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once")
@@ -731,6 +836,8 @@ def main(argv=None):
                        help="one process; under torchrun each rank takes its own GPU")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # torchrun's; one process is rank 0
+    # SIGTERM (a scheduler's preemption) ends the run as Ctrl-C does: finished shards stay, --resume continues
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         check_numbers(args, {"frame_stride": AT_LEAST_1, "batch_size": AT_LEAST_1, "shard_size": AT_LEAST_1,
                              "workers": NON_NEGATIVE})
@@ -739,14 +846,26 @@ def main(argv=None):
         gpu = device.type == "cuda"
         latent_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.latent_dtype or ("bf16" if gpu else "fp32")]
         pairs, summary = read_pairs(args.data, args.skip_bad)
-        backbone = models.load_backbone(args.model, args.pretrained, device=device)
+        # random weights (a tiny backbone, or --random-weights) from one seed: every rank and every resumed run of a
+        # cache encodes with the same encoders, as train.py's runs on raw pairs do for their --seed
+        torch.manual_seed(0)
+        backbone = models.load_backbone(args.model, args.pretrained, device=device, random_weights=args.random_weights)
         dataset = PairDataset(pairs, *backbone.resolution, backbone.num_frames, args.frame_stride)
         index = write_cache(backbone, dataset, args.out, args.pretrained, args.batch_size, args.shard_size,
                             args.skip_bad, latent_dtype, args.resume, 4 if args.workers is None and gpu else
-                            args.workers or 0, summary)
-    except ValueError as error:  # DataError and models.ModelError are ValueErrors
-        if rank == 0 or isinstance(error, ShardError):  # said once; torchrun then ends the other ranks
-            fail(error)
+                            args.workers or 0, summary, args.rebuild)
+    except CacheComplete as complete:
+        if rank == 0:
+            print(complete)
+        return
+    except KeyboardInterrupt:
+        if rank == 0:
+            fail(f"interrupted: {args.out}.tmp keeps the shards finished so far; continue with --resume")
+        sys.exit(1)
+    except (ValueError, OSError) as error:  # DataError and models.ModelError are ValueErrors; a full disk
+        if rank == 0 or isinstance(error, (ShardError, OSError)):  # said once; torchrun then ends the other ranks
+            fail(error, f" ({args.out}.tmp keeps the shards finished so far: continue with --resume)"
+                 if isinstance(error, OSError) else "")
         sys.exit(1)
     except RuntimeError as error:  # a rank waiting in a collective when another failed, out of memory, ...
         fail(error)

@@ -181,6 +181,7 @@ def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup,
 def test_a_cache_being_written_is_refused_and_an_interrupted_one_is_replaced(pairs, tmp_path):
     tmp = tmp_path / "cache.tmp"
     tmp.mkdir()
+    (tmp / "written-by.json").write_text(json.dumps({"by": "data.py cache", "cache": "0" * 32}))  # ours
     (tmp / "shard-00000.safetensors.partial").write_bytes(b"half")  # a shard cut off mid-write: nothing finished
     with open(tmp / "in-progress.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,3 +294,80 @@ def test_study_refuses_a_base_that_is_not_a_model_in_one_line(tmp_path):
     result = in_process(study.main, ["--base", tmp_path / "nope", "--out", tmp_path / "runs"])
     one_line_error(result, f"--base {tmp_path / 'nope'}: not a model directory (no model_index.json)")
     assert not (tmp_path / "runs").exists()
+
+
+# issue 26, class 1: data.py cache removes only what it can prove it wrote, never a directory with anything else
+@pytest.mark.parametrize("name", ["cache", "cache.old"])
+def test_a_cache_json_among_the_users_files_does_not_make_a_directory_ours(pairs, tmp_path, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "cache.json").write_text(json.dumps({"format": 2, "model": "toy"}))
+    (folder / "thesis.tex").write_text("years of work")
+    before = snapshot(tmp_path)
+    result = cache("--data", pairs, "--out", tmp_path / "cache")
+    assert result.returncode == 1 and "error: --out" in result.stderr, result.stderr[-2000:]
+    assert snapshot(tmp_path) == before
+
+
+def test_rebuilding_our_cache_refuses_a_file_someone_added_and_a_finished_cache_is_not_rebuilt(pairs, tmp_path):
+    out = tmp_path / "cache"
+    assert cache("--data", pairs, "--out", out).returncode == 0
+    before = snapshot(tmp_path)
+    again = cache("--data", pairs, "--out", out)  # the same settings: complete, nothing to do
+    assert again.returncode == 0 and f"cache {out} is complete (8 pairs" in again.stdout
+    assert snapshot(tmp_path) == before
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    one_line_error(cache("--data", pairs, "--out", out, "--rebuild"), "holds notes.txt, which data.py cache did not")
+    assert snapshot(tmp_path) == before
+    (out / "notes.txt").unlink()
+    rebuilt = cache("--data", pairs, "--out", out, "--rebuild")
+    assert rebuilt.returncode == 0 and not (tmp_path / "cache.old").exists() and not (tmp_path / "cache.tmp").exists()
+
+
+@pytest.fixture(scope="module")
+def two_caches(pairs, tmp_path_factory):
+    """Two caches of the same pairs by the toy backbone without --pretrained (random weights, seeded)."""
+    folder = tmp_path_factory.mktemp("caches")
+    for name in ("a", "b"):
+        made = cache("--data", pairs, "--out", folder / name, "--shard-size", 4)
+        assert made.returncode == 0, made.stderr[-2000:]
+    return folder
+
+
+def test_two_caches_without_pretrained_weights_encode_alike(two_caches):
+    from safetensors.torch import load_file
+    for shard in ("shard-00000.safetensors", "prompts-00000.safetensors"):
+        a, b = (load_file(two_caches / name / shard) for name in ("a", "b"))
+        assert all(torch_equal(a[k], b[k]) for k in a), shard
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda c, other: shutil.copy(other / "shard-00001.safetensors", c / "shard-00001.safetensors"),
+     "shard-00001.safetensors: a shard of another cache"),
+    (lambda c, other: (c / "shard-00000.safetensors").write_bytes(
+        (c / "shard-00000.safetensors").read_bytes()[:-100]), "(cut short or replaced)"),
+    (lambda c, other: (c / "shard-00000.safetensors").write_bytes(b""), "shard-00000.safetensors: 0 bytes"),
+    (lambda c, other: (c / "shard-00001.safetensors").unlink(), "shard-00001.safetensors: missing"),
+    (lambda c, other: (c / "cache.json").write_text("[1, 2]"), "cache.json: a list, not a cache index"),
+    (lambda c, other: (c / "cache.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((c / "cache.json").read_text()).items() if k != "shards"})), "'shards' is missing"),
+    (lambda c, other: (c / "cache.json").write_text(json.dumps(
+        {**json.loads((c / "cache.json").read_text()), "pairs": 80})), "states 80 pairs, but its shards hold 8"),
+])
+def test_a_damaged_or_foreign_cache_is_one_line_naming_the_file(two_caches, tmp_path, damage, message):
+    damaged = tmp_path / "cache"
+    shutil.copytree(two_caches / "a", damaged)
+    damage(damaged, two_caches / "b")
+    one_line_error(train("--data", damaged, "--out", tmp_path / "run", "--steps", 2, "--batch-size", 4,
+                         "--no-export"), message)
+
+
+def test_a_cache_of_random_full_architecture_weights_can_be_made_offline(pairs, tmp_path):
+    made = cache("--data", pairs, "--out", tmp_path / "cache", "--random-weights")
+    assert made.returncode == 0 and "8 pairs" in made.stdout, made.stderr[-2000:]

@@ -166,7 +166,7 @@ def test_cache_stores_each_prompt_once_and_round_trips_the_tensors_of_on_the_fly
         assert torch.equal(from_cache["cond.prompt_embeds"][0], from_cache["cond.prompt_embeds"][3])
         files = sorted(p.name for p in (folder / "cache").iterdir())
         assert files == ["cache.json", "prompts-00000.safetensors", "prompts-00001.safetensors",
-                         "settings.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+                         "settings.json", "shard-00000.safetensors", "shard-00001.safetensors", "written-by.json"]
 
 
 def test_bf16_cache_holds_bf16_latents_and_embeddings_and_reads_them_as_fp32(tmp_path):
@@ -208,7 +208,7 @@ def test_cache_refuses_another_backbone_an_unfinished_cache_and_an_older_format(
     broken = [pairs[0], pairs[0], data.Pair("z", tmp_path / "a.png", tmp_path / "b.png", "m.jsonl row 3")]
     with pytest.raises(data.DataError, match="row 3: .*b.png cannot be decoded"):
         data.write_cache(sd, data.PairDataset(broken, *sd.resolution), tmp_path / "cache", batch_size=1,
-                         shard_size=1)
+                         shard_size=1, rebuild=True)
     assert (tmp_path / "cache.tmp" / "shard-00001.safetensors").exists()
     with pytest.raises(data.DataError, match="not a finished latent cache"):
         data.CachedPairs(tmp_path / "cache.tmp", sd)

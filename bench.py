@@ -33,7 +33,7 @@ from diffusers import UNet2DConditionModel
 import data
 import models
 import train
-from common import peak_memory_gb, setup_distributed, write_text_atomically
+from common import ArgumentParser, peak_memory_gb, setup_distributed, write_text_atomically
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -697,7 +697,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["step-times-worker"]:  # SCRIPT BAR ARGS: the rest are the script's flags, not ours
         return step_times_worker(*argv[1:3], argv[3:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu",
                         choices=("cpu", "data", "planner", "gpu", "peer", "fsdp-memory-worker", "reading-worker"))
     parser.add_argument("--repeats", type=int, default=15)

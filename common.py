@@ -3,6 +3,7 @@
 It imports torch and the standard library only, so that models.py, data.py, evaluate.py and train.py can all use
 it without importing one another upwards.
 """
+import argparse
 import errno
 import math
 import os
@@ -23,6 +24,14 @@ def fail(error, suffix=""):
         error = f"the disk is full: {error.filename or 'no space left on device'} could not be written"
     lines = str(error).strip().splitlines() or [type(error).__name__]
     print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line is one line and exit 1 as every other refusal here (argparse
+    prints the whole usage first); --help still shows it all."""
+
+    def error(self, message):
+        self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, check_numbers, fail, leave, setup_distributed, take_lock,
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, fail, leave, setup_distributed, take_lock,
                     write_text_atomically)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -641,6 +641,7 @@ class CachedPairs(torch.utils.data.Dataset):
             raise DataError(f"{directory}: not a finished latent cache (no {CACHE_INDEX})")
         if backbone is not None:
             check_cache_matches(self.index, directory, backbone, pretrained)
+        check_index(self.index, self.directory / CACHE_INDEX)
         self.files = [shard["file"] for shard in self.index["shards"]]
         self.prompt_files = [shard["file"] for shard in self.index["prompt_shards"]]
         self.counts = {**{s["file"]: s["pairs"] for s in self.index["shards"]},
@@ -716,7 +717,6 @@ def read_cache_index(directory):
     if made.get("format") != CACHE_FORMAT:
         raise DataError(f"{directory}: a latent cache of an older format (the conditioning stored with every pair); "
                         f"rebuild it: python data.py cache --model {made.get('model')} --data PAIRS --out {directory}")
-    check_index(made, index)
     return made
 
 
@@ -814,7 +814,7 @@ def size(count):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     cache = commands.add_parser("cache", help="encode every pair once into a latent cache")
     cache.add_argument("--model", required=True, help="backbone name (python models.py lists them)")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 import models
 import sipo
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, check_numbers, valid_range
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, valid_range
 from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
@@ -539,7 +539,7 @@ NUMERIC_FLAGS = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

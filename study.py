@@ -31,7 +31,7 @@ import models
 import sipo
 import toy
 import train
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers, cpu_name
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, cpu_name
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -143,7 +143,7 @@ def plot_beta(path, table, betas, base_mean):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", choices=("all", *PARTS),
                         help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: the four "
                              "pair sources and weight readings of docs/method.md (default: both). Finished runs are "

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -356,7 +357,8 @@ def torch_equal(a, b):
     (lambda c, other: (c / "shard-00001.safetensors").unlink(), "shard-00001.safetensors: missing"),
     (lambda c, other: (c / "cache.json").write_text("[1, 2]"), "cache.json: a list, not a cache index"),
     (lambda c, other: (c / "cache.json").write_text(json.dumps(
-        {k: v for k, v in json.loads((c / "cache.json").read_text()).items() if k != "shards"})), "'shards' is missing"),
+        {k: v for k, v in json.loads((c / "cache.json").read_text()).items() if k != "shards"})),
+     "'shards' is missing"),
     (lambda c, other: (c / "cache.json").write_text(json.dumps(
         {**json.loads((c / "cache.json").read_text()), "pairs": 80})), "states 80 pairs, but its shards hold 8"),
 ])
@@ -371,3 +373,97 @@ def test_a_damaged_or_foreign_cache_is_one_line_naming_the_file(two_caches, tmp_
 def test_a_cache_of_random_full_architecture_weights_can_be_made_offline(pairs, tmp_path):
     made = cache("--data", pairs, "--out", tmp_path / "cache", "--random-weights")
     assert made.returncode == 0 and "8 pairs" in made.stdout, made.stderr[-2000:]
+
+
+# issue 26, class 2: a resume trains with the run's own settings, or refuses a change that alters them
+def test_a_resume_takes_the_runs_settings_refuses_other_ones_and_keeps_a_record_of_each_segment(pairs, tmp_path):
+    out = tmp_path / "run"
+    first = ["--data", pairs, "--out", out, "--batch-size", 4, "--lr", 3e-4, "--checkpoint-every", 1, "--no-export"]
+    assert train(*first, "--steps", 1).returncode == 0
+    before = snapshot(out)
+    for flag, value in (("--lr", 1e-3), ("--loss", "dpo"), ("--beta", 7.0), ("--batch-size", 2)):
+        refused = train("--data", pairs, "--out", out, "--steps", 2, "--resume", flag, value)
+        one_line_error(refused, "--resume: ")
+        assert snapshot(out) == before, f"a refused {flag} changed the run directory"
+    resumed = train("--data", pairs, "--out", out, "--steps", 2, "--resume", "--no-export")
+    assert resumed.returncode == 0 and f"resuming from step 1 of {out}" in resumed.stdout, resumed.stderr[-2000:]
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["lr"] == 3e-4 and recorded["batch_size"] == 4 and recorded["steps"] == 2
+    assert [s["from_step"] for s in recorded["segments"]] == [0, 1]
+    assert recorded["segments"][0]["given"]["lr"] == 3e-4 and "lr" not in recorded["segments"][1]["given"]
+
+
+def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path):
+    from rundir import RunDir
+    run = RunDir(tmp_path)
+    for step in (999_999, 1_000_000, 20):
+        run.checkpoint(step).mkdir(parents=True)
+    (run.checkpoints / "step-1000001.tmp").mkdir()
+    assert [p.name for p in run.checkpoint_steps()] == ["step-000020", "step-999999", "step-1000000"]
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(pairs, tmp_path, monkeypatch):
+    import errno
+    calls = []
+
+    def save(state, checkpoint_id):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint_id / "__0_0.distcp"))
+        return real(state, checkpoint_id=checkpoint_id)
+    real = trainer.dcp.save
+    monkeypatch.setattr(trainer.dcp, "save", save)
+    out = tmp_path / "run"
+    result = train("--data", pairs, "--out", out, "--steps", 3, "--batch-size", 4, "--checkpoint-every", 1,
+                   "--no-export")
+    one_line_error(result, "the disk is full: ")
+    assert "(" + f"{out} keeps step-000001: continue with --resume" in result.stderr
+    monkeypatch.setattr(trainer.dcp, "save", real)
+    resumed = train("--data", pairs, "--out", out, "--steps", 3, "--resume", "--no-export")
+    assert resumed.returncode == 0 and "resuming from step 1" in resumed.stdout, resumed.stderr[-2000:]
+
+
+# class 3: Ctrl-C saves as SIGTERM does; a bad held-out image does not end a --skip-bad run at its first evaluation
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(pairs, tmp_path):
+    import os
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = launcher.launch(["--model", "toy", "--data", pairs, "--out", out, "--steps", 500, "--batch-size", 4,
+                               "--checkpoint-every", 1000, "--no-export"], log=tmp_path / "stderr")
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pids()[0], signal.SIGINT)
+    status, stderr = launcher.finish(process), (tmp_path / "stderr").read_text()
+    assert status == 0 and "SIGINT: saved step" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_a_bad_held_out_image_is_skipped_with_skip_bad(pairs, tmp_path):
+    folder = pairs.parent
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows[1]["rejected"] = "broken.png"
+    heldout = folder / "heldout.jsonl"
+    heldout.write_text("\n".join(json.dumps(r) for r in rows))
+    result = train("--data", pairs, "--eval-data", heldout, "--out", tmp_path / "run", "--steps", 1, "--batch-size", 4,
+                   "--skip-bad", "--no-export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "heldout_accuracy" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+
+
+# class 5 and 6: a bad command line is one line; a missing optional package is found before any work
+def test_an_unknown_model_is_one_line_not_the_usage(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "sd2", "--data", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "error: argument --model: invalid choice: 'sd2'" in result.stderr
+
+
+def test_tensorboard_missing_is_said_before_anything_is_written(pairs, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    one_line_error(train("--data", pairs, "--out", tmp_path / "run", "--tensorboard"),
+                   "--tensorboard: the tensorboard package is not installed")
+    assert not (tmp_path / "run").exists()

@@ -421,8 +421,9 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
 
 
 def test_sipo_drop_in_in_a_diffusers_style_loop_matches_the_training_step(pairs):
-    """docs/method.md §11's drop-in: the loss block of diffusers' DPO example (scheduler.add_noise, the UNet, per-sample MSE,
-    winners first) replaced by sipo.preference_objective gives train.py's loss on the same pairs, t and noise."""
+    """docs/method.md §11's drop-in: the loss block of diffusers' DPO example (scheduler.add_noise, the UNet,
+    per-sample MSE, winners first) replaced by sipo.preference_objective gives train.py's loss on the same pairs, t
+    and noise."""
     import copy
     import sipo
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import evaluate
 import launcher
 import models
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_numbers, write_text_atomically
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, write_text_atomically
 from rundir import RunDir
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
@@ -196,7 +196,7 @@ def base_quality(base, per_prompt=8, seed=3_000_000):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy", help="where everything goes (default runs/toy)")
     parser.add_argument("--loss", default="sipo", choices=("sipo", "dpo-cm", "dpo"))
     parser.add_argument("--ranks", type=int, default=2, help="training processes (default 2)")

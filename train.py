@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -34,9 +35,9 @@ import data
 import evaluate
 import models
 import sipo
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, all_reduce, barrier, check_numbers, fail,
-                    leave, nodes, peak_memory_gb, setup_distributed, take_lock, valid_range, write_atomically,
-                    write_text_atomically)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, all_reduce, barrier,
+                    check_numbers, fail, leave, nodes, peak_memory_gb, setup_distributed, take_lock, valid_range,
+                    write_atomically, write_text_atomically)
 from rundir import CHECKPOINT_META, RunDir
 
 # DCP's note on every save and load of a one-process run, which runs without a process group on purpose
@@ -54,7 +55,7 @@ RATIO = {"image": 0.2, "video": 0.01}
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL",
                    help=f"backbone: {', '.join(models.NAMES)}")
     p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (default for full-size "
@@ -117,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--no-export", action="store_true", help="skip exporting the final pipeline")
     args = p.parse_args(argv)
     args.out = Path(args.out or f"runs/{args.model}-{args.loss}")
+    for action in p._actions:  # parsed again without defaults: the flags this command line gives
+        action.default = argparse.SUPPRESS
+    args.given = sorted(vars(p.parse_args(argv)))
     return args
 
 
@@ -143,6 +147,8 @@ def check_args(args, world_size):
     if args.replicate is not None and args.replicate >= 1 and world_size % args.replicate:
         raise ValueError(f"--replicate {args.replicate} does not divide the {world_size} ranks")
     check_numbers(args, NUMERIC_FLAGS)
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     for flag in ("data", "eval_data", "eval_prompts"):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
@@ -163,10 +169,18 @@ def default_beta(args, backbone):
 # The run directory (rundir.py names its parts)
 # ---------------------------------------------------------------------------------------------------------
 
-def check_run_directory(args):
+# What a resumed run may not change: each alters what the steps already taken mean. A resume takes the run's own
+# value for each of them that its command line does not give, and refuses one that differs.
+RUN_SETTINGS = ("pretrained", "random_weights", "data", "loss", "beta", "tau", "eps", "weight", "normalise",
+                "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup", "max_grad_norm",
+                "lora", "seed", "flip", "frame_stride", "precision")  # and the pairs a step: check_pairs_per_step
+
+
+def check_run_directory(args, world_size=1):
     """--out is new, empty, or a run directory of ours (args.json) for the same --model. A complete checkpoint
     there is continued with --resume and never overwritten without it; a run that died before its first
-    checkpoint leaves nothing to lose, so a rerun (or --resume) starts it again from step 0."""
+    checkpoint leaves nothing to lose, so a rerun (or --resume) starts it again from step 0. Returns the run's
+    settings that a resume adopts ({} otherwise)."""
     run = RunDir(args.out)
     if run.path.exists() and not run.path.is_dir():
         raise ValueError(f"--out {run}: is a file, not a directory")
@@ -176,7 +190,7 @@ def check_run_directory(args):
                              f"directory")
         if args.resume:
             raise ValueError(f"--resume: {run} holds no run")
-        return
+        return {}
     try:
         previous = run.read_args()["model"]
     except (ValueError, KeyError):
@@ -187,34 +201,77 @@ def check_run_directory(args):
     if checkpoint is not None and not args.resume:
         raise ValueError(f"--out {run} already holds a run ({checkpoint.name}); pass --resume to continue it, or "
                          f"another --out")
+    if checkpoint is None:
+        return {}
+    recorded = run.read_args()
+    for key in RUN_SETTINGS:
+        flag = "--" + key.replace("_", "-")
+        if key in args.given and key in recorded and comparable(getattr(args, key)) != recorded[key]:
+            raise ValueError(f"--resume: {run} was trained with {flag} {recorded[key]}, not {getattr(args, key)}; "
+                             f"resume with the run's own settings (leave {flag} out), or pass another --out")
+    adopted = {key: recorded[key] for key in RUN_SETTINGS if key in recorded and key not in args.given}
+    return {**adopted, **check_pairs_per_step(args, recorded, world_size)}
+
+
+def check_pairs_per_step(args, recorded, world_size):
+    """A resume may run on another number of ranks, but each optimizer step must take as many pairs as before:
+    the per-rank batch and accumulation it does not give are the run's own; refused when the product differs."""
+    batching = ("batch_size", "grad_accum", "global_batch_size")
+    adopted = {} if set(batching) & set(args.given) else {k: recorded[k] for k in batching if k in recorded}
+    batch, accumulation = (adopted.get(k, getattr(args, k)) for k in ("batch_size", "grad_accum"))
+    before = recorded.get("batch_size", batch) * recorded.get("grad_accum", accumulation) * \
+        recorded.get("world_size", world_size)
+    if batch * accumulation * world_size != before:
+        raise ValueError(f"--resume: {args.out} took {before} pairs an optimizer step, this command "
+                         f"{batch * accumulation * world_size} ({batch} x {accumulation} micro-batches x {world_size} "
+                         f"ranks); pass --global-batch-size {before}")
+    return adopted
+
+
+def comparable(value):
+    """A flag's value as args.json holds it."""
+    return str(value) if isinstance(value, Path) else value
 
 
 def claim_run_directory(args, rank, cleanup):
     """Rank 0 alone (the other ranks would see the directory half-claimed) checks --out, creates it, takes its lock
     (held until this process ends; a second trainer, or an orphaned rank of a killed one, is refused in one line
-    naming the holder) and writes args.json before any model is built; every rank raises its refusal."""
-    refusal = [None]
+    naming the holder) and, for a new run, writes args.json before any model is built; every rank raises its
+    refusal, or takes the settings a resume adopts from the run."""
+    outcome = [None, {}]  # the refusal, the adopted settings
     if rank == 0:
         try:
-            check_run_directory(args)
+            outcome[1] = check_run_directory(args, dist.get_world_size() if dist.is_initialized() else 1)
             run = RunDir(args.out)
             run.path.mkdir(parents=True, exist_ok=True)
             lock, holder = take_lock(run.lock, "train.py")
             if lock is None:
                 raise ValueError(f"--out {run} is in use by {holder}; wait for it to end, or pass another --out")
             cleanup.callback(lock.close)
-            write_args(args, 1, "not read yet")
+            if not run.is_run():  # marks the directory as a run's; a run's own record is rewritten only once resumed
+                write_args(args, 1, "not read yet")
         except (ValueError, OSError) as error:
-            refusal = [f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)]
+            outcome[0] = f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)
     if dist.is_initialized():
-        dist.broadcast_object_list(refusal)
-    if refusal[0]:
-        raise ValueError(refusal[0])
+        dist.broadcast_object_list(outcome)
+    if outcome[0]:
+        raise ValueError(outcome[0])
+    for key, value in outcome[1].items():
+        setattr(args, key, value)
 
 
-def write_args(args, world_size, summary):
-    write_text_atomically(RunDir(args.out).args_file, json.dumps(
-        {**vars(args), "out": str(args.out), "world_size": world_size, "data_summary": str(summary)}, indent=1))
+def write_args(args, world_size, summary, from_step=0):
+    """args.json: the run's settings now, and one record per segment (a straight run has one; each resume adds
+    one, with the step it resumed from and the flags its command line gave)."""
+    run = RunDir(args.out)
+    earlier = run.read_args().get("segments", []) if from_step and run.is_run() else []
+    segment = {"from_step": from_step, "world_size": world_size, "given": {k: comparable(getattr(args, k))
+                                                                             for k in args.given if k != "out"},
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    settings = {k: comparable(v) for k, v in vars(args).items() if k != "given"}
+    write_text_atomically(run.args_file, json.dumps(
+        {**settings, "world_size": world_size, "data_summary": str(summary), "segments": [*earlier, segment]},
+        indent=1))
 
 
 def truncate_log(log, step):
@@ -727,11 +784,13 @@ def open_run(args, cleanup):
     checkpoint = run.latest_checkpoint(say=print if rank == 0 else None) if args.resume else None
     if checkpoint is not None:
         load_checkpoint(checkpoint, trainer)
+        if rank == 0:
+            print(f"resuming from step {trainer.counters['step']} of {run} with the run's own settings")
     elif args.resume and rank == 0:
         print(f"note: no complete checkpoint in {run}; starting from step 0")
     if rank == 0:
         truncate_log(run.log_file, trainer.counters["step"])
-        write_args(args, world_size, trainer.summary)
+        write_args(args, world_size, trainer.summary, trainer.counters["step"])
         print(f"{args.model}: {sum(p.numel() for p in trainer.trainable):,} trainable parameters; data: "
               f"{trainer.summary}; {world_size} rank(s); loss {args.loss}" +
               ("" if args.loss == "sft" else f", beta {args.beta:g}"))
@@ -751,7 +810,8 @@ def open_data(trainer):
     if not data.rank_batches(len(trainer.dataset), args.batch_size, trainer.rank, trainer.world_size, args.seed, 0):
         raise ValueError(f"--data {args.data}: {len(trainer.dataset)} pairs give no full batch of {args.batch_size} "
                          f"pairs on each of {trainer.world_size} ranks")
-    trainer.heldout = data.open_dataset(args.eval_data, backbone, args.pretrained)[0] if args.eval_data else None
+    trainer.heldout = data.open_dataset(args.eval_data, backbone, args.pretrained, args.skip_bad)[0] \
+        if args.eval_data else None
     trainer.prompts, trainer.reward = [], None
     if args.eval_prompts:
         trainer.prompts = evaluate.read_prompts(args.eval_prompts)
@@ -803,8 +863,9 @@ def train(args, cleanup):
     directory's lock, the SIGTERM handler, the log."""
     trainer = open_run(args, cleanup)                                    # 1. directory, models, data, resume
     counters, rank = trainer.counters, trainer.rank
-    stop = {"signal": False}
-    cleanup.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True)))
+    stop = {"signal": None}  # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C): save this step, then stop
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        cleanup.callback(signal.signal, signum, signal.signal(signum, lambda received, _: stop.update(signal=received)))
     # a context: an error or SIGTERM mid-run ends the bar's line before the one line that says what happened
     with tqdm(total=args.steps, initial=counters["step"], disable=rank != 0, desc=args.loss, unit="step") as progress:
         batches = data.pair_batches(trainer.dataset, args.batch_size, rank, trainer.world_size, args.seed,
@@ -826,13 +887,14 @@ def train(args, cleanup):
             if rank == 0:
                 progress.set_postfix({k: f"{record[v]:.4f}" for k, v in SHOWN.items() if v in record}, refresh=False)
                 progress.update(1)
-            stopping = all_reduce(torch.tensor(float(stop["signal"])), dist.ReduceOp.MAX).item() > 0
+            stopping = all_reduce(torch.tensor(float(stop["signal"] is not None)), dist.ReduceOp.MAX).item() > 0
             step = counters["step"]
             if step % args.checkpoint_every == 0 or step == args.steps or stopping:
                 save_checkpoint(trainer)                                 # 4. a DCP checkpoint
             if stopping:
                 if rank == 0:
-                    print(f"SIGTERM: saved step {step}; continue with --resume", file=sys.stderr)
+                    name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal to another rank"
+                    print(f"{name}: saved step {step}; continue with --resume", file=sys.stderr)
                 return
     if not args.no_export:
         export(args.out, trainer.backbone, trainer.policy, args.lora, rank)  # 5. the pipeline (and the LoRA)
@@ -848,8 +910,9 @@ def main(argv=None):
     with contextlib.ExitStack() as cleanup:
         try:
             train(args, cleanup)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, KeyboardInterrupt) as error:  # Ctrl-C before the first step: nothing to save
             kept = RunDir(args.out).latest_checkpoint()
+            error = "interrupted" if isinstance(error, KeyboardInterrupt) else error
             fail(error, f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
                  f" ({args.out} has no checkpoint yet: a rerun starts again)")
             sys.stderr.flush()

@@ -11,6 +11,7 @@ Sources `--data` may name:
 This is the only file that knows file formats.
 """
 import argparse
+import codecs
 import datetime
 import io
 import json
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -116,6 +118,9 @@ class PickapicIndex(PairIndex):
                 raise DataError(f"{where}: image bytes cannot be read ({str(error).splitlines()[0][:120]})") from None
             self.loaded["key"] = (shard, group)
         jpg_0, jpg_1 = (self.loaded["images"].column(name)[row].as_py() for name in ("jpg_0", "jpg_1"))
+        if not (isinstance(jpg_0, bytes) and isinstance(jpg_1, bytes)):
+            raise DataError(f"{where}: jpg_0 or jpg_1 is {_json_type(jpg_0 if jpg_1 is not None else jpg_1)}, not image "
+                            f"bytes")
         label = float(self.columns["label"][i])
         chosen, rejected = (jpg_1, jpg_0) if label == 0 else (jpg_0, jpg_1)  # a kept tie: jpg_0 first
         return Pair(self.prompts[self.prompt_ids[i]], chosen, rejected, where, {"label_0": label})
@@ -125,9 +130,16 @@ class ManifestIndex(PairIndex):
     """JSONL rows: the byte offset of each valid line; the line is read again and parsed on access (the file is
     opened each time: a handle shared with forked DataLoader workers would share its position)."""
 
+    def __init__(self, files, columns, prompts):
+        super().__init__(files, columns, prompts)
+        self.indexed = _identity(files[0])
+
     def __getitem__(self, i):
         offset, line = int(self.columns["offset"][i]), int(self.columns["line"][i])
         path = self.files[0]
+        if _identity(path) != self.indexed:  # a stat: the offsets are only good for the file they were read from
+            raise DataError(f"{path} row {line}: the manifest changed after it was indexed; restart the run (or "
+                            f"--resume) to index it again")
         with open(path, "rb") as manifest:
             manifest.seek(offset)
             row = json.loads(manifest.readline())
@@ -148,6 +160,10 @@ def read_pickapic(paths, summary, keep_ties=False, skip_bad=False):
             missing = {"caption", "jpg_0", "jpg_1", "label_0"} - set(parquet.schema_arrow.names)
             if missing:
                 raise ValueError(f"no column {sorted(missing)[0]}")
+            for name in ("jpg_0", "jpg_1"):  # Pick-a-Pic stores the images' bytes; strings would be opened as paths
+                kind = parquet.schema_arrow.field(name).type
+                if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+                    raise ValueError(f"column {name} holds {kind}, not image bytes")
             groups = [parquet.read_row_group(g, columns=["caption", "label_0"]) for g in range(parquet.num_row_groups)]
         except Exception as error:  # pyarrow raises several types for missing columns and corrupt files
             raise DataError(f"{path}: not a Pick-a-Pic v2 parquet shard ({str(error).splitlines()[0]})") from None
@@ -176,6 +192,11 @@ def read_pickapic(paths, summary, keep_ties=False, skip_bad=False):
     return PickapicIndex([Path(p) for p in paths], columns, list(prompts))
 
 
+def _identity(path):
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def read_manifest(path, summary, skip_bad=False):
     """JSON Lines rows {"prompt", "chosen", "rejected", ...}, streamed; missing fields or files fail or are counted.
     Only the offsets of the valid lines and the distinct prompts are kept."""
@@ -184,6 +205,8 @@ def read_manifest(path, summary, skip_bad=False):
     with open(path, "rb") as manifest:
         for number, raw in enumerate(manifest, start=1):
             start, offset = offset, offset + len(raw)
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):  # editors write one; it is not part of the row
+                start, raw = start + len(codecs.BOM_UTF8), raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
                 continue
             try:
@@ -215,7 +238,11 @@ def _check_row(raw, path, where):
             raise DataError(f"{where}: {key} is {_json_type(row[key])}, not a string")
     for key in ("chosen", "rejected"):
         file = path.parent / row[key]
-        if not file.is_file():
+        try:
+            exists = file.is_file()
+        except OSError as error:  # a name too long for the filesystem, a path through a file, ...
+            raise DataError(f"{where}: {key} path cannot be used ({error.strerror})") from None
+        if not exists:
             raise DataError(f"{where}: {key} file {file} does not exist")
         if file.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
             raise DataError(f"{where}: {key} file {file} is not an image or video "
@@ -231,8 +258,8 @@ def _json_type(value):
 def _reason(error):
     text = str(error)
     for reason in ("missing required field", "does not exist", "not an image or video", "not valid JSON",
-                   "not UTF-8", "not a string", "cannot be decoded", "cannot be read", "too few frames", "is an image",
-                   "differ in size"):
+                   "not UTF-8", "not a string", "cannot be decoded", "cannot be read", "cannot be used", "too few frames",
+                   "is an image", "differ in size"):
         if reason in text:
             return reason
     return "bad input"
@@ -295,6 +322,7 @@ def load_media(source, where, height, width, num_frames=0, frame_stride=1):
         if not is_video:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             image.load()
+            image = ImageOps.exif_transpose(image)  # a phone's photo is stored sideways with an EXIF orientation
             frames = [_resize_crop(image, height, width)]
         else:
             needed = (max(num_frames, 1) - 1) * frame_stride + 1

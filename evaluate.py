@@ -8,6 +8,7 @@ compare writes report.json, report.md and grid.png (or side-by-side.gif for vide
 timesteps writes timesteps.csv and timesteps.png; curves writes curves.png. Same seeds, same numbers.
 """
 import argparse
+import codecs
 import io
 import json
 import re
@@ -19,6 +20,7 @@ import matplotlib
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -256,13 +258,21 @@ def compare_scores(base, tuned, seed=0):
 # compare
 # ---------------------------------------------------------------------------------------------------------
 
-def read_prompts(path):
+def read_prompts(path, flag="--prompts"):
+    """One prompt a line (UTF-8; an editor's byte-order mark is dropped); a line that is not text is named."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--prompts {path}: does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise ValueError(f"{flag} {path}: does not exist")
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{flag} {path} line {number}: not UTF-8 text") from None
+        if line:
+            prompts.append(line)
     if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts")
+        raise ValueError(f"{flag} {path}: no prompts")
     return prompts
 
 
@@ -272,11 +282,17 @@ def load(args, path):
     return models.load_backbone(args.model, pretrained=path, device=args.device, dtype=dtype)
 
 
-def sample_all(backbone, prompts, samples, seed, steps, guidance, desc=None):
-    """(prompts, K, ...) samples; sample k of every prompt uses seed + k, for every model alike. A progress bar
-    named `desc`, if given."""
-    return torch.stack([backbone.sample(prompts, seed + k, steps, guidance)
-                        for k in tqdm(range(samples), desc=desc, disable=desc is None, unit="seed")], 1)
+def sample_all(backbone, prompts, samples, seed, steps, guidance, desc=None, batch=16):
+    """(prompts, K, ...) samples, `batch` prompts a call (memory is one batch's, whatever the prompts): sample k of
+    every batch uses seed + k, for every model alike. A progress bar named `desc`, if given."""
+    chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    rows = [[] for _ in range(samples)]
+    with tqdm(total=samples * len(chunks), desc=desc, disable=desc is None, unit="batch") as progress:
+        for k in range(samples):
+            for chunk in chunks:
+                rows[k].append(backbone.sample(chunk, seed + k, steps, guidance).cpu())
+                progress.update(1)
+    return torch.stack([torch.cat(row) for row in rows], 1)
 
 
 def score(rewards, images, prompts):
@@ -320,31 +336,64 @@ def sample_rows(samples, label, frames=8):
     return [(f"{label} frame {k}", samples[:, k]) for k in steps]
 
 
-def save_side_by_side(path, base, tuned, count=4):
-    """A GIF of videos: base on the left, tuned on the right, one row per prompt."""
+def save_side_by_side(path, base, tuned, prompts, count=4):
+    """A GIF of videos, each frame a labelled grid as the image grids are: base above tuned, a column per prompt
+    (the first `count`, seed 0), each prompt under its column, tiles scaled up to be seen."""
     import imageio.v3 as iio
-    side = torch.cat([base[:count, 0], tuned[:count, 0]], -1)  # (P, F, 3, H, 2W)
-    frames = side.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (F, 3, P*H, 2W)
-    iio.imwrite(path, (frames.permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8),
-                duration=125, loop=0)
+    frames = [np.asarray(labelled_grid([("base", base[:count, 0, f]), ("tuned", tuned[:count, 0, f])],
+                                       prompts[:count])) for f in range(base.shape[2])]
+    iio.imwrite(path, np.stack(frames), duration=125, loop=0)
+
+
+def check_tuned(args):
+    """Before any sampling: --tuned is a pipeline or a LoRA in diffusers' format (safetensors only: never a pickle),
+    and, where it comes from a run of train.py, a run of --model."""
+    tuned = Path(model_dir(args.tuned))
+    run = RunDir(tuned.parent) if tuned.name in ("model", "lora") else RunDir(args.tuned)
+    if run.is_run() and run.read_args().get("model") != args.model:
+        raise ValueError(f"--tuned {args.tuned}: trained as --model {run.read_args().get('model')}, not --model "
+                         f"{args.model}")
+    if (tuned / LORA_FILE).is_file():
+        try:
+            with safe_open(tuned / LORA_FILE, framework="pt"):
+                pass
+        except Exception as error:  # noqa: BLE001 -- safetensors raises several types for a file that is not one
+            raise ValueError(f"--tuned {tuned / LORA_FILE}: not a safetensors file ({str(error)[:80]})") from None
+        return True
+    if not (tuned / "model_index.json").is_file():
+        raise ValueError(f"--tuned {args.tuned}: neither a run directory with model/, a diffusers directory, nor a "
+                         f"LoRA folder ({LORA_FILE})")
+    return False
+
+
+def check_rewards_fit(rewards, backbone, prompts):
+    """Each reward scores a blank sample of the backbone's kind (image or video) first: one that cannot (a video
+    reward on images) fails before any sampling."""
+    shape = (1, backbone.num_frames, 3, 8, 8) if backbone.is_video else (1, 3, 8, 8)
+    for fn in rewards.values():
+        fn(torch.full(shape, 0.5), prompts[:1])
 
 
 def compare(args):
     prompts = read_prompts(args.prompts)
     rewards = load_rewards(args.reward, args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a directory")
+    lora = check_tuned(args)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for label, path in (("base", args.base), ("tuned", model_dir(args.tuned))):
-        lora = label == "tuned" and (Path(path) / LORA_FILE).is_file()
-        backbone = load(args, args.base if lora else path)
-        if lora:  # a LoRA in diffusers' format (train.py's RUN/lora): the base with the adapter
-            backbone.pipe.load_lora_weights(path)
+        backbone = load(args, args.base if label == "tuned" and lora else path)
+        if label == "base":
+            check_rewards_fit(rewards, backbone, prompts)
+        if label == "tuned" and lora:  # a LoRA in diffusers' format (train.py's RUN/lora): the base with the adapter
+            backbone.pipe.load_lora_weights(path, weight_name=LORA_FILE, use_safetensors=True)
         samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance,
-                             desc=f"sampling {label}")
+                             desc=f"sampling {label}", batch=args.batch_size)
         results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
-              "samples_per_prompt": args.samples, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "video": results["base"][0].dim() == 6, "samples_per_prompt": args.samples, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
               "rewards": {name: compare_scores(results["base"][1][name], results["tuned"][1][name], args.seed)
                           for name in rewards}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -366,7 +415,7 @@ def compare(args):
     (out / "report.md").write_text("\n".join(lines) + "\n")
     base, tuned = results["base"][0], results["tuned"][0]
     if base.dim() == 6:
-        save_side_by_side(out / "side-by-side.gif", base, tuned)
+        save_side_by_side(out / "side-by-side.gif", base, tuned, prompts)
     else:  # up to 8 prompts, the first 3 seeds of each: base above tuned, seed by seed
         rows = [(f"{label}, seed {args.seed + k}", samples[:8, k])
                 for k in range(min(3, args.samples)) for label, samples in (("base", base), ("tuned", tuned))]
@@ -508,7 +557,13 @@ def curves(args):
         if not run.log_file.is_file():
             raise ValueError(f"{run}: no {run.log_file.name} (not a run directory)")
         # a line a live or killed run left cut is skipped: plot what is complete
-        runs[run.path.name] = run.read_log(say=lambda note: print(note, file=sys.stderr))
+        records = run.read_log(say=lambda note: print(note, file=sys.stderr))
+        runs[run.path.name] = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+        if len(runs[run.path.name]) < len(records):
+            print(f"note: {run.log_file}: {len(records) - len(runs[run.path.name])} records without a step; skipped",
+                  file=sys.stderr)
+        if not runs[run.path.name]:
+            raise ValueError(f"{run.log_file}: no step recorded yet; nothing to plot")
     panels = [(k, t) for k, t in CURVES if any(all(key in r for key in ((k,) if isinstance(k, str) else k))
                                                  for records in runs.values() for r in records)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
@@ -539,6 +594,46 @@ NUMERIC_FLAGS = {
 
 
 def main(argv=None):
+    """The command line: run(), then a line a result and where its files are."""
+    args = parse_args(argv)
+    result = dispatch(args)
+    if args.command == "compare":
+        for name, r in result["rewards"].items():
+            print(f"{name}: base {r['base_mean']:.4f}, tuned {r['tuned_mean']:.4f}, improvement "
+                  f"{r['improvement']:+.4f} [{r['improvement_ci'][0]:+.4f}, {r['improvement_ci'][1]:+.4f}] (95% CI), "
+                  f"paired p = {r['p_value']:.4f}, better on {r['win_rate']:.0%} of prompts")
+        picture = "side-by-side.gif" if result["video"] else "grid.png"
+        print(f"report {Path(args.out) / 'report.md'}; samples {Path(args.out) / picture}")
+    elif args.command == "timesteps":
+        print("timesteps: fraction of pairs masked per bucket, clean to noisy: " +
+              ", ".join(f"{row['mask_fraction']:.2f}" for row in result))
+        print(f"table {Path(args.out) / 'timesteps.csv'}; plot {Path(args.out) / 'timesteps.png'}")
+    else:
+        print(f"curves {result}")
+    return result
+
+
+def run(argv=None):
+    """compare, timesteps or curves, as `python evaluate.py ARGV` runs them but without printing: the result."""
+    return dispatch(parse_args(argv))
+
+
+def dispatch(args):
+    """The command's result; a refusal is one line and exit 1."""
+    try:
+        check_numbers(args, NUMERIC_FLAGS)
+        if args.command == "timesteps":
+            # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
+            run = RunDir(args.pretrained) if args.pretrained else None
+            args.cache_pretrained = run.read_args().get("pretrained") if run and run.is_run() else args.pretrained
+            args.pretrained = model_dir(args.pretrained) if args.pretrained else None
+        torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
+        return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
+    except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
+        sys.exit(f"error: {error}")
+
+
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -554,7 +649,8 @@ def main(argv=None):
     c.add_argument("--steps", type=int, default=20, help="sampling steps")
     c.add_argument("--guidance", type=float, default=5.0)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", default="eval", help="output directory")
+    c.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (memory: one batch)")
+    c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     c.add_argument("--pickscore-model", help="local PickScore directory (CLIPModel + processor)")
     c.add_argument("--clip-model", help="local CLIP directory for the CLIP score")
     c.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
@@ -575,28 +671,18 @@ def main(argv=None):
                    help="n: the weight of one reverse step of an n-step sampler (train.py's flag)")
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default="eval")
+    t.add_argument("--out", default="runs/timesteps", help="output directory (default runs/timesteps)")
     t.add_argument("--device", default=device)
     t.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 
     k = commands.add_parser("curves", help="loss, accuracy, mask fraction, errors, held-out metrics per step")
     k.add_argument("runs", nargs="+", help="run directories")
     k.add_argument("--smooth", type=int, default=5, help="moving-average window")
-    k.add_argument("--out", default="curves.png")
+    k.add_argument("--out", default="runs/curves.png", help="the plot (default runs/curves.png)")
     args = parser.parse_args(argv)
     if getattr(args, "precision", "") is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    try:
-        check_numbers(args, NUMERIC_FLAGS)
-        if args.command == "timesteps":
-            # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
-            run = RunDir(args.pretrained) if args.pretrained else None
-            args.cache_pretrained = run.read_args().get("pretrained") if run and run.is_run() else args.pretrained
-            args.pretrained = model_dir(args.pretrained) if args.pretrained else None
-        torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
-        return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
-    except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
-        sys.exit(f"error: {error}")
+    return args
 
 
 

@@ -467,3 +467,136 @@ def test_tensorboard_missing_is_said_before_anything_is_written(pairs, tmp_path)
     one_line_error(train("--data", pairs, "--out", tmp_path / "run", "--tensorboard"),
                    "--tensorboard: the tensorboard package is not installed")
     assert not (tmp_path / "run").exists()
+
+
+# class 2, the rest: what is decoded is what the file shows; a LoRA is applied only to the backbone it was trained on
+def test_an_exif_rotated_photo_is_trained_on_upright(tmp_path):
+    import data
+    photo = Image.new("RGB", (40, 20), (255, 0, 0))
+    photo.paste((0, 0, 255), (0, 0, 20, 20))  # stored: blue left half, red right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display": a phone held upright
+    photo.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    pixels = data.load_media(tmp_path / "phone.jpg", "a row", 40, 20)  # (3, H, W): displayed, 20 wide and 40 high
+    top, bottom = pixels[:, :10].mean((1, 2)), pixels[:, 30:].mean((1, 2))
+    assert top[2] > 0.5 > top[0] and bottom[0] > 0.5 > bottom[2], "the blue half is on top once rotated"
+
+
+def test_pickapic_image_columns_of_strings_are_refused_not_opened_as_paths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import data
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": ["/etc/passwd"], "jpg_1": ["x.jpg"], "label_0": [1.0]}),
+                   tmp_path / "train-0000.parquet")
+    with pytest.raises(data.DataError, match="column jpg_0 holds string, not image bytes"):
+        data.read_pairs(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    import models
+    folder = tmp_path_factory.mktemp("models")
+    for name in ("toy", "tiny-sd1.5"):
+        models.load_backbone(name).pipe.save_pretrained(folder / name)
+    (folder / "prompts.txt").write_text("a red circle\na blue square\n")
+    return folder
+
+
+def compare(saved_models, *args):
+    return evaluate("compare", "--base", saved_models / "toy", "--prompts", saved_models / "prompts.txt",
+                    "--samples", 1, "--steps", 1, *args)
+
+
+def test_compare_refuses_a_lora_of_another_backbone_and_a_lora_that_is_not_safetensors(saved_models, tmp_path):
+    run = tmp_path / "run"
+    (run / "lora").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"model": "tiny-sd1.5"}))
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"PK\x03\x04 a pickle in disguise")
+    one_line_error(compare(saved_models, "--model", "toy", "--tuned", run / "lora", "--reward", "named_colour",
+                           "--out", tmp_path / "eval"), "trained as --model tiny-sd1.5, not --model toy")
+    (run / "args.json").write_text(json.dumps({"model": "toy"}))
+    one_line_error(compare(saved_models, "--model", "toy", "--tuned", run / "lora", "--reward", "named_colour",
+                           "--out", tmp_path / "eval"), "pytorch_lora_weights.safetensors: not a safetensors file")
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("tuned,reward,message", [
+    ("nowhere", "named_colour", "--tuned nowhere: neither a run directory"),
+    ("toy", "temporal_flicker", "reward temporal_flicker needs videos"),
+])
+def test_compare_checks_its_inputs_before_sampling(saved_models, tmp_path, tuned, reward, message):
+    tuned = saved_models / tuned if tuned == "toy" else tuned
+    result = compare(saved_models, "--model", "toy", "--tuned", tuned, "--reward", reward, "--out", tmp_path / "eval")
+    one_line_error(result, message)
+    assert "sampling" not in result.stderr
+
+
+def test_compare_refuses_an_out_that_is_a_file(saved_models, tmp_path):
+    (tmp_path / "eval").write_text("mine")
+    one_line_error(compare(saved_models, "--model", "toy", "--tuned", saved_models / "toy", "--reward",
+                           "named_colour", "--out", tmp_path / "eval"), "is a file, not a directory")
+    assert (tmp_path / "eval").read_text() == "mine"
+
+
+def test_a_pretrained_directory_of_another_backbone_is_refused_before_training(saved_models, pairs, tmp_path):
+    one_line_error(train("--pretrained", saved_models / "tiny-sd1.5", "--data", pairs, "--out", tmp_path / "run"),
+                   "holds a latent model, which is not --model toy")
+
+
+# class 5: every message names its input; an editor's byte-order mark is accepted
+def test_prompt_files_name_the_line_that_is_not_text_and_accept_a_byte_order_mark(saved_models, tmp_path):
+    import evaluate as evaluator
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa red circle\na caf\xe9\n")
+    with pytest.raises(ValueError, match=r"p.txt line 2: not UTF-8 text"):
+        evaluator.read_prompts(tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa red circle\n")
+    assert evaluator.read_prompts(tmp_path / "p.txt") == ["a red circle"]
+
+
+def test_a_manifest_with_a_byte_order_mark_is_read_and_one_rewritten_mid_run_is_named(pairs, tmp_path):
+    import data
+    manifest = tmp_path / "m.jsonl"
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    text = "\n".join(json.dumps({**r, "chosen": str(pairs.parent / r["chosen"]),
+                                 "rejected": str(pairs.parent / r["rejected"])}) for r in rows)
+    manifest.write_bytes(codecs_bom() + text.encode())
+    index, _ = data.read_pairs(manifest)
+    assert len(index) == 8 and index[0].prompt == "a green circle 0"
+    manifest.write_text(text + "\n")  # rewritten while a run reads it: its offsets are stale
+    with pytest.raises(data.DataError, match=r"m.jsonl row 2: the manifest changed after it was indexed"):
+        index[1]
+
+
+def codecs_bom():
+    import codecs
+    return codecs.BOM_UTF8
+
+
+def test_a_path_too_long_for_the_filesystem_names_its_row(pairs, tmp_path):
+    import data
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"prompt": "p", "chosen": "x" * 5000 + ".png", "rejected": "l.png"}) + "\n")
+    with pytest.raises(data.DataError, match=r"m.jsonl row 1: chosen path cannot be used"):
+        data.read_pairs(manifest)
+
+
+def test_curves_skip_records_without_a_step_and_an_empty_log_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("")
+    one_line_error(evaluate("curves", run, "--out", tmp_path / "c.png"), "no step recorded yet")
+    (run / "log.jsonl").write_text('{"loss": 0.7}\n{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.68}\n')
+    result = evaluate("curves", run, "--out", tmp_path / "c.png")
+    assert result.returncode == 0 and "1 records without a step; skipped" in result.stderr
+
+
+# class 7: prompts are sampled in batches, whatever their number
+def test_compare_samples_many_prompts_in_batches_and_says_where_its_files_are(saved_models, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"a {c} circle\n" for c in ["red", "green", "blue", "yellow"] * 5))
+    result = evaluate("compare", "--base", saved_models / "toy", "--prompts", prompts, "--samples", 1, "--steps", 1,
+                      "--model", "toy", "--tuned", saved_models / "toy", "--reward", "named_colour", "--batch-size",
+                      8, "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"report {tmp_path / 'eval' / 'report.md'}" in result.stdout and "named_colour: base" in result.stdout
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["prompts"] == 20

@@ -424,7 +424,8 @@ def encode_flops(backbone):
 
 def cache_plan(jobs=(("sd1.5", PICKAPIC_PAIRS, PICKAPIC_PROMPTS), ("sdxl", PICKAPIC_PAIRS, PICKAPIC_PROMPTS),
                      ("cogvideox-2b", 10_000, 10_000), ("cogvideox-5b", 10_000, 10_000),
-                     ("wan2.1-1.3b", 10_000, 10_000)), mfu=0.4, peak=989e12):
+                     ("wan2.1-1.3b", 10_000, 10_000), ("flux.1-dev", PICKAPIC_PAIRS, PICKAPIC_PROMPTS)), mfu=0.4,
+               peak=989e12):
     """A model, not a measurement: the latent cache of `pairs` pairs with `prompts` distinct prompts at native size.
     Bytes: two latents per pair, and the prompt conditioning once per pair or once per distinct prompt (what a
     de-duplicating cache stores), in fp32 and bf16. Time: encode_flops at `mfu` of an H100's dense bf16 peak."""
@@ -491,6 +492,8 @@ def native_latent_shape(backbone):
         return (channels, frames, height // 8, width // 8)
     if backbone.family == "cogvideox":
         return (frames, channels, height // 8, width // 8)
+    if backbone.family == "flux":  # the transformer takes 2x2 patches of 16 channels: 64 in, 16 in the latents
+        return (channels // 4, height // 8, width // 8)
     return (channels, height // 8, width // 8)
 
 

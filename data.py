@@ -118,9 +118,9 @@ class PickapicIndex(PairIndex):
                 raise DataError(f"{where}: image bytes cannot be read ({str(error).splitlines()[0][:120]})") from None
             self.loaded["key"] = (shard, group)
         jpg_0, jpg_1 = (self.loaded["images"].column(name)[row].as_py() for name in ("jpg_0", "jpg_1"))
-        if not (isinstance(jpg_0, bytes) and isinstance(jpg_1, bytes)):
-            raise DataError(f"{where}: jpg_0 or jpg_1 is {_json_type(jpg_0 if jpg_1 is not None else jpg_1)}, not image "
-                            f"bytes")
+        for name, image in (("jpg_0", jpg_0), ("jpg_1", jpg_1)):
+            if not isinstance(image, bytes):
+                raise DataError(f"{where}: {name} is {_json_type(image)}, not image bytes")
         label = float(self.columns["label"][i])
         chosen, rejected = (jpg_1, jpg_0) if label == 0 else (jpg_0, jpg_1)  # a kept tie: jpg_0 first
         return Pair(self.prompts[self.prompt_ids[i]], chosen, rejected, where, {"label_0": label})
@@ -258,8 +258,8 @@ def _json_type(value):
 def _reason(error):
     text = str(error)
     for reason in ("missing required field", "does not exist", "not an image or video", "not valid JSON",
-                   "not UTF-8", "not a string", "cannot be decoded", "cannot be read", "cannot be used", "too few frames",
-                   "is an image", "differ in size"):
+                   "not UTF-8", "not a string", "cannot be decoded", "cannot be read", "cannot be used",
+                   "too few frames", "is an image", "differ in size"):
         if reason in text:
             return reason
     return "bad input"

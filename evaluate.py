@@ -393,7 +393,8 @@ def compare(args):
                              desc=f"sampling {label}", batch=args.batch_size)
         results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
-              "video": results["base"][0].dim() == 6, "samples_per_prompt": args.samples, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "video": results["base"][0].dim() == 6, "samples_per_prompt": args.samples, "seed": args.seed,
+              "steps": args.steps, "guidance": args.guidance,
               "rewards": {name: compare_scores(results["base"][1][name], results["tuned"][1][name], args.seed)
                           for name in rewards}}
     (out / "report.json").write_text(json.dumps(report, indent=1))

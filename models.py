@@ -8,6 +8,7 @@ scalings and conditioning quirks; the noising math comes from sipo.py.
     python models.py            # lists every name with its parameter counts (full-size ones on the meta device)
 """
 import json
+import math
 import string
 import sys
 from dataclasses import dataclass
@@ -26,15 +27,16 @@ transformers.utils.logging.disable_progress_bar()
 
 from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, WanPipeline,
-                       WanTransformer3DModel)  # noqa: E402
+                       FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel, WanPipeline, WanTransformer3DModel)  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel)  # noqa: E402
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
 import sipo  # noqa: E402
 
-FULL = ("sd1.5", "sdxl", "cogvideox-2b", "cogvideox-5b", "wan2.1-1.3b")
+FULL = ("sd1.5", "sdxl", "cogvideox-2b", "cogvideox-5b", "wan2.1-1.3b", "flux.1-dev")
 # Wan's VAE stays fp32 whatever the compute dtype, as diffusers advises; its pipeline casts latents to the VAE's
 # dtype before decoding (the others decode in the latents' dtype, so their VAEs follow the compute dtype).
 FP32_PARTS = {"wan": ("vae",)}
@@ -43,7 +45,11 @@ NAMES = FULL + tuple(f"tiny-{name}" for name in FULL) + ("toy",)
 # THUDM/ to zai-org/; the hub redirects the old ids.)
 HUB_IDS = {"sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
            "cogvideox-2b": "zai-org/CogVideoX-2b", "cogvideox-5b": "zai-org/CogVideoX-5b",
-           "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
+           "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "flux.1-dev": "black-forest-labs/FLUX.1-dev"}
+# FLUX.1-dev is guidance-distilled: its transformer embeds a guidance value. Training feeds it the one diffusers'
+# FLUX training examples default to (train_dreambooth_lora_flux.py: --guidance_scale 3.5); train.py's
+# --flux-guidance sets it.
+FLUX_TRAINING_GUIDANCE = 3.5
 
 
 class ModelError(ValueError):
@@ -62,12 +68,13 @@ class Backbone:
     (B, C, F, H, W) for Wan. Conditioning is a dict of batch-first tensors, so it can be cached and concatenated.
     """
     name: str
-    family: str                      # "sd", "sdxl", "cogvideox", "wan", "pixel"
+    family: str                      # "sd", "sdxl", "cogvideox", "wan", "flux", "pixel"
     prediction: str                  # "epsilon", "v" or "flow" (sipo.PREDICTIONS)
     pipe: object                     # the diffusers pipeline
     resolution: tuple                # (height, width) in pixels
     num_frames: int = 0              # 0 for images
-    flow_shift: float = 3.0          # Wan's timestep shift
+    flow_shift: float = 3.0          # Wan's timestep shift; FLUX's exp(mu) at its resolution (flux_shift)
+    guidance: float = FLUX_TRAINING_GUIDANCE  # the guidance embedding's value in training (FLUX.1-dev only)
 
     @property
     def denoiser(self):
@@ -119,6 +126,10 @@ class Backbone:
             height, width = self.resolution
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=embeds.dtype)
             return {"prompt_embeds": embeds, "pooled_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+        if self.family == "flux":
+            embeds, pooled, _ = self.pipe.encode_prompt(prompts, device=device,
+                                                        max_sequence_length=self.pipe.tokenizer_2.model_max_length)
+            return {"prompt_embeds": embeds, "pooled_embeds": pooled}
         max_length = self.pipe.tokenizer.model_max_length
         embeds, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=max_length,
                                             device=device)
@@ -132,6 +143,10 @@ class Backbone:
             text_2 = self.pipe.text_encoder_2.config
             return {"prompt_embeds": (batch, length, text.hidden_size + text_2.hidden_size),
                     "pooled_embeds": (batch, text_2.projection_dim), "time_ids": (batch, 6)}
+        if self.family == "flux":
+            return {"prompt_embeds": (batch, self.pipe.tokenizer_2.model_max_length,
+                                      self.pipe.text_encoder_2.config.d_model),
+                    "pooled_embeds": (batch, text.hidden_size)}
         return {"prompt_embeds": (batch, length, getattr(text, "d_model", None) or text.hidden_size)}
 
     @torch.no_grad()
@@ -145,6 +160,8 @@ class Backbone:
             mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
             std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
             return ((latents - mean) / std).to(latents.dtype)
+        if self.family == "flux":  # as FluxPipeline decodes: latents / scaling_factor + shift_factor
+            return (latents - vae.config.shift_factor) * vae.config.scaling_factor
         latents = latents * vae.config.scaling_factor
         return latents.permute(0, 2, 1, 3, 4).contiguous() if self.family == "cogvideox" else latents
 
@@ -157,7 +174,12 @@ class Backbone:
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
 
     def coefficients(self, levels, sample_steps=50):
-        """(a_t, s_t) at the noise level and (a_s, s_s) one sampler stride (T / sample_steps) earlier."""
+        """(a_t, s_t) at the noise level and (a_s, s_s) one sampler stride (T / sample_steps) earlier. FLUX samples on
+        a grid shifted by its resolution (sigma' = k sigma / (1 + (k - 1) sigma), k = exp(mu)): its earlier step is
+        one stride down that grid, so that training and sampling see the same sigmas."""
+        if self.family == "flux":
+            earlier = sipo.shift_sigma(unshift_sigma(levels, self.flow_shift) - 1.0 / sample_steps, self.flow_shift)
+            return sipo.flow_coefficients(levels), sipo.flow_coefficients(earlier)
         if self.prediction == "flow":
             return sipo.flow_coefficients(levels), sipo.flow_coefficients(levels - 1.0 / sample_steps)
         alphas_cumprod = self.pipe.scheduler.alphas_cumprod
@@ -183,7 +205,9 @@ class Backbone:
                                           sipo.snr(a_prev, s_prev), temperature)
 
     def model_timesteps(self, levels):
-        return levels * 1000.0 if self.prediction == "flow" else levels
+        """The timestep the denoiser takes: DDPM's integer t; Wan's 1000 sigma; FLUX's sigma itself (its pipeline
+        passes timestep / 1000)."""
+        return levels * 1000.0 if self.family == "wan" else levels
 
     # -- the denoiser ----------------------------------------------------------------------------------------
     def predict(self, denoiser, latents, levels, cond):
@@ -205,7 +229,25 @@ class Backbone:
                                                                          latents.device)
             return denoiser(hidden_states=latents, encoder_hidden_states=embeds, timestep=timesteps,
                             image_rotary_emb=rotary, return_dict=False)[0]
+        if self.family == "flux":
+            return self.predict_flux(denoiser, latents, timesteps, cond)
         return denoiser(hidden_states=latents, timestep=timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def predict_flux(self, denoiser, latents, sigmas, cond):
+        """FLUX's transformer on latents (B, 16, h, w): packed into 2x2 patches with their image position ids (text
+        ids are zeros), the guidance embedding fed the training guidance, the output unpacked to the latents' layout."""
+        batch, channels, height, width = latents.shape
+        pipe = self.pipe
+        packed = pipe._pack_latents(latents, batch, channels, height, width)
+        image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(cond["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = torch.full((batch,), self.guidance, device=latents.device) \
+            if self.denoiser.config.guidance_embeds else None
+        out = denoiser(hidden_states=packed, timestep=sigmas, guidance=guidance,
+                       pooled_projections=cond["pooled_embeds"], encoder_hidden_states=cond["prompt_embeds"],
+                       txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        scale = pipe.vae_scale_factor
+        return pipe._unpack_latents(out, height * scale, width * scale, scale)
 
     # -- sampling -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -225,6 +267,9 @@ class Backbone:
             out = self.pipe(list(prompts), height=height, width=width, num_frames=self.num_frames, output_type="pt",
                             max_sequence_length=self.pipe.tokenizer.model_max_length, **kwargs)
             return out.frames.float()
+        if self.family == "flux":  # guidance-distilled: `guidance` is the embedding's value, not classifier-free
+            return self.pipe(list(prompts), height=height, width=width, output_type="pt",
+                             max_sequence_length=self.pipe.tokenizer_2.model_max_length, **kwargs).images.float()
         return self.pipe(list(prompts), height=height, width=width, output_type="pt", **kwargs).images.float()
 
 
@@ -254,6 +299,12 @@ COGVIDEOX_5B = dict(COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rot
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6)
+FLUX_DEV = dict(guidance_embeds=True)  # the class defaults are FLUX.1's 19 double- and 38 single-stream blocks
+FLUX_VAE = dict(SD_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)
+# FLUX.1-dev's scheduler: the sampling grid shifted by exp(mu), mu linear in the image's sequence length
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
 
 TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
                  max_position_embeddings=77, projection_dim=32)
@@ -278,6 +329,10 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+TINY_FLUX = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+TINY_FLUX_VAE = dict(TINY_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                     use_post_quant_conv=False)
 TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3, attention_head_dim=2)  # 2 heads: faster than 8 on a CPU
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -297,9 +352,10 @@ SPECS = {
     "cogvideox-2b": ("cogvideox", "v", CogVideoXPipeline, (480, 720), 49),
     "cogvideox-5b": ("cogvideox", "v", CogVideoXPipeline, (480, 720), 49),
     "wan2.1-1.3b": ("wan", "flow", WanPipeline, (480, 832), 81),
+    "flux.1-dev": ("flux", "flow", FluxPipeline, (1024, 1024), 0),
 }
 TINY_SIZES = {"sd1.5": ((32, 32), 0), "sdxl": ((32, 32), 0), "cogvideox-2b": ((64, 64), 9),
-              "cogvideox-5b": ((64, 64), 9), "wan2.1-1.3b": ((32, 32), 5)}
+              "cogvideox-5b": ((64, 64), 9), "wan2.1-1.3b": ((32, 32), 5), "flux.1-dev": ((32, 32), 0)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,6 +418,13 @@ def _build_pipeline(name, tiny):
         text = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else T5_XXL)))
         scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER, snr_shift_scale=1.0 if five_b else 3.0)
         return CogVideoXPipeline(tokenizer, text, vae, CogVideoXTransformer3DModel(**config), scheduler)
+    if family == "flux":
+        t5_tokens = t5_tokenizer(32 if tiny else 512)
+        clip = _clip_text(TINY_CLIP if tiny else CLIP_L, clip_tokenizer())
+        t5 = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(t5_tokens)) if tiny else T5_XXL)))
+        return FluxPipeline(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                            AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE)), clip, clip_tokenizer(), t5,
+                            t5_tokens, FluxTransformer2DModel(**(TINY_FLUX if tiny else FLUX_DEV)))
     tokenizer = t5_tokenizer(32 if tiny else 512)
     text = UMT5EncoderModel(UMT5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else UMT5_XXL)))
     vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()
@@ -385,11 +448,15 @@ def _load_pretrained(name, path, dtype):
         if not index.is_file():
             raise ModelError(f"{path}: not a diffusers layout (no model_index.json)")
         try:
-            found = json.loads(index.read_text()).get("_class_name")
-        except (ValueError, AttributeError):
+            layout = json.loads(index.read_text())
+            found, vae = layout.get("_class_name"), (layout.get("vae") or [None])[-1]
+        except (ValueError, AttributeError, TypeError):
             raise ModelError(f"{index}: not valid JSON (a damaged download?)") from None
         if found != pipeline_cls.__name__:
             raise ModelError(f"{path}: holds a {found}, but --model {name} needs a {pipeline_cls.__name__}")
+        if (vae is None) != (family == "pixel"):  # the toy and SD1.5 share a pipeline class; only the toy has no VAE
+            raise ModelError(f"{path}: holds a {'pixel-space model (no VAE)' if vae is None else 'latent model'}, "
+                             f"which is not --model {name}")
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}
     if family == "pixel":
         kwargs["vae"] = None
@@ -400,7 +467,7 @@ def _load_pretrained(name, path, dtype):
         if not local.exists():
             raise ModelError(f"{path}: not a local directory, and the hub id cannot be loaded (offline, or not cached "
                              f"in full); download it where there is a network (hf download {path} --local-dir DIR) "
-                             f"and pass --pretrained DIR") from None
+                             f"and pass DIR instead of the id") from None
         raise ModelError(f"{path}: cannot load as {name}: {str(error).splitlines()[0]}") from None
     if family == "cogvideox":
         rotary = pipe.transformer.config.use_rotary_positional_embeddings
@@ -444,7 +511,24 @@ def _backbone(name, pipe):
     if name.startswith("tiny-"):
         resolution, frames = TINY_SIZES[base]
     shift = pipe.scheduler.config.get("shift", pipe.scheduler.config.get("flow_shift", 3.0)) or 3.0
+    if family == "flux":
+        shift = flux_shift(pipe, resolution)
     return Backbone(name, family, prediction, pipe, resolution, frames, flow_shift=float(shift))
+
+
+def flux_shift(pipe, resolution):
+    """FLUX's sigma shift k = exp(mu) at `resolution`: FluxPipeline's mu (calculate_shift) of the packed image's
+    sequence length, from the scheduler's own config, so that training draws the sigmas its sampler steps through."""
+    config, scale = pipe.scheduler.config, pipe.vae_scale_factor * 2
+    tokens = (resolution[0] // scale) * (resolution[1] // scale)
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return math.exp(mu)
+
+
+def unshift_sigma(sigma, shift):
+    """The inverse of sipo.shift_sigma: the uniform grid's sigma that k sigma / (1 + (k - 1) sigma) maps to `sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
 
 
 def cast(module, dtype):
@@ -477,6 +561,8 @@ def denoiser_blocks(denoiser):
     """The units FSDP shards one by one: a UNet's down, mid and up blocks; a transformer's blocks."""
     if hasattr(denoiser, "down_blocks"):
         return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+    if hasattr(denoiser, "single_transformer_blocks"):  # FLUX: double-stream blocks, then single-stream ones
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
     return list(denoiser.transformer_blocks if hasattr(denoiser, "transformer_blocks") else denoiser.blocks)
 
 

@@ -272,11 +272,11 @@ def onpolicy(args, out, report, base, pairs, heldout):
     (report / "study.json").write_text(json.dumps(summary, indent=1))
     plot_beta(report / "beta.png", table, betas, base_mean)
     seed0 = {m: RunDir(out / "runs" / run_name(f"{m} beta={betas[len(betas) // 2]:g}", 0)) for m in METHODS}
-    evaluate.main(["curves", *[str(run) for run in seed0.values() if run.log_file.exists()],
+    evaluate.run(["curves", *[str(run) for run in seed0.values() if run.log_file.exists()],
                    "--out", str(report / "curves.png")])
     for label, model in (("base", base), ("sipo", seed0["sipo"].model)):
         if (model / "model_index.json").exists():
-            evaluate.main(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
+            evaluate.run(["timesteps", "--model", "toy", "--pretrained", str(model), "--reference", str(base),
                            "--data", str(heldout), "--pairs", str(args.timestep_pairs),
                            "--buckets", str(args.timestep_buckets), "--out",
                            str(report / f"timesteps-{label}")])

@@ -422,3 +422,27 @@ def test_every_pil_mode_decodes_to_its_grey_level(mode, fmt):
     expected = -1.0 if mode == "1" else 0.0
     assert pixels.shape == (3, 8, 8)
     assert abs(pixels.mean().item() - expected) < 0.03, (mode, pixels.mean().item())
+
+
+def cache_interrupted_at_third_shard(args):
+    """data.py cache that receives Ctrl-C (SIGINT) as it starts the third pair shard."""
+    encode, calls = data.encode_pairs, []
+
+    def encode_pairs(*pairs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return encode(*pairs)
+
+    data.encode_pairs = encode_pairs
+    data.main(args)
+
+
+def test_ctrl_c_ends_a_cache_in_one_line_and_resume_continues_it(tmp_path, cache_pairs):
+    args = [str(arg) for arg in cache_args(cache_pairs, "--out", tmp_path / "cache")]
+    status = launcher.finish(launcher.launch(args, log=tmp_path / "log", entry=cache_interrupted_at_third_shard))
+    lines = [line for line in (tmp_path / "log").read_text().splitlines() if line.strip() and "%|" not in line]
+    assert status == 1 and lines == [f"error: interrupted: {tmp_path / 'cache'}.tmp keeps the shards finished so "
+                                     f"far; continue with --resume"], lines
+    resumed = in_process(data.main, args + ["--resume"])
+    assert resumed.returncode == 0 and "6 pairs" in resumed.stdout, resumed.stderr[-2000:]

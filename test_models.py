@@ -17,6 +17,8 @@ PUBLISHED = {
     "cogvideox-2b": {"denoiser": 1_693_783_872, "vae": 215_583_907, "text_encoder": 4_762_310_656},
     "cogvideox-5b": {"denoiser": 5_570_283_072, "vae": 215_583_907, "text_encoder": 4_762_310_656},
     "wan2.1-1.3b": {"denoiser": 1_418_996_800, "vae": 126_892_531, "text_encoder": 5_680_910_336},
+    "flux.1-dev": {"denoiser": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+                   "text_encoder_2": 4_762_310_656},
 }
 TINY = [f"tiny-{name}" for name in models.FULL] + ["toy"]
 
@@ -124,7 +126,7 @@ def test_bad_names_and_paths_fail_with_one_line(tmp_path):
     with pytest.raises(models.ModelError, match="unknown model 'sd2'; choose one of: sd1.5"):
         models.load_backbone("sd2")
     with pytest.raises(models.ModelError, match="Wan-AI/Wan2.1-T2V-1.3B-Diffusers: not a local directory, and the hub "
-                                                "id cannot be loaded .* pass --pretrained DIR"):
+                                                "id cannot be loaded .* pass DIR instead of the id"):
         models.load_backbone("wan2.1-1.3b")  # offline: the default is the official repository
     with pytest.raises(models.ModelError, match=f"{tmp_path}: not a diffusers layout"):
         models.load_backbone("sd1.5", pretrained=str(tmp_path))
@@ -158,3 +160,34 @@ def test_per_prompt_seeds_make_a_sample_independent_of_its_batch():
     alone = backbone.sample(["a blue square"], seed=[4], steps=2)
     torch.testing.assert_close(pair[1], alone[0], rtol=1e-4, atol=1e-5)
     assert (pair[0] - backbone.sample(["a red circle"], seed=[4], steps=2)[0]).abs().max() > 1e-3
+
+
+def test_flux_trains_and_samples_on_its_resolution_shifted_sigmas_and_the_weight_follows_them_by_hand():
+    """FLUX's sampler steps through sigmas shifted by k = exp(mu), mu linear in the packed image's tokens; training
+    draws its sigmas through the same shift, and the step weight is the closed form of docs/method.md §3 between
+    sigma and the previous step of that shifted grid."""
+    backbone = models.load_backbone("tiny-flux.1-dev")
+    tokens = (32 // 2 // 2) ** 2  # 32 x 32 pixels, the tiny VAE's x2, 2 x 2 patches
+    k = math.exp(0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256))
+    assert backbone.flow_shift == pytest.approx(k, rel=1e-9)
+    scheduler = backbone.pipe.scheduler
+    scheduler.set_timesteps(sigmas=list(torch.linspace(1.0, 1 / 8, 8).tolist()), mu=math.log(k))
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), sipo.shift_sigma(torch.linspace(1.0, 1 / 8, 8), k)
+                               .double(), rtol=1e-5, atol=1e-6)
+    drawn = backbone.sample_noise_levels(20_000, torch.Generator().manual_seed(0))
+    assert drawn.median().item() == pytest.approx(k * 0.5 / (1 + (k - 1) * 0.5), abs=0.01)
+
+    def snr(x):
+        return (1 - x) ** 2 / x ** 2
+    for sigma in (0.2, 0.5, 0.9):
+        uniform = sigma / (k - (k - 1) * sigma)
+        earlier = k * (uniform - 1 / 50) / (1 + (k - 1) * (uniform - 1 / 50))
+        error = 0.3  # the flow target's MSE; the x0 error is sigma^2 times it
+        expected = -0.5 * (snr(earlier) - snr(sigma)) * sigma ** 2 * error
+        got = backbone.step_log_weight(torch.tensor([error]), torch.tensor([sigma]), 50)
+        assert got.item() == pytest.approx(expected, rel=1e-5), sigma
+
+
+def test_flux_without_pretrained_weights_offline_names_its_hub_id():
+    with pytest.raises(models.ModelError, match=r"^black-forest-labs/FLUX.1-dev: not a local directory"):
+        models.load_backbone("flux.1-dev")

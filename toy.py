@@ -257,11 +257,11 @@ def main(argv=None):
                    "--eval-guidance", GUIDANCE, "--seed", args.seed, *beta], args.ranks)
 
     with timed(seconds, "compare"):
-        report = evaluate.main(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
+        report = evaluate.run(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
                                 str(out / "prompts.txt"), "--reward", "named_colour,named_shape", "--samples",
                                 str(args.samples), "--steps", str(SAMPLE_STEPS), "--guidance", str(GUIDANCE),
                                 "--seed", "1000000", "--out", str(out / "eval")])
-        evaluate.main(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
+        evaluate.run(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
     print(result_block(report, args, out, seconds))
     return report
 

@@ -33,7 +33,7 @@ from diffusers import UNet2DConditionModel
 import data
 import models
 import train
-from common import ArgumentParser, peak_memory_gb, setup_distributed, write_text_atomically
+from common import ArgumentParser, cpu_name, peak_memory_gb, setup_distributed, write_text_atomically
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -790,7 +790,7 @@ def main(argv=None):
 
 
 def machine():
-    info = {"cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

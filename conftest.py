@@ -1,10 +1,12 @@
 """pytest's hooks for this suite: the launcher's server imports train.py while the first tests run, and the notes
-train.py itself silences (DCP's on a one-process run) stay silent under pytest, which resets warning filters."""
+train.py silences (train.SILENCED, each with its reason) stay silent under pytest, which resets warning filters."""
 import launcher
+import train
 
 
 def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", "ignore:torch.distributed is disabled, unavailable or uninitialized")
+    for message in train.SILENCED:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
 
 
 def pytest_sessionstart(session):

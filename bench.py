@@ -15,6 +15,7 @@ scale measured: peak memory of reading 1 and 8 Pick-a-Pic shards, caching throug
 9 seconds a step against diffusers' DPO example.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -115,6 +116,21 @@ class StepTimer:
         return run
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """The profiler's C++ side (kineto) prints a line as it starts and stops, whatever its log level: the process's
+    stderr file goes to /dev/null meanwhile (a Python error still raises)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -123,7 +139,7 @@ def phase_breakdown(timer, repeats, variant="sipo"):
     """Where a step's time goes: the numbered ranges train.optimizer_step marks (record_function), under torch's
     profiler, in ms a step."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(repeats):
             timer.step(variant)
     return {event.key: event.cpu_time_total / 1000 / repeats for event in profiler.key_averages()

@@ -9,13 +9,18 @@
     RUN/tensorboard/                    with --tensorboard
     RUN/.lock                           held by the trainer writing the run
 
-train.py writes it; evaluate.py, study.py, toy.py and the tests read it, through RunDir alone. It imports torch
-(DCP's metadata reader, to tell an intact checkpoint from a cut one) and the standard library.
+train.py writes it; evaluate.py, study.py, toy.py and the tests read it, through RunDir alone. Below the layout:
+how train.py claims a directory (its own runs only, one writer at a time) and what a resume may change. It imports
+torch (the process group, DCP's metadata reader) and the standard library.
 """
 import json
+import time
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+from common import take_lock, write_text_atomically
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 CHECKPOINT_META = "trainer.json"
@@ -106,3 +111,128 @@ def model_dir(path):
     """A run directory's exported pipeline, or the path itself (a diffusers directory, a LoRA folder or a hub id)."""
     run = RunDir(path)
     return str(run.model) if run.has_model() else str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Claiming and resuming: what train.py may do with a directory, and what a resume may change
+# ---------------------------------------------------------------------------------------------------------
+
+# What a resumed run may not change: each alters what the steps already taken mean. A resume takes the run's own
+# value for each of them that its command line does not give, and refuses one that differs (and the pairs a step:
+# check_pairs_per_step).
+RUN_SETTINGS = ("pretrained", "random_weights", "data", "loss", "beta", "tau", "eps", "weight", "normalise",
+                "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup", "max_grad_norm",
+                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance")
+
+
+def check_run_directory(args, world_size=1):
+    """--out is new, empty, or a run directory of ours (args.json) for the same --model. A complete checkpoint
+    there is continued with --resume and never overwritten without it; a run that died before its first
+    checkpoint leaves nothing to lose, so a rerun (or --resume) starts it again from step 0. Returns the run's
+    settings that a resume adopts ({} otherwise)."""
+    run = RunDir(args.out)
+    if run.path.exists() and not run.path.is_dir():
+        raise ValueError(f"--out {run}: is a file, not a directory")
+    if not run.is_run():
+        if run.path.is_dir() and any(run.path.iterdir()):
+            raise ValueError(f"--out {run}: holds files train.py did not write (no args.json); pass a new or empty "
+                             f"directory")
+        if args.resume:
+            raise ValueError(f"--resume: {run} holds no run")
+        return {}
+    try:
+        previous = run.read_args()["model"]
+    except (ValueError, KeyError):
+        raise ValueError(f"--out {run}: args.json is unreadable; pass another --out") from None
+    if previous != args.model:
+        raise ValueError(f"--out {run} holds a run of --model {previous}, not --model {args.model}")
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None and not args.resume:
+        raise ValueError(f"--out {run} already holds a run ({checkpoint.name}); pass --resume to continue it, or "
+                         f"another --out")
+    if checkpoint is None:
+        return {}
+    recorded = run.read_args()
+    for key in RUN_SETTINGS:
+        flag = "--" + key.replace("_", "-")
+        if key in args.given and key in recorded and comparable(getattr(args, key)) != recorded[key]:
+            raise ValueError(f"--resume: {run} was trained with {flag} {recorded[key]}, not {getattr(args, key)}; "
+                             f"resume with the run's own settings (leave {flag} out), or pass another --out")
+    adopted = {key: recorded[key] for key in RUN_SETTINGS if key in recorded and key not in args.given}
+    return {**adopted, **check_pairs_per_step(args, recorded, world_size)}
+
+
+def check_pairs_per_step(args, recorded, world_size):
+    """A resume may run on another number of ranks, but each optimizer step must take as many pairs as before:
+    the per-rank batch and accumulation it does not give are the run's own; refused when the product differs."""
+    batching = ("batch_size", "grad_accum", "global_batch_size")
+    adopted = {} if set(batching) & set(args.given) else {k: recorded[k] for k in batching if k in recorded}
+    batch, accumulation = (adopted.get(k, getattr(args, k)) for k in ("batch_size", "grad_accum"))
+    before = recorded.get("batch_size", batch) * recorded.get("grad_accum", accumulation) * \
+        recorded.get("world_size", world_size)
+    if batch * accumulation * world_size != before:
+        raise ValueError(f"--resume: {args.out} took {before} pairs an optimizer step, this command "
+                         f"{batch * accumulation * world_size} ({batch} x {accumulation} micro-batches x {world_size} "
+                         f"ranks); pass --global-batch-size {before}")
+    return adopted
+
+
+def comparable(value):
+    """A flag's value as args.json holds it."""
+    return str(value) if isinstance(value, Path) else value
+
+
+def claim_run_directory(args, rank, cleanup):
+    """Rank 0 alone (the other ranks would see the directory half-claimed) checks --out, creates it, takes its lock
+    (held until this process ends; a second trainer, or an orphaned rank of a killed one, is refused in one line
+    naming the holder) and, for a new run, writes args.json before any model is built; every rank raises its
+    refusal, or takes the settings a resume adopts from the run."""
+    outcome = [None, {}]  # the refusal, the adopted settings
+    if rank == 0:
+        try:
+            outcome[1] = check_run_directory(args, dist.get_world_size() if dist.is_initialized() else 1)
+            run = RunDir(args.out)
+            run.path.mkdir(parents=True, exist_ok=True)
+            lock, holder = take_lock(run.lock, "train.py")
+            if lock is None:
+                raise ValueError(f"--out {run} is in use by {holder}; wait for it to end, or pass another --out")
+            cleanup.callback(lock.close)
+            if not run.is_run():  # marks the directory as a run's; a run's own record is rewritten only once resumed
+                write_args(args, 1, "not read yet")
+        except (ValueError, OSError) as error:
+            outcome[0] = f"--out {args.out}: {error.strerror}" if isinstance(error, OSError) else str(error)
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome)
+    if outcome[0]:
+        raise ValueError(outcome[0])
+    for key, value in outcome[1].items():
+        setattr(args, key, value)
+
+
+def write_args(args, world_size, summary, from_step=0):
+    """args.json: the run's settings now, and one record per segment (a straight run has one; each resume adds
+    one, with the step it resumed from and the flags its command line gave)."""
+    run = RunDir(args.out)
+    earlier = run.read_args().get("segments", []) if from_step and run.is_run() else []
+    segment = {"from_step": from_step, "world_size": world_size, "given": {k: comparable(getattr(args, k))
+                                                                             for k in args.given if k != "out"},
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    settings = {k: comparable(v) for k, v in vars(args).items() if k != "given"}
+    write_text_atomically(run.args_file, json.dumps(
+        {**settings, "world_size": world_size, "data_summary": str(summary), "segments": [*earlier, segment]},
+        indent=1))
+
+
+def truncate_log(log, step):
+    """Drops the lines a killed run wrote after its last checkpoint (and a line cut off mid-write): the resumed
+    run writes those steps again."""
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    write_text_atomically(log, "".join(kept))

@@ -21,6 +21,7 @@ import evaluate
 import models
 import launcher
 import train
+import rundir
 from rundir import RunDir
 from test_bad_inputs import in_process, ranks_run
 
@@ -336,7 +337,7 @@ def test_bad_flags_fail_before_any_model_is_built(pairs, tmp_path, flags, messag
     with pytest.raises((SystemExit, ValueError)) as info:
         args = train.parse_args(argv)
         train.check_args(args, world_size=2)
-        train.check_run_directory(args)
+        rundir.check_run_directory(args)
     assert message in (str(info.value) + capsys.readouterr().err)
 
 

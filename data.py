@@ -864,8 +864,9 @@ def main(argv=None):
                        help="one process; under torchrun each rank takes its own GPU")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # torchrun's; one process is rank 0
-    # SIGTERM (a scheduler's preemption) ends the run as Ctrl-C does: finished shards stay, --resume continues
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (a scheduler's preemption) ends the run as Ctrl-C does: finished shards stay, --resume continues.
+    # Both set here: a process forked by a server that ignores SIGINT would otherwise inherit that
+    before = {signum: signal.signal(signum, signal.default_int_handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         check_numbers(args, {"frame_stride": AT_LEAST_1, "batch_size": AT_LEAST_1, "shard_size": AT_LEAST_1,
                              "workers": NON_NEGATIVE})
@@ -900,6 +901,8 @@ def main(argv=None):
         sys.exit(1)
     finally:
         leave()
+        for signum, handler in before.items():  # main() may run inside another program (the tests do)
+            signal.signal(signum, handler)
     if rank == 0:
         print(f"cache {args.out}: {index['pairs']:,} pairs, {index['prompts']:,} distinct prompts, "
               f"{size(index['bytes'] / index['pairs'])} per pair ({index['latent_dtype']}), "

@@ -238,18 +238,26 @@ def cache_args(pairs, *args):
             "--shard-size", 2, "--batch-size", 2, *args]
 
 
-def cache_killed_at_third_shard(args):
-    """data.py cache that SIGKILLs its process as it starts the third pair shard."""
+def cache_signalled_at_third_shard(args, signum):
+    """data.py cache that sends its own process `signum` as it starts the third pair shard."""
     encode, calls = data.encode_pairs, []
 
     def encode_pairs(*pairs):
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return encode(*pairs)
 
     data.encode_pairs = encode_pairs
     data.main(args)
+
+
+def cache_killed_at_third_shard(args):
+    cache_signalled_at_third_shard(args, signal.SIGKILL)
+
+
+def cache_interrupted_at_third_shard(args):  # Ctrl-C
+    cache_signalled_at_third_shard(args, signal.SIGINT)
 
 
 def test_a_killed_cache_resumes_from_its_finished_shards_without_encoding_them_again(tmp_path, cache_pairs):
@@ -422,20 +430,6 @@ def test_every_pil_mode_decodes_to_its_grey_level(mode, fmt):
     expected = -1.0 if mode == "1" else 0.0
     assert pixels.shape == (3, 8, 8)
     assert abs(pixels.mean().item() - expected) < 0.03, (mode, pixels.mean().item())
-
-
-def cache_interrupted_at_third_shard(args):
-    """data.py cache that receives Ctrl-C (SIGINT) as it starts the third pair shard."""
-    encode, calls = data.encode_pairs, []
-
-    def encode_pairs(*pairs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return encode(*pairs)
-
-    data.encode_pairs = encode_pairs
-    data.main(args)
 
 
 def test_ctrl_c_ends_a_cache_in_one_line_and_resume_continues_it(tmp_path, cache_pairs):

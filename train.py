@@ -38,7 +38,7 @@ import models
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, all_reduce, barrier,
                     check_numbers, fail, leave, nodes, peak_memory_gb, setup_distributed, valid_range, write_atomically)
-from rundir import CHECKPOINT_META, RunDir, claim_run_directory, truncate_log, write_args
+from rundir import CHECKPOINT_META, RunDir, claim_run_directory, comparable, truncate_log, write_args
 
 SILENCED = (  # notes that are not faults here, each with its reason
     # DCP's note on every save and load of a one-process run, which runs without a process group on purpose
@@ -683,7 +683,11 @@ def open_run(args, cleanup):
     if checkpoint is not None:
         load_checkpoint(checkpoint, trainer)
         if rank == 0:
-            print(f"resuming from step {trainer.counters['step']} of {run} with the run's own settings")
+            before = run.read_args()
+            changed = [f"--{k.replace('_', '-')} {before[k]} -> {getattr(args, k)}" for k in args.given
+                       if k in before and k not in ("out", "resume") and comparable(getattr(args, k)) != before[k]]
+            print(f"resuming from step {trainer.counters['step']} of {run} with the run's own settings" +
+                  (f"; changed: {', '.join(changed)}" if changed else ""))
     elif args.resume and rank == 0:
         print(f"note: no complete checkpoint in {run}; starting from step 0")
     if rank == 0:

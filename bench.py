@@ -34,7 +34,7 @@ from diffusers import UNet2DConditionModel
 import data
 import models
 import train
-from common import ArgumentParser, cpu_name, peak_memory_gb, setup_distributed, write_text_atomically
+from common import ArgumentParser, cpu_name, peak_memory_gb, rank_and_world, setup_distributed, write_text_atomically
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -129,10 +129,6 @@ def native_stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def phase_breakdown(timer, repeats, variant="sipo"):

@@ -85,6 +85,11 @@ def all_reduce(tensor, op=dist.ReduceOp.SUM):
     return tensor
 
 
+def rank_and_world():
+    """(rank, world size) of the process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -20,8 +20,8 @@ import re
 import shutil
 import signal
 import sys
-import uuid
 import time
+import uuid
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, fail, leave, setup_distributed, take_lock,
-                    write_text_atomically)
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, fail, leave, rank_and_world,
+                    setup_distributed, take_lock, write_text_atomically)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -462,7 +462,7 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
     shards an interrupted run with the same settings finished; a finished cache of the same settings in `out` is
     left alone (CacheComplete) unless `rebuild`. Under torchrun every rank writes its share."""
     started = time.perf_counter()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = rank_and_world()
     final = Path(out)
     tmp = final.with_name(final.name + ".tmp")
     prompts, prompt_ids = distinct_prompts(dataset.pairs)
@@ -612,9 +612,10 @@ def claim_cache_tmp(tmp, final, settings, resume, rebuild=False):
         if owner_record(final) is None:
             raise DataError(f"--out {final}: exists and is not a latent cache written by data.py cache (no "
                             f"{OWNER}); choose an empty or new directory")
-        if foreign_entry(final) is not None:
-            raise DataError(f"--out {final}: holds {foreign_entry(final)}, which data.py cache did not write; move it "
-                            f"away or choose another --out")
+        foreign = foreign_entry(final)
+        if foreign is not None:
+            raise DataError(f"--out {final}: holds {foreign}, which data.py cache did not write; move it away or "
+                            f"choose another --out")
     old = final.with_name(final.name + ".old")
     if old.exists() and not provably_ours(old):
         raise DataError(f"--out {final}: {old} exists and is not a cache of ours; move it away or choose another --out")

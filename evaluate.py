@@ -350,9 +350,9 @@ def check_tuned(args):
     and, where it comes from a run of train.py, a run of --model."""
     tuned = Path(model_dir(args.tuned))
     run = RunDir(tuned.parent) if tuned.name in ("model", "lora") else RunDir(args.tuned)
-    if run.is_run() and run.read_args().get("model") != args.model:
-        raise ValueError(f"--tuned {args.tuned}: trained as --model {run.read_args().get('model')}, not --model "
-                         f"{args.model}")
+    trained_as = run.read_args().get("model") if run.is_run() else args.model
+    if trained_as != args.model:
+        raise ValueError(f"--tuned {args.tuned}: trained as --model {trained_as}, not --model {args.model}")
     if (tuned / LORA_FILE).is_file():
         try:
             with safe_open(tuned / LORA_FILE, framework="pt"):
@@ -367,11 +367,11 @@ def check_tuned(args):
 
 
 def check_rewards_fit(rewards, backbone, prompts):
-    """Each reward scores a blank sample of the backbone's kind (image or video) first: one that cannot (a video
-    reward on images) fails before any sampling."""
-    shape = (1, backbone.num_frames, 3, 8, 8) if backbone.is_video else (1, 3, 8, 8)
+    """Each reward scores a blank sample of the backbone's kind (image or video) for every prompt first: one that
+    cannot (a video reward on images, a prompt the reward does not understand) fails before any sampling."""
+    shape = (len(prompts), backbone.num_frames, 3, 8, 8) if backbone.is_video else (len(prompts), 3, 8, 8)
     for fn in rewards.values():
-        fn(torch.full(shape, 0.5), prompts[:1])
+        fn(torch.full(shape, 0.5), prompts)
 
 
 def compare(args):
@@ -391,7 +391,7 @@ def compare(args):
             backbone.pipe.load_lora_weights(path, weight_name=LORA_FILE, use_safetensors=True)
         samples = sample_all(backbone, prompts, args.samples, args.seed, args.steps, args.guidance,
                              desc=f"sampling {label}", batch=args.batch_size)
-        results[label] = (samples.cpu(), score(rewards, samples.cpu(), prompts))
+        results[label] = (samples, score(rewards, samples, prompts))  # sample_all returns them on the CPU
     report = {"model": args.model, "base": str(args.base), "tuned": model_dir(args.tuned), "prompts": len(prompts),
               "video": results["base"][0].dim() == 6, "samples_per_prompt": args.samples, "seed": args.seed,
               "steps": args.steps, "guidance": args.guidance,
@@ -625,8 +625,9 @@ def dispatch(args):
         check_numbers(args, NUMERIC_FLAGS)
         if args.command == "timesteps":
             # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
-            run = RunDir(args.pretrained) if args.pretrained else None
-            args.cache_pretrained = run.read_args().get("pretrained") if run and run.is_run() else args.pretrained
+            source = RunDir(args.pretrained) if args.pretrained else None
+            args.cache_pretrained = source.read_args().get("pretrained") if source and source.is_run() else \
+                args.pretrained
             args.pretrained = model_dir(args.pretrained) if args.pretrained else None
         torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
         return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)

@@ -300,8 +300,9 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6)
 FLUX_DEV = dict(guidance_embeds=True)  # the class defaults are FLUX.1's 19 double- and 38 single-stream blocks
-FLUX_VAE = dict(SD_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                use_post_quant_conv=False)
+FLUX_LATENTS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                    use_post_quant_conv=False)  # what FLUX's VAE changes in SD's, at full and tiny size alike
+FLUX_VAE = dict(SD_VAE, **FLUX_LATENTS)
 # FLUX.1-dev's scheduler: the sampling grid shifted by exp(mu), mu linear in the image's sequence length
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                       max_image_seq_len=4096)
@@ -331,8 +332,7 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
 TINY_WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 TINY_FLUX = dict(in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                  joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-TINY_FLUX_VAE = dict(TINY_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                     use_post_quant_conv=False)
+TINY_FLUX_VAE = dict(TINY_VAE, **FLUX_LATENTS)
 TOY_UNET = dict(TINY_UNET, in_channels=3, out_channels=3, attention_head_dim=2)  # 2 heads: faster than 8 on a CPU
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from common import take_lock, write_text_atomically
+from common import rank_and_world, take_lock, write_text_atomically
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 CHECKPOINT_META = "trainer.json"
@@ -141,7 +141,8 @@ def check_run_directory(args, world_size=1):
             raise ValueError(f"--resume: {run} holds no run")
         return {}
     try:
-        previous = run.read_args()["model"]
+        recorded = run.read_args()
+        previous = recorded["model"]
     except (ValueError, KeyError):
         raise ValueError(f"--out {run}: args.json is unreadable; pass another --out") from None
     if previous != args.model:
@@ -152,7 +153,6 @@ def check_run_directory(args, world_size=1):
                          f"another --out")
     if checkpoint is None:
         return {}
-    recorded = run.read_args()
     for key in RUN_SETTINGS:
         flag = "--" + key.replace("_", "-")
         if key in args.given and key in recorded and comparable(getattr(args, key)) != recorded[key]:
@@ -190,7 +190,7 @@ def claim_run_directory(args, rank, cleanup):
     outcome = [None, {}]  # the refusal, the adopted settings
     if rank == 0:
         try:
-            outcome[1] = check_run_directory(args, dist.get_world_size() if dist.is_initialized() else 1)
+            outcome[1] = check_run_directory(args, rank_and_world()[1])
             run = RunDir(args.out)
             run.path.mkdir(parents=True, exist_ok=True)
             lock, holder = take_lock(run.lock, "train.py")

@@ -37,7 +37,8 @@ import evaluate
 import models
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, all_reduce, barrier,
-                    check_numbers, fail, leave, nodes, peak_memory_gb, setup_distributed, valid_range, write_atomically)
+                    check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed, valid_range,
+                    write_atomically)
 from rundir import CHECKPOINT_META, RunDir, claim_run_directory, comparable, truncate_log, write_args
 
 SILENCED = (  # notes that are not faults here, each with its reason
@@ -284,7 +285,7 @@ def prepare(backbone, args, device):
     and held-out pairs cached, no held-out prompts to sample."""
     from diffusers.training_utils import cast_training_params
     torch.manual_seed(args.seed)  # LoRA: the same adapter init on every rank
-    args.parallel = parallelism(args, dist.get_world_size() if dist.is_initialized() else 1)
+    args.parallel = parallelism(args, rank_and_world()[1])
     sharded = args.parallel == "fsdp"
     models.prepare_for_training(backbone, args.gradient_checkpointing)
     frozen_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -316,7 +317,6 @@ def prepare(backbone, args, device):
     return policy, reference
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # The training step: the whole algorithm (preference_loss), then one optimizer step over its micro-batches
 # ---------------------------------------------------------------------------------------------------------
@@ -339,8 +339,6 @@ def pair_noise(backbone, indices, epoch, shape, args, device):
             later_noises.append(torch.randn((draws, *shape), generator=generator, device=device))
     path = (torch.cat(n_later), torch.cat(later, 1), torch.stack(later_noises, 1)) if draws else None
     return torch.cat(levels), torch.stack(noises), path
-
-
 
 
 @functools.lru_cache(maxsize=1)
@@ -544,11 +542,13 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
         indices = (list(range(rank, len(prompts), world_size)) + list(range(share)))[:share]
         mine, real = [prompts[i] for i in indices], len(prompts[rank::world_size])
         # prompt i is sampled with seed + i: the same image on any number of ranks
-        with mixed_precision(args):  # SAMPLE_BATCH prompts a call: memory is one batch's, whatever the prompts
-            samples = torch.cat([backbone.sample(mine[i:i + SAMPLE_BATCH], seed=[args.seed + k for k in
-                                                                              indices[i:i + SAMPLE_BATCH]],
-                                                 steps=args.eval_sample_steps, guidance=args.eval_guidance).float()
-                                 for i in range(0, len(mine), SAMPLE_BATCH)])
+        parts = []
+        for i in range(0, len(mine), SAMPLE_BATCH):  # SAMPLE_BATCH prompts a call: memory is one batch's
+            with mixed_precision(args):
+                parts.append(backbone.sample(mine[i:i + SAMPLE_BATCH], seed=[args.seed + k for k in
+                                                                             indices[i:i + SAMPLE_BATCH]],
+                                             steps=args.eval_sample_steps, guidance=args.eval_guidance).float())
+        samples = torch.cat(parts)
         scores = reward(samples.cpu(), mine)[:real]
         totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
         if world_size > 1:
@@ -717,10 +717,9 @@ def open_data(trainer):
     trainer.prompts, trainer.reward = [], None
     if args.eval_prompts:
         trainer.prompts = evaluate.read_prompts(args.eval_prompts, "--eval-prompts")
-        trainer.reward = evaluate.load_rewards(args.eval_reward, args)[args.eval_reward]
-        count = len(trainer.prompts)
-        trainer.reward(torch.full((count, backbone.num_frames, 3, 8, 8) if backbone.is_video else (count, 3, 8, 8),
-                                  0.5), trainer.prompts)
+        rewards = evaluate.load_rewards(args.eval_reward, args)
+        evaluate.check_rewards_fit(rewards, backbone, trainer.prompts)
+        trainer.reward = rewards[args.eval_reward]
 
 
 def record_step(trainer, stats, seconds):

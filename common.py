@@ -59,6 +59,21 @@ def check_numbers(args, valid_ranges):
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
 
 
+def add_size_flags(parser):
+    """--resolution and --frames, which data.py cache and train.py share (a cache is read at the size it was made)."""
+    parser.add_argument("--resolution", type=resolution, metavar="HxW",
+                        help="height x width in pixels, or one side for a square (default: the backbone's native)")
+    parser.add_argument("--frames", type=int, help="video frames, 4k + 1 (default: the backbone's native count)")
+
+
+def resolution(text):
+    try:
+        height, width = (int(side) for side in (text.lower().split("x") if "x" in text.lower() else (text, text)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (480x832) or one side (512)") from None
+    return height, width
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The process group: torchrun's, or none for one process (every collective below is then a no-op)
 # ---------------------------------------------------------------------------------------------------------

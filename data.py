@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, fail, leave, rank_and_world,
-                    setup_distributed, take_lock, write_text_atomically)
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, fail, leave,
+                    rank_and_world, setup_distributed, take_lock, write_text_atomically)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -470,7 +470,8 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
     settings = {**cache_identity(backbone, pretrained), "format": CACHE_FORMAT,
                 "source": [str(Path(f).resolve()) for f in getattr(dataset.pairs, "files", [])],
                 "source_pairs": len(dataset), "prompts": len(prompts), "shard_size": shard_size,
-                "latent_dtype": str(latent_dtype).removeprefix("torch."), "frame_stride": dataset.frame_stride}
+                "latent_dtype": str(latent_dtype).removeprefix("torch."), "frame_stride": dataset.frame_stride,
+                "encoder_dtype": str(backbone.pipe.text_encoder.dtype).removeprefix("torch.")}
     shards = {"prompts": -(-len(prompts) // shard_size), "shard": -(-len(dataset) // shard_size)}  # how many
     names = [shard_file(kind, number) for kind, count in shards.items() for number in range(count)]
     plan, lock = [None, None], None
@@ -858,6 +859,9 @@ def main(argv=None):
     cache.add_argument("--frame-stride", type=int, default=1, help="take every k-th video frame")
     cache.add_argument("--batch-size", type=int, default=8, help="pairs encoded at once")
     cache.add_argument("--shard-size", type=int, help="pairs (and prompts) per shard (default 1024, videos 32)")
+    add_size_flags(cache)
+    cache.add_argument("--precision", choices=("bf16", "fp32"),
+                       help="dtype the VAE and text encoders compute in (default: bf16 on GPU, fp32 on CPU)")
     cache.add_argument("--latent-dtype", choices=("fp32", "bf16"),
                        help="dtype of the stored latents and prompt embeddings (default bf16 on GPU, fp32 on CPU)")
     cache.add_argument("--workers", type=int, help="DataLoader workers decoding media (default 4 on GPU, 0 on CPU)")
@@ -879,7 +883,10 @@ def main(argv=None):
         # random weights (a tiny backbone, or --random-weights) from one seed: every rank and every resumed run of a
         # cache encodes with the same encoders, as train.py's runs on raw pairs do for their --seed
         torch.manual_seed(0)
-        backbone = models.load_backbone(args.model, args.pretrained, device=device, random_weights=args.random_weights)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision or ("bf16" if gpu else "fp32")]
+        backbone = models.load_backbone(args.model, args.pretrained, device=device, dtype=dtype,
+                                        random_weights=args.random_weights, only="frozen")
+        backbone.resize(args.resolution, args.frames)
         dataset = PairDataset(pairs, *backbone.resolution, backbone.num_frames, args.frame_stride)
         index = write_cache(backbone, dataset, args.out, args.pretrained, args.batch_size, args.shard_size,
                             args.skip_bad, latent_dtype, args.resume, 4 if args.workers is None and gpu else

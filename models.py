@@ -7,6 +7,7 @@ scalings and conditioning quirks; the noising math comes from sipo.py.
 
     python models.py            # lists every name with its parameter counts (full-size ones on the meta device)
 """
+import contextlib
 import json
 import math
 import string
@@ -82,9 +83,13 @@ class Backbone:
 
     @property
     def device(self):
-        """The denoiser's device, from its first parameter: diffusers' ModelMixin.device walks every module for
-        offload hooks on each call, several times a step (docs/performance.md, figure 9)."""
-        return next(self.denoiser.parameters()).device
+        """The denoiser's device (or the VAE's where only the encoders were built), from its first parameter: diffusers'
+        ModelMixin.device walks every module for offload hooks on each call, several times a step
+        (docs/performance.md, figure 9)."""
+        device = next(self.denoiser.parameters()).device
+        if device.type == "meta" and self.pipe.vae is not None:  # making a cache builds no denoiser
+            device = next(self.pipe.vae.parameters()).device
+        return device
 
     @property
     def is_video(self):
@@ -104,6 +109,26 @@ class Backbone:
 
     def to(self, device):
         self.pipe.to(device)
+        return self
+
+    def resize(self, resolution=None, frames=None):
+        """Work at another size than the native one (--resolution, --frames): sides in multiples of what one latent
+        token (or a UNet's deepest level) spans in pixels, video frames 4k + 1 (the causal VAEs' 4x time stride)."""
+        if resolution is not None:
+            stride = getattr(self.pipe, "vae_scale_factor", 1) if self.pipe.vae is not None else 1
+            stride *= 2 ** (len(self.denoiser.down_blocks) - 1) if hasattr(self.denoiser, "down_blocks") else 2
+            if any(side < stride or side % stride for side in resolution):
+                raise ModelError(f"--resolution {resolution[0]}x{resolution[1]}: {self.name} needs sides in multiples "
+                                 f"of {stride} pixels")
+            self.resolution = tuple(resolution)
+            if self.family == "flux":
+                self.flow_shift = flux_shift(self.pipe, self.resolution)
+        if frames is not None:
+            if not self.is_video:
+                raise ModelError(f"--frames {frames}: {self.name} makes images, not videos")
+            if frames < 1 or (frames - 1) % 4:
+                raise ModelError(f"--frames {frames}: {self.name}'s VAE takes 4k + 1 frames (1, 5, 9, ...)")
+            self.num_frames = frames
         return self
 
     def set_frozen_dtype(self, dtype):
@@ -388,48 +413,72 @@ def _clip_text(config, tokenizer, with_projection=False):
 # Building
 # ---------------------------------------------------------------------------------------------------------
 
-def _build_pipeline(name, tiny):
-    """The full-size or tiny pipeline of `name` with random weights, on the current default device."""
+@contextlib.contextmanager
+def building(device, dtype):
+    """Modules constructed inside are made on `device` directly in `dtype`: a full-size part built in fp32 and then
+    cast would need its fp32 copy first (T5-XXL: 19 GB), and one on the meta device needs no memory at all."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def _build_pipeline(name, tiny, frozen, denoiser):
+    """The full-size or tiny pipeline of `name` with random weights: the VAE and text encoders built inside the
+    context `frozen()` gives, the denoiser inside `denoiser()`'s (building(...) of a device and dtype each)."""
     family = SPECS[name][0]
     if family in ("sd", "sdxl"):
         tokenizer = clip_tokenizer()
         text_config = TINY_CLIP if tiny else CLIP_L
-        vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE),
-                            scaling_factor=0.18215 if family == "sd" else 0.13025)
+        with frozen():
+            vae = AutoencoderKL(**(TINY_VAE if tiny else SD_VAE), scaling_factor=0.18215 if family == "sd" else 0.13025)
+            text = _clip_text(text_config, tokenizer)
+            text_2 = _clip_text(TINY_CLIP if tiny else CLIP_BIGG, tokenizer, with_projection=True) \
+                if family == "sdxl" else None
+        with denoiser():
+            unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD_UNET) if family == "sd" else
+                                        (TINY_SDXL_UNET if tiny else SDXL_UNET))
         scheduler = DDIMScheduler(**SD_SCHEDULER)
         if family == "sd":
-            return StableDiffusionPipeline(vae, _clip_text(text_config, tokenizer), tokenizer,
-                                           UNet2DConditionModel(**(TINY_UNET if tiny else SD_UNET)), scheduler,
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        return StableDiffusionXLPipeline(vae, _clip_text(text_config, tokenizer),
-                                         _clip_text(TINY_CLIP if tiny else CLIP_BIGG, tokenizer, with_projection=True),
-                                         tokenizer, clip_tokenizer(),
-                                         UNet2DConditionModel(**(TINY_SDXL_UNET if tiny else SDXL_UNET)), scheduler)
+            return StableDiffusionPipeline(vae, text, tokenizer, unet, scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline(vae, text, text_2, tokenizer, clip_tokenizer(), unet, scheduler)
     if family == "cogvideox":
         five_b = name == "cogvideox-5b"
         tokenizer = t5_tokenizer(32 if tiny else 226)
         if tiny:
             config = dict(TINY_COGVIDEOX, attention_head_dim=16, use_rotary_positional_embeddings=True) if five_b \
                 else TINY_COGVIDEOX
-            vae = AutoencoderKLCogVideoX(**TINY_COGVIDEOX_VAE)
         else:
             config = COGVIDEOX_5B if five_b else COGVIDEOX_2B
-            vae = AutoencoderKLCogVideoX(scaling_factor=0.7 if five_b else 1.15258426)
-        text = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else T5_XXL)))
+        with frozen():
+            vae = AutoencoderKLCogVideoX(**TINY_COGVIDEOX_VAE) if tiny else \
+                AutoencoderKLCogVideoX(scaling_factor=0.7 if five_b else 1.15258426)
+            text = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else T5_XXL)))
+        with denoiser():
+            transformer = CogVideoXTransformer3DModel(**config)
         scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER, snr_shift_scale=1.0 if five_b else 3.0)
-        return CogVideoXPipeline(tokenizer, text, vae, CogVideoXTransformer3DModel(**config), scheduler)
+        return CogVideoXPipeline(tokenizer, text, vae, transformer, scheduler)
     if family == "flux":
         t5_tokens = t5_tokenizer(32 if tiny else 512)
-        clip = _clip_text(TINY_CLIP if tiny else CLIP_L, clip_tokenizer())
-        t5 = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(t5_tokens)) if tiny else T5_XXL)))
-        return FluxPipeline(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-                            AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE)), clip, clip_tokenizer(), t5,
-                            t5_tokens, FluxTransformer2DModel(**(TINY_FLUX if tiny else FLUX_DEV)))
+        with frozen():
+            clip = _clip_text(TINY_CLIP if tiny else CLIP_L, clip_tokenizer())
+            t5 = T5EncoderModel(T5Config(**(dict(TINY_T5, vocab_size=len(t5_tokens)) if tiny else T5_XXL)))
+            vae = AutoencoderKL(**(TINY_FLUX_VAE if tiny else FLUX_VAE))
+        with denoiser():
+            transformer = FluxTransformer2DModel(**(TINY_FLUX if tiny else FLUX_DEV))
+        return FluxPipeline(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae, clip, clip_tokenizer(), t5,
+                            t5_tokens, transformer)
     tokenizer = t5_tokenizer(32 if tiny else 512)
-    text = UMT5EncoderModel(UMT5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else UMT5_XXL)))
-    vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()
-    return WanPipeline(tokenizer, text, vae, FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       WanTransformer3DModel(**(TINY_WAN if tiny else WAN_1_3B)))
+    with frozen():
+        text = UMT5EncoderModel(UMT5Config(**(dict(TINY_T5, vocab_size=len(tokenizer)) if tiny else UMT5_XXL)))
+        vae = AutoencoderKLWan(**TINY_WAN_VAE) if tiny else AutoencoderKLWan()
+    with denoiser():
+        transformer = WanTransformer3DModel(**(TINY_WAN if tiny else WAN_1_3B))
+    return WanPipeline(tokenizer, text, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), transformer)
 
 
 def _build_toy():
@@ -477,31 +526,35 @@ def _load_pretrained(name, path, dtype):
     return pipe
 
 
-def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, random_weights=False):
+def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, random_weights=False,
+                  denoiser_dtype=None, only=None):
     """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id; for full-size names
     HUB_IDS by default), from its config with random weights (random_weights=True; device="meta" builds it without
     memory), or tiny.
-    `dtype` is every part's but FP32_PARTS'; from_pretrained also keeps the modules a model marks fp32."""
+    `dtype` is every part's but FP32_PARTS'; from_pretrained also keeps the modules a model marks fp32. Random
+    weights are made in place: the denoiser in `denoiser_dtype` (default `dtype`); with `only` ("denoiser", or
+    "frozen": the VAE and text encoders) the other parts on the meta device, where a run does not need them
+    (training on a latent cache, or making one)."""
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
     base = name.removeprefix("tiny-")
     if pretrained is not None:
         pipe = _load_pretrained(base, pretrained, dtype)
     elif name == "toy":
-        with torch.device(device):
+        with building(device, dtype):
             pipe = _build_toy()
     elif name.startswith("tiny-") or random_weights:
-        with torch.device(device):
-            pipe = _build_pipeline(base, tiny=name.startswith("tiny-"))
+        pipe = _build_pipeline(base, name.startswith("tiny-"),
+                               lambda: building("meta" if only == "denoiser" else device, dtype),
+                               lambda: building("meta" if only == "frozen" else device, denoiser_dtype or dtype))
     else:
         pipe = _load_pretrained(base, HUB_IDS[base], dtype)
     pipe.set_progress_bar_config(disable=True)
     backbone = _backbone(name, pipe)
-    if device != "meta":
+    if pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights):
+        backbone.set_frozen_dtype(dtype)  # FP32_PARTS built in `dtype` go back to fp32
+    elif device != "meta":
         pipe.to(device)
-        if pretrained is None and dtype != torch.float32:
-            pipe.to(dtype=dtype)
-            backbone.set_frozen_dtype(dtype)  # FP32_PARTS back to fp32
     return backbone
 
 

@@ -122,7 +122,7 @@ def model_dir(path):
 # check_pairs_per_step).
 RUN_SETTINGS = ("pretrained", "random_weights", "data", "loss", "beta", "tau", "eps", "weight", "normalise",
                 "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup", "max_grad_norm",
-                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance")
+                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance", "resolution", "frames")
 
 
 def check_run_directory(args, world_size=1):
@@ -179,7 +179,7 @@ def check_pairs_per_step(args, recorded, world_size):
 
 def comparable(value):
     """A flag's value as args.json holds it."""
-    return str(value) if isinstance(value, Path) else value
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
 
 def claim_run_directory(args, rank, cleanup):

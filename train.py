@@ -36,9 +36,9 @@ import data
 import evaluate
 import models
 import sipo
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, all_reduce, barrier,
-                    check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed, valid_range,
-                    write_atomically)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
+                    barrier, check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
+                    valid_range, write_atomically)
 from rundir import CHECKPOINT_META, RunDir, claim_run_directory, comparable, truncate_log, write_args
 
 SILENCED = (  # notes that are not faults here, each with its reason
@@ -112,6 +112,7 @@ def parse_args(argv=None):
                    help="LoRA on several ranks: shard the frozen base with FSDP2 too, for a base one GPU cannot hold "
                         "(default: every rank holds it in the compute dtype; only the adapters' gradients are "
                         "all-reduced)")
+    add_size_flags(p)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--precision", choices=("bf16", "fp32"), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="DCP checkpoint every N steps (default 250)")
@@ -219,6 +220,9 @@ def hold_for_autocast(module, dtype):
     for layer in module.modules():
         if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             layer.to(dtype)
+        else:  # a base built in `dtype` (load_backbone) has its norms raised
+            for parameter in layer.parameters(recurse=False):
+                parameter.data = parameter.data.float()
     return module
 
 
@@ -263,10 +267,24 @@ def cast_as_the_policy_computes(reference, dtype):
 
 
 def load_backbone(args):
-    """The backbone --model names, from --pretrained (or its hub id), or with random weights the same on every rank."""
+    """The backbone --model names, from --pretrained (or its hub id), or with random weights the same on every rank,
+    at --resolution and --frames (default: a cache's own size, else the native one). --random-weights at full size
+    builds what the run holds and no more: no VAE or text encoder for a run on latent caches without held-out
+    prompts (and so nothing to export), and a LoRA base directly in the compute dtype."""
     torch.manual_seed(args.seed)
-    backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights)
+    index = data.read_cache_index(args.data)
+    encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
+    only = "denoiser" if args.random_weights and not encoders else None
+    base_dtype = torch.bfloat16 if args.lora and args.precision == "bf16" and args.random_weights else None
+    backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights,
+                                    denoiser_dtype=base_dtype, only=only)
+    backbone.resize(args.resolution or index and tuple(index["resolution"]),
+                    args.frames or index and index["num_frames"] or None)
     backbone.guidance = args.flux_guidance
+    if only and not args.no_export:
+        args.no_export = True
+        if rank_and_world()[0] == 0:
+            print("note: --random-weights on latent caches builds no VAE or text encoder: nothing is exported")
     return backbone
 
 

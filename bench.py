@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DConditionModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import models
@@ -702,6 +703,236 @@ def step_times_worker(script, bar, argv):
                                   "updates": len(stamps)}))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Figure 10: native size on the CPU. Every backbone's full architecture (random weights) caches two pairs and
+# trains two steps, each phase in its own process as a user runs it, beside the host memory the planner predicts
+# ---------------------------------------------------------------------------------------------------------
+
+# (model, resolution or None for the native one, frames): videos at 5 frames (2 latent frames), the fewest that
+# are still a video; then the growth curves: Wan at 9 and 17 frames, SD1.5 at 256 and 768
+NATIVE_RUNS = (("sd1.5", None, 0), ("sdxl", None, 0), ("cogvideox-2b", None, 5), ("cogvideox-5b", None, 5),
+               ("wan2.1-1.3b", None, 5))
+GROWTH_RUNS = (("wan2.1-1.3b", None, 9), ("wan2.1-1.3b", None, 17), ("sd1.5", (256, 256), 0),
+               ("sd1.5", (768, 768), 0))
+HOST_GB = 24  # this project's machines; a full fine-tuning run is tried where its plan for both ranks fits in it
+
+
+def sized_backbone(name, resolution, frames):
+    """The full-size backbone on the meta device at a size (planning needs shapes only)."""
+    backbone = models.load_backbone(name, device="meta", random_weights=True)
+    return backbone.resize(resolution, frames or None)
+
+
+def size_label(backbone):
+    height, width = backbone.resolution
+    return f"{height}x{width}" + (f"x{backbone.num_frames}" if backbone.is_video else "")
+
+
+def native_media(folder, backbone, pairs=2):
+    """`pairs` pairs of random pixels at the backbone's size (PNG images, H.264 videos) and their manifest."""
+    import imageio.v3 as iio
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, rows = np.random.default_rng(0), []
+    frames = (backbone.num_frames,) if backbone.is_video else ()
+    for i in range(pairs):
+        names = [f"{i}{side}.{'mp4' if frames else 'png'}" for side in "wl"]
+        for name in names:
+            pixels = rng.integers(0, 256, (*frames, *backbone.resolution, 3), dtype=np.uint8)
+            iio.imwrite(folder / name, pixels, **({"fps": 8, "codec": "libx264"} if frames else {}))
+        rows.append({"prompt": f"a photo of thing {i}", "chosen": names[0], "rejected": names[1]})
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder / "pairs.jsonl"
+
+
+def peak_gb(command):
+    """Runs `command`; (its peak RSS in GiB, seconds). wait4's ru_maxrss: the child's peak, or a launcher's
+    (torchrun) largest of its own and its ranks', the memory one rank needs. (A child also inherits its parent's
+    peak at exec on Linux: this process stays far below what the phases measure, but not below the libraries
+    alone, which "runtime" reads as the child's own VmHWM.)"""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command[:6]))} ...: exit {process.returncode}:\n{output[-3000:]}")
+    return usage.ru_maxrss / 2 ** 20, time.perf_counter() - start
+
+
+def native_phase(phase, backbone, workdir):
+    """One phase in a fresh process: "runtime" (the libraries alone), "cache" (two pairs through the full VAE and
+    text encoders, bf16), "lora" (two SIPO steps, LoRA rank 64, bf16 autocast) or "full" (two SIPO steps of full
+    fine-tuning on 2 FSDP2 ranks over gloo, bf16 compute). Returns its peak RSS and seconds a pair or a step."""
+    python = [sys.executable]
+    if phase == "runtime":
+        reading = "import torch, train, common; print(common.peak_memory_gb(torch.device('cpu')))"
+        return {"peak_rss_gb": float(subprocess.run(python + ["-c", reading], capture_output=True, text=True,
+                                                    check=True).stdout)}
+    folder = workdir / f"{backbone.name}-{size_label(backbone)}"
+    size = ["--resolution", "x".join(map(str, backbone.resolution)),
+            *(["--frames", str(backbone.num_frames)] if backbone.is_video else [])]
+    if phase == "cache":
+        cache = folder / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        manifest = native_media(folder / "media", backbone)
+        peak, seconds = peak_gb(python + ["data.py", "cache", "--model", backbone.name, "--random-weights", "--data",
+                                          str(manifest), "--out", str(cache), "--precision", "bf16",
+                                          "--latent-dtype", "bf16", *size])
+        made = json.loads((cache / data.CACHE_INDEX).read_text())
+        return {"peak_rss_gb": peak, "wall_s": seconds, "seconds_per_pair": made["this_run"]["seconds"] / 2}
+    cache = folder / "cache"
+    if not (cache / data.CACHE_INDEX).is_file():  # a growth size: random latents (its cost is the step's)
+        random_cache(backbone, folder, 2, native=True)
+    run = folder / phase
+    shutil.rmtree(run, ignore_errors=True)
+    launcher = python + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if phase == "full"
+                         else [])
+    peak, seconds = peak_gb(launcher + ["train.py", "--model", backbone.name, "--random-weights", "--data",
+                                        str(cache), "--out", str(run), "--precision", "bf16", "--steps", "2",
+                                        "--warmup", "0", *(["--lora", "64"] if phase == "lora" else [])])
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    shutil.rmtree(run, ignore_errors=True)  # a full run's checkpoint is GBs
+    return {"peak_rss_gb": peak, "wall_s": seconds, "seconds_per_step": steps[-1]["step_time"],
+            "first_step_s": steps[0]["step_time"]}
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of the tensors a computation holds at once, beyond what existed before it: run on fake tensors
+    (FakeTensorMode), it needs no memory and no compute. Each op's outputs are counted once per storage, and a
+    storage no tensor refers to any more is let go before the next op's outputs are added."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        out = func(*args, **(kwargs or {}))
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                ref = StorageWeakRef(tensor.untyped_storage())
+                if ref.cdata not in self.live:
+                    self.live[ref.cdata] = ref, tensor.untyped_storage().nbytes()
+                    self.now += self.live[ref.cdata][1]
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def encoding_bytes(backbone):
+    """Peak activation bytes of encoding one sample at the backbone's size through its VAE (data.py cache encodes
+    one sample at a time: slicing) in the dtype it holds it in, counted on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    frames = (backbone.num_frames,) if backbone.is_video else ()
+    dtype = torch.float32 if "vae" in models.FP32_PARTS.get(backbone.family, ()) else torch.bfloat16
+    with FakeTensorMode(), models.building("cpu", dtype):
+        vae = type(backbone.pipe.vae)(**backbone.pipe.vae.config)
+        pixels = torch.zeros(1, 3, *frames, *backbone.resolution)
+        with LiveBytes() as live, torch.no_grad():
+            vae.encode(pixels)
+    return live.peak
+
+
+def held_bytes(module, low_precision=lambda layer: True, dtype=torch.bfloat16):
+    """Bytes of a module's parameters and buffers held in `dtype` where `low_precision(layer)`, in fp32 elsewhere."""
+    total = 0
+    for layer in module.modules():
+        size = 2 if dtype == torch.bfloat16 and low_precision(layer) else 4
+        total += sum(t.numel() * size for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)))
+    return total
+
+
+def host_plan(backbone, phase, runtime_gb):
+    """The planner's host memory for a native phase, GiB by term (the largest process: one rank for "full").
+    runtime: the libraries (measured: a process that imports train.py). cache: the VAE and text encoders in bf16
+    (FP32_PARTS in fp32), the VAE's activations for one sample (encoding_bytes). lora: the frozen base as
+    train.hold_for_autocast holds it (Linear and Conv weights bf16, the rest fp32), the adapters with their fp32
+    gradients and Adam moments (16 bytes a parameter), activations as figure 5 counts them (activation_bytes, with
+    checkpointing). full, 2 ranks: figure 5's terms per rank (fp32 policy, gradients and Adam, bf16 reference, all
+    sharded) with the largest FSDP group gathered (bf16 parameters, fp32 gradients) and the activations; or, if
+    larger, building: each rank holds the whole fp32 policy and the reference's fp32 copy before sharding them."""
+    terms = {"runtime": runtime_gb * 2 ** 30}
+    if phase == "cache":
+        fp32 = models.FP32_PARTS.get(backbone.family, ())
+        terms["encoders"] = sum(held_bytes(module, dtype=torch.float32 if name in fp32 else torch.bfloat16)
+                                for name, module in backbone.frozen_parts().items())
+        terms["encoding"] = encoding_bytes(backbone)
+    else:
+        denoiser, ranks = backbone.denoiser, 2 if phase == "full" else 1
+        count = sum(p.numel() for p in denoiser.parameters())
+        linear = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        if phase == "lora":
+            terms["base"] = held_bytes(denoiser, lambda layer: isinstance(layer, linear))
+            terms["adapters"] = 16 * lora_parameter_count(denoiser, 64)
+        else:
+            terms["policy, gradients, Adam"] = 16 * count / ranks
+            terms["reference"] = 2 * count / ranks
+            groups = [sum(p.numel() for p in block.parameters()) for block in models.denoiser_blocks(denoiser)]
+            terms["gathered group"] = 6 * max(groups)
+        terms["activations"] = activation_bytes(backbone, 2)[True]
+        if phase == "full" and 8 * count > sum(terms.values()) - terms["runtime"]:
+            terms = {"runtime": terms["runtime"], "building": 8 * count}
+    return {term: value / 2 ** 30 for term, value in terms.items()}
+
+
+def native_figures(workdir, store, remeasure=False):
+    """Figure 10 (each backbone: cache, LoRA step, full step where it fits; measured / planned peak RSS) and the
+    growth table (seconds a step and peak RSS against planned FLOPs and bytes, fitted exponents). Each phase's
+    measurement is kept in `store` as it finishes: a rerun measures only what is missing (--remeasure: all)."""
+    measured = {} if remeasure or not store.is_file() else json.loads(store.read_text())
+
+    def measure(key, phase, backbone):
+        if key not in measured:
+            print(f"  measuring {key} ...", flush=True)
+            measured[key] = {**native_phase(phase, backbone, workdir), "commit": commit(), "cpu": cpu_name()}
+            write_text_atomically(store, json.dumps(measured, indent=1))
+        return measured[key]
+
+    runtime = measure("runtime", "runtime", None)["peak_rss_gb"]
+    table, growth = {}, {}
+    for name, resolution, frames in NATIVE_RUNS + GROWTH_RUNS:
+        backbone = sized_backbone(name, resolution, frames)
+        phases = ("cache", "lora", "full") if (name, resolution, frames) in NATIVE_RUNS else ("lora",)
+        for phase in phases:
+            plan = host_plan(backbone, phase, runtime)
+            key = f"{name} {size_label(backbone)} {phase}"
+            if phase == "full" and 2 * sum(plan.values()) > HOST_GB:
+                table[key] = {"planned_gb": sum(plan.values()), "skipped": f"2 ranks need {2 * sum(plan.values()):.0f}"
+                              f" GiB by the plan, more than this machine's {HOST_GB}"}
+                continue
+            got = measure(key, phase, backbone)
+            table[key] = {**got, "planned_gb": sum(plan.values()), "planned_terms": plan,
+                          "measured_over_planned": got["peak_rss_gb"] / sum(plan.values())}
+            if phase == "lora":
+                growth[key] = {"seconds_per_step": got["seconds_per_step"], "peak_rss_gb": got["peak_rss_gb"],
+                               "planned_tflop": training_flops(backbone, 1) * 5 / 4 / 1e12,
+                               "planned_gb": sum(plan.values()), "size": backbone.num_frames or backbone.resolution[0]}
+    return table, growth_exponents(growth)
+
+
+def growth_exponents(growth):
+    """Per backbone, the log-log slope of seconds a step and of planned FLOPs between its smallest and largest
+    size (frames for Wan, side for SD1.5): what the work costs against what the planner says it should."""
+    fits = {}
+    for name in ("wan2.1-1.3b", "sd1.5"):
+        rows = sorted((row for key, row in growth.items() if key.startswith(name + " ")), key=lambda r: r["size"])
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            span = math.log(last["size"] / first["size"])
+            fits[name] = {k: math.log(last[v] / first[v]) / span for k, v in
+                          (("seconds_exponent", "seconds_per_step"), ("flops_exponent", "planned_tflop"),
+                           ("memory_exponent", "peak_rss_gb"), ("planned_memory_exponent", "planned_gb"))}
+    return {"rows": growth, "exponents": fits}
+
+
+def commit():
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent)
+    return found.stdout.strip() or None
+
+
 def print_table(title, rows):
     print(f"\n## {title}")
     for key, value in rows.items():
@@ -714,12 +945,16 @@ def main(argv=None):
         return step_times_worker(*argv[1:3], argv[3:])
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu",
-                        choices=("cpu", "data", "planner", "gpu", "peer", "fsdp-memory-worker", "reading-worker"))
+                        choices=("cpu", "data", "planner", "gpu", "native", "peer", "fsdp-memory-worker",
+                                 "reading-worker"))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="results/bench.json", help="where the figures go as JSON")
     parser.add_argument("--size", default="medium", choices=("tiny", "medium"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--peer-script", type=Path, help=f"peer: a local copy of diffusers' {PEER}")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-native"),
+                        help="native: media, caches and each phase's measurement (a rerun measures what is missing)")
+    parser.add_argument("--remeasure", action="store_true", help="native: measure every phase again")
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
         return fsdp_memory_worker(args.size)
@@ -748,6 +983,20 @@ def main(argv=None):
                             "(target raw <= 1.00, cache <= 0.90)",
                             {name: f"{1000 * t:.0f} ms a step" for name, t in row["seconds_per_step"].items()}
                             | {f"{name} / peer": f"{ratio:.2f}" for name, ratio in row["ours_over_peer"].items()})
+    elif args.what == "native":
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        table, growth = native_figures(args.workdir, args.workdir / "measured.json", args.remeasure)
+        results["10 native"], results["11 growth"] = table, growth
+        print_table(f"10 native size on the CPU ({cpu_name()}, {os.cpu_count()} cores), random weights, bf16, "
+                    "2 pairs: peak RSS measured / planned", {key: row["skipped"] if "skipped" in row else
+                    f"{row['peak_rss_gb']:.1f} / {row['planned_gb']:.1f} GiB = {row['measured_over_planned']:.2f}; "
+                    + (f"{row['seconds_per_pair']:.0f} s a pair" if "seconds_per_pair" in row else
+                       f"{row['seconds_per_step']:.0f} s a step") for key, row in table.items()})
+        print_table("11 growth: LoRA step", {key: f"{row['seconds_per_step']:.0f} s, {row['peak_rss_gb']:.1f} GiB; "
+                    f"planned {row['planned_tflop']:.0f} TFLOP, {row['planned_gb']:.1f} GiB"
+                    for key, row in growth["rows"].items()} |
+                    {f"{name}: exponents": ", ".join(f"{k.removesuffix('_exponent')} {v:.2f}" for k, v in fit.items())
+                     for name, fit in growth["exponents"].items()})
     elif args.what == "planner":
         results["planner"] = memory_plan()
         results["scaling model"] = scaling_model()

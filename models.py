@@ -566,6 +566,8 @@ def _backbone(name, pipe):
     shift = pipe.scheduler.config.get("shift", pipe.scheduler.config.get("flow_shift", 3.0)) or 3.0
     if family == "flux":
         shift = flux_shift(pipe, resolution)
+    if getattr(pipe, "vae", None) is not None:  # one sample at a time: a video VAE's activations are GBs a sample
+        pipe.vae.enable_slicing()
     return Backbone(name, family, prediction, pipe, resolution, frames, flow_shift=float(shift))
 
 

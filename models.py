@@ -115,7 +115,8 @@ class Backbone:
         """Work at another size than the native one (--resolution, --frames): sides in multiples of what one latent
         token (or a UNet's deepest level) spans in pixels, video frames 4k + 1 (the causal VAEs' 4x time stride)."""
         if resolution is not None:
-            stride = getattr(self.pipe, "vae_scale_factor", 1) if self.pipe.vae is not None else 1
+            stride = (getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor) \
+                if self.pipe.vae is not None else 1
             stride *= 2 ** (len(self.denoiser.down_blocks) - 1) if hasattr(self.denoiser, "down_blocks") else 2
             if any(side < stride or side % stride for side in resolution):
                 raise ModelError(f"--resolution {resolution[0]}x{resolution[1]}: {self.name} needs sides in multiples "

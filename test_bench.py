@@ -76,3 +76,35 @@ def test_peer_comparison_without_a_local_copy_of_the_peer_is_skipped_in_one_line
             f"peer: skipped: pass --peer-script PATH, a local copy of diffusers' {bench.PEER} (its imports installed: "
             "datasets, torchvision, wandb)"]
     assert not (tmp_path / "bench.json").exists(), "nothing is downloaded, nothing is written"
+
+
+def test_live_bytes_counts_what_a_computation_holds_at_once_by_hand():
+    """Fake tensors of 1000 fp32 values (4000 bytes): a * 2 and b + 1 held together (8000), then b let go before
+    c * c (c and d: 8000); a view adds nothing; `a`, made before, is not counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        a = torch.zeros(1000)
+        with bench.LiveBytes() as live:
+            b = a * 2
+            c = b + 1
+            del b
+            d = c * c
+            view = d.view(10, 100)
+        assert live.peak == 8000 and view.shape == (10, 100)
+
+
+def test_host_plan_terms_by_hand_for_a_tiny_backbone():
+    backbone = models.load_backbone("tiny-sd1.5", device="meta")
+    count = sum(p.numel() for p in backbone.denoiser.parameters())
+    lora = bench.host_plan(backbone, "lora", 0.5)
+    assert lora["runtime"] == 0.5
+    assert lora["adapters"] == 16 * bench.lora_parameter_count(backbone.denoiser, 64) / 2 ** 30
+    assert 2 * count / 2 ** 30 < lora["base"] < 4 * count / 2 ** 30  # bf16 Linear and Conv weights, fp32 the rest
+    full = bench.host_plan(backbone, "full", 0.5)
+    # one of 2 ranks: half of the fp32 policy, gradients and Adam (16 bytes a parameter) and of the bf16 reference,
+    # which with the gathered group outweighs building (the fp32 policy and its copy, 8 bytes a parameter)
+    assert full["policy, gradients, Adam"] == 8 * count / 2 ** 30 and full["reference"] == count / 2 ** 30
+    assert sum(full.values()) - full["runtime"] > 8 * count / 2 ** 30 and "building" not in full
+    cache = bench.host_plan(backbone, "cache", 0.5)
+    vae, text = (sum(p.numel() for p in m.parameters()) for m in (backbone.pipe.vae, backbone.pipe.text_encoder))
+    assert cache["encoders"] >= 2 * (vae + text) / 2 ** 30 and cache["encoding"] > 0

@@ -1,6 +1,7 @@
 """models.py: full-size architectures, tiny backbones through the one interface, the real diffusers layout."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +192,35 @@ def test_flux_trains_and_samples_on_its_resolution_shifted_sigmas_and_the_weight
 def test_flux_without_pretrained_weights_offline_names_its_hub_id():
     with pytest.raises(models.ModelError, match=r"^black-forest-labs/FLUX.1-dev: not a local directory"):
         models.load_backbone("flux.1-dev")
+
+
+def test_resize_takes_the_sizes_a_backbone_can_make_and_refuses_others_in_one_line():
+    """--resolution in multiples of one latent token's pixels (a UNet's deepest level), --frames 4k + 1; FLUX's
+    sigma shift follows its resolution."""
+    wan = models.load_backbone("wan2.1-1.3b", device="meta", random_weights=True)
+    assert wan.resize((240, 416), 9) is wan and (wan.resolution, wan.num_frames) == ((240, 416), 9)
+    for size, frames, message in (((240, 420), None, "--resolution 240x420: wan2.1-1.3b needs sides in multiples "
+                                                     "of 16 pixels"),
+                                  (None, 8, "--frames 8: wan2.1-1.3b's VAE takes 4k + 1 frames (1, 5, 9, ...)")):
+        with pytest.raises(models.ModelError, match=re.escape(message)):
+            wan.resize(size, frames)
+    sd = models.load_backbone("sd1.5", device="meta", random_weights=True)
+    with pytest.raises(models.ModelError, match="sd1.5 needs sides in multiples of 64 pixels"):
+        sd.resize((480, 480))  # 8 x 2^3: the UNet halves the 64 x 64 latent three times
+    with pytest.raises(models.ModelError, match="--frames 5: sd1.5 makes images"):
+        sd.resize(None, 5)
+    flux = models.load_backbone("flux.1-dev", device="meta", random_weights=True)
+    native = flux.flow_shift
+    assert flux.resize((512, 512)).flow_shift < native  # fewer tokens, less shift (calculate_shift)
+
+
+def test_random_weights_are_built_in_place_with_only_the_parts_a_run_holds():
+    """The native-size failure a tiny model can show: each part made directly in its dtype (no fp32 copy first) and,
+    with `only`, the others on the meta device (a T5-XXL in fp32 is 19 GB before its cast)."""
+    encoders = models.load_backbone("tiny-cogvideox-5b", dtype=torch.bfloat16, only="frozen")
+    assert encoders.denoiser.device.type == "meta" and encoders.device.type == "cpu"
+    assert encoders.pipe.text_encoder.dtype == encoders.pipe.vae.dtype == torch.bfloat16
+    denoiser = models.load_backbone("tiny-wan2.1-1.3b", denoiser_dtype=torch.bfloat16, only="denoiser")
+    assert {p.device.type for m in denoiser.frozen_modules() for p in m.parameters()} == {"meta"}
+    assert denoiser.denoiser.dtype == torch.bfloat16 and denoiser.pipe.vae.dtype == torch.float32  # FP32_PARTS
+    assert torch.get_default_dtype() == torch.float32, "building leaves the default dtype as it was"

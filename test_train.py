@@ -511,3 +511,35 @@ def test_flux_caches_trains_every_loss_resumes_and_evaluates(pairs, tmp_path):
                            "named_colour", "--samples", "2", "--steps", "2", "--guidance", "3.5", "--out",
                            str(tmp_path / "compare")])
     assert report["rewards"]["named_colour"]["improvement"] == 0.0
+
+
+def test_a_cache_at_another_size_trains_at_it_and_random_weights_hold_only_what_the_run_needs(video_pairs, tmp_path):
+    """issue 28: data.py cache --frames/--resolution/--precision makes a cache at that size, which train.py adopts
+    (and refuses another size for, in one line); --random-weights on a cache builds no VAE or text encoder (the
+    native-size failure: Wan's UMT5 and CogVideoX's T5-XXL are 11 GB and 9.5 GB in bf16) and a LoRA base directly
+    in bf16, with its norms raised to fp32 as hold_for_autocast holds them."""
+    cache = tmp_path / "cache"
+    made = in_process(data.main, ["cache", "--model", "tiny-wan2.1-1.3b", "--data", video_pairs, "--out", cache,
+                                  "--frames", 9, "--resolution", "48x32", "--precision", "bf16"])
+    assert made.returncode == 0, made.stderr[-2000:]
+    index = json.loads((cache / data.CACHE_INDEX).read_text())
+    assert (index["num_frames"], index["resolution"], index["encoder_dtype"]) == (9, [48, 32], "bfloat16")
+    args = train.parse_args(["--model", "tiny-wan2.1-1.3b", "--random-weights", "--data", str(cache), "--lora", "4",
+                             "--precision", "bf16", "--out", str(tmp_path / "run")])
+    backbone = train.load_backbone(args)
+    assert (backbone.resolution, backbone.num_frames, args.no_export) == ((48, 32), 9, True)
+    assert {p.device.type for m in backbone.frozen_modules() for p in m.parameters()} == {"meta"}
+    base = train.hold_for_autocast(backbone.denoiser, torch.bfloat16)
+    norms = [m for m in base.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert all(m.weight.dtype == torch.bfloat16 for m in base.modules() if isinstance(m, torch.nn.Linear))
+    result = run(0, *argv_of(args), "--steps", 1)
+    assert "builds no VAE or text encoder: nothing is exported" in result.stdout and len(log(args.out)) == 1
+    refused = run(0, *argv_of(args), "--steps", 1, "--frames", 5, "--out", tmp_path / "other", check=False)
+    assert refused.returncode == 1 and "cache was made with num_frames=9, but this run has num_frames=5" in \
+        refused.stderr
+
+
+def argv_of(args):
+    return ["--model", args.model, "--random-weights", "--data", args.data, "--lora", args.lora, "--precision",
+            args.precision, "--out", args.out]

@@ -5,6 +5,7 @@
     python bench.py planner            # the models only: memory, scaling and cache (meta devices; Wan's encoders
                                        # are counted on the CPU at a small size)
     python bench.py gpu                # on a GPU: Wan2.1-1.3B full size at 81x480x832, SD1.5 at 512^2 (8 pairs)
+    python bench.py native             # figures 10 and 11 on the CPU: every backbone at native size (about an hour)
     python bench.py peer --peer-script train_diffusion_dpo.py   # against diffusers' DPO example, a local copy
 
 Figures: 0 the SIPO step time of each tiny backbone, 1 loss overhead (SIPO, DPO-C&M vs Diffusion-DPO), 2 step
@@ -12,7 +13,9 @@ time vs the bare compute floor with a breakdown, 3 latent-cache speed-up on a ti
 per rank with 1 and 2 ranks, 5 the memory planner for every full-size backbone on 1, 8 and 64 GPUs, 6 the
 scaling model (communication per GPU, FSDP and hybrid), 7 the latent cache at the paper's data sizes, 8 data at
 scale measured: peak memory of reading 1 and 8 Pick-a-Pic shards, caching throughput of 2 ranks over 1, bytes a pair,
-9 seconds a step against diffusers' DPO example.
+9 seconds a step against diffusers' DPO example, 10 native size on the CPU: each backbone's full architecture
+caches two pairs and trains (LoRA 64; full fine-tuning on 2 FSDP2 ranks where it fits), peak RSS measured against
+the host-memory planner, 11 how a step's cost grows with frames (Wan2.1-1.3B) and resolution (SD1.5).
 """
 import argparse
 import contextlib
@@ -293,10 +296,11 @@ def random_cache(backbone, folder, pairs, native=False):
 # ---------------------------------------------------------------------------------------------------------
 
 def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
-    """Bytes autograd saves for backward in one forward of the denoiser on `batch` samples at native size,
-    counted on the meta device (no memory, no compute). On meta, attention runs as math ops that save the
-    (tokens x tokens) probabilities; flash and memory-efficient attention on GPUs keep only O(tokens) statistics,
-    so square attention matrices of 1024 tokens or more are left out."""
+    """Bytes autograd saves for backward in one forward of the denoiser on `batch` samples at its size, in all and
+    by block (models.denoiser_blocks), counted on the meta device (no memory, no compute). On meta, attention runs
+    as math ops that save the (tokens x tokens) probabilities; flash and memory-efficient attention (on GPUs, and
+    PyTorch's CPU flash kernel) keep only O(tokens) statistics, so square attention matrices of 1024 tokens or more
+    are left out."""
     denoiser = backbone.denoiser.to(dtype).train()
     if checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -306,28 +310,42 @@ def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
         latents = torch.zeros(batch, *native_latent_shape(backbone), dtype=dtype)
         cond = {k: torch.zeros(shape, dtype=dtype) for k, shape in backbone.conditioning_shapes(batch).items()}
         levels = torch.full((batch,), 500, dtype=torch.long)
-    saved = [0]
+    from torch.multiprocessing.reductions import StorageWeakRef
+    blocks = models.denoiser_blocks(denoiser)
+    saved, by_block, inside, seen = [0], [0] * len(blocks), [None], set()
 
     def pack(tensor):
         attention_matrix = tensor.dim() >= 3 and tensor.shape[-1] == tensor.shape[-2] >= 1024
-        saved[0] += 0 if attention_matrix else tensor.numel() * tensor.element_size()
+        storage = StorageWeakRef(tensor.untyped_storage()).cdata  # saved twice (two ops' input) is held once
+        size = 0 if attention_matrix or storage in seen else tensor.untyped_storage().nbytes()
+        seen.add(storage)
+        saved[0] += size
+        if inside[0] is not None:
+            by_block[inside[0]] += size
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        backbone.predict(denoiser, latents, levels, cond)
-    return saved[0]
+    hooks = [hook for i, block in enumerate(blocks) for hook in (
+        block.register_forward_pre_hook(lambda module, args, i=i: inside.__setitem__(0, i)),
+        block.register_forward_hook(lambda module, args, out: inside.__setitem__(0, None)))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            backbone.predict(denoiser, latents, levels, cond)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return saved[0], by_block
 
 
 def activation_bytes(backbone, batch):
     """Activation memory of `batch` samples without and with checkpointing: the part of the saved bytes that
     grows with the batch (autograd also saves weights, already counted as parameters). With checkpointing,
-    backward recomputes one block at a time: add the largest block's share (by parameters) of the full ones."""
+    backward recomputes one block at a time: add the largest block's own saved activations."""
     def per_sample(checkpointing):
-        return saved_bytes(backbone, 2, checkpointing) - saved_bytes(backbone, 1, checkpointing)
+        (one, one_blocks), (two, two_blocks) = (saved_bytes(backbone, b, checkpointing) for b in (1, 2))
+        return two - one, [b - a for a, b in zip(one_blocks, two_blocks)]
 
-    full = batch * per_sample(False)
-    blocks = [sum(p.numel() for p in b.parameters()) for b in models.denoiser_blocks(backbone.denoiser)]
-    return {False: full, True: batch * per_sample(True) + int(full * max(blocks) / sum(blocks))}
+    full, blocks = per_sample(False)
+    return {False: batch * full, True: batch * (per_sample(True)[0] + max(blocks))}
 
 
 def memory_plan(gpus=(1, 8, 64), names=tuple(models.FULL)):

@@ -258,6 +258,14 @@ def compare_scores(base, tuned, seed=0):
 # compare
 # ---------------------------------------------------------------------------------------------------------
 
+def add_reward_model_flags(parser):
+    """The local model directories MODEL_BASED rewards need (evaluate.py compare, train.py's rewards)."""
+    parser.add_argument("--pickscore-model", help="local PickScore directory (CLIPModel + processor)")
+    parser.add_argument("--clip-model", help="local CLIP directory for the CLIP score")
+    parser.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
+    parser.add_argument("--aesthetic-head", help="the aesthetic predictor's head weights (.pth or .safetensors)")
+
+
 def read_prompts(path, flag="--prompts"):
     """One prompt a line (UTF-8; an editor's byte-order mark is dropped); a line that is not text is named."""
     path = Path(path)
@@ -653,10 +661,7 @@ def parse_args(argv=None):
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (memory: one batch)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    c.add_argument("--pickscore-model", help="local PickScore directory (CLIPModel + processor)")
-    c.add_argument("--clip-model", help="local CLIP directory for the CLIP score")
-    c.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
-    c.add_argument("--aesthetic-head", help="the aesthetic predictor's head weights (.pth or .safetensors)")
+    add_reward_model_flags(c)
     c.add_argument("--device", default=device)
     c.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 

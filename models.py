@@ -280,23 +280,47 @@ class Backbone:
     def sample(self, prompts, seed=0, steps=20, guidance=5.0):
         """Images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1] from the diffusers pipeline, one per prompt;
         `seed` one seed for the batch, or one per prompt (then a prompt's sample does not depend on its batch)."""
+        return self.decode_latents(self.sample_latents(prompts, seed, steps, guidance))
+
+    def sample_latents(self, prompts, seed=0, steps=20, guidance=5.0):
+        """What sample() draws, before the VAE: latents in the training layout (encode_pixels')."""
         device = self.device
         generator = [torch.Generator(device).manual_seed(s) for s in seed] if isinstance(seed, (list, tuple)) else \
             torch.Generator(device).manual_seed(seed)
         height, width = self.resolution
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="latent")
         if self.family == "pixel":
             scale = self.pipe.vae_scale_factor  # no VAE: the pipeline's latents are the pixels
-            out = self.pipe(list(prompts), height=height * scale, width=width * scale, output_type="latent", **kwargs)
-            return (out.images.float().clamp(-1, 1) + 1) / 2
+            return self.pipe(list(prompts), height=height * scale, width=width * scale, **kwargs).images.float()
         if self.is_video:
-            out = self.pipe(list(prompts), height=height, width=width, num_frames=self.num_frames, output_type="pt",
-                            max_sequence_length=self.pipe.tokenizer.model_max_length, **kwargs)
-            return out.frames.float()
+            return self.pipe(list(prompts), height=height, width=width, num_frames=self.num_frames,
+                             max_sequence_length=self.pipe.tokenizer.model_max_length, **kwargs).frames.float()
         if self.family == "flux":  # guidance-distilled: `guidance` is the embedding's value, not classifier-free
-            return self.pipe(list(prompts), height=height, width=width, output_type="pt",
-                             max_sequence_length=self.pipe.tokenizer_2.model_max_length, **kwargs).images.float()
-        return self.pipe(list(prompts), height=height, width=width, output_type="pt", **kwargs).images.float()
+            packed = self.pipe(list(prompts), height=height, width=width,
+                               max_sequence_length=self.pipe.tokenizer_2.model_max_length, **kwargs).images
+            return self.pipe._unpack_latents(packed, height, width, self.pipe.vae_scale_factor).float()
+        return self.pipe(list(prompts), height=height, width=width, **kwargs).images.float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """Latents in the training layout to images (B, 3, H, W) or videos (B, F, 3, H, W) in [0, 1]: encode_pixels
+        undone, then the VAE's decoder, as each pipeline decodes."""
+        if self.family == "pixel":
+            return (latents.float().clamp(-1, 1) + 1) / 2
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        if self.family == "wan":
+            mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
+            std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+            latents = (latents * std + mean).to(vae.dtype)
+        elif self.family == "flux":
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        elif self.family == "cogvideox":
+            latents = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+        else:
+            latents = latents / vae.config.scaling_factor
+        pixels = (vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1) + 1) / 2
+        return pixels.permute(0, 2, 1, 3, 4) if self.is_video else pixels
 
 
 # ---------------------------------------------------------------------------------------------------------

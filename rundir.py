@@ -38,6 +38,7 @@ class RunDir:
         self.lora = self.path / "lora"
         self.samples = self.path / "samples"
         self.tensorboard = self.path / "tensorboard"
+        self.online = self.path / "online"  # --pairs online: each refresh's pairs
         self.lock = self.path / ".lock"
 
     def __str__(self):
@@ -76,6 +77,9 @@ class RunDir:
 
     def sample_folder(self, step):
         return self.samples / f"step-{step:06d}"
+
+    def online_pairs(self, step):
+        return self.online / f"pairs-{step:06d}.safetensors"
 
     def checkpoint_steps(self):
         """The checkpoints' folders, oldest first, ordered by their step number (not by name)."""
@@ -122,7 +126,9 @@ def model_dir(path):
 # check_pairs_per_step).
 RUN_SETTINGS = ("pretrained", "random_weights", "data", "loss", "beta", "tau", "eps", "weight", "normalise",
                 "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup", "max_grad_norm",
-                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance", "resolution", "frames")
+                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance", "resolution", "frames",
+                "pairs", "reward", "refresh_every", "samples_per_prompt", "online_margin", "online_sample_steps",
+                "online_guidance")
 
 
 def check_run_directory(args, world_size=1):

@@ -1,7 +1,9 @@
-"""The study: Diffusion-DPO, DPO-C&M and SIPO on the toy task, over a beta grid and seeds, plus SIPO ablations.
+"""The study: Diffusion-DPO, DPO-C&M and SIPO on the toy task, over a beta grid and seeds, plus SIPO ablations;
+their readings on off-policy pair sources; offline pairs against online ones.
 
     python study.py                     # both parts; writes results/RESULTS.md (times: docs/performance.md)
     python study.py --part offpolicy    # one part; runs that finished are reused, so a killed study resumes
+    python study.py --part online       # offline pairs against pairs sampled from the policy (train.py --pairs online)
     python study.py --betas 1000,10000 --seeds 2 --steps 20 --no-ablations --out runs/mini --results runs/mini
 
 Every run trains from the same toy base (toy.py's shipped one by default) on the same pairs for the same steps, one
@@ -9,10 +11,12 @@ process per run (launcher.py), two runs at a time (--concurrent-runs). Each run'
 seeds with the known reward; its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
 import argparse
+import hashlib
 import itertools
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -31,7 +35,7 @@ import models
 import sipo
 import toy
 import train
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, cpu_name
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, cpu_name, valid_range
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -70,15 +74,23 @@ def log_metrics(run):
     loss = np.array([r["loss"] for r in records])
     heldout = [r["heldout_accuracy"] for r in records if "heldout_accuracy" in r]
     rewards = [r["heldout_reward"] for r in records if "heldout_reward" in r]
-    def mean_of(key):
-        return float(np.mean([r.get(key, 0.0) for r in records]))
+    def mean_of(key, part=slice(None)):
+        values = [r[key] for r in records[part] if key in r]
+        return float(np.mean(values)) if values else 0.0
+
+    third = max(1, len(records) // 3)
 
     return {"roughness": float(np.abs(np.diff(loss)).mean()) if len(loss) > 1 else 0.0,
             "nonfinite": records[-1]["nonfinite_skipped"] if records else 0,
             "step_time": float(np.median([r["step_time"] for r in records[1:]])) if len(records) > 1 else 0.0,
             "heldout_accuracy": heldout, "heldout_reward": rewards,
             "mask_fraction": mean_of("mask_fraction"), "clip_fraction_branch": mean_of("clip_fraction_branch"),
-            "clip_fraction_pair": mean_of("clip_fraction_pair")}
+            "clip_fraction_pair": mean_of("clip_fraction_pair"),
+            # training seconds, --pairs online's sampling counted; the mean step weight early and late in training
+            "train_seconds": float(sum(r["step_time"] + r.get("refresh_seconds", 0.0) for r in records)),
+            "sampling_seconds": float(sum(r.get("refresh_seconds", 0.0) for r in records)),
+            "weight_early": mean_of("weight_mean", slice(0, third)), "weight_late": mean_of("weight_mean",
+                                                                                            slice(-third, None))}
 
 
 def method_step_times(base, pairs, repeats=10, variants=None):
@@ -146,8 +158,8 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="all", choices=("all", *PARTS),
                         help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: the four "
-                             "pair sources and weight readings of docs/method.md (default: both). Finished runs are "
-                             "reused.")
+                             "pair sources and weight readings of docs/method.md; online: offline pairs against "
+                             "pairs from the policy (default: all). Finished runs are reused.")
     parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
     parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
     parser.add_argument("--base", default=str(toy.BASE), help=f"the base model (default toy.py's, {toy.BASE.name}/)")
@@ -167,6 +179,10 @@ def main(argv=None):
     parser.add_argument("--off-pairs", type=int, default=48, help="pairs per prompt of each off-policy source")
     parser.add_argument("--off-configs", default=",".join(OFF_CONFIGS),
                         help=f"comma-separated, of: {', '.join(OFF_CONFIGS)} (default: all)")
+    parser.add_argument("--online-steps", type=int, default=60, help="online part: optimizer steps at matched steps")
+    parser.add_argument("--online-seeds", type=int, default=5)
+    parser.add_argument("--refresh-every", type=int, default=5, help="online part: steps between refreshes")
+    parser.add_argument("--samples-per-prompt", type=int, default=8, help="online part: samples a prompt a refresh")
     parser.add_argument("--collapse-margin", type=float, default=0.02, help="reward drop below base = collapse")
     parser.add_argument("--concurrent-runs", type=int, default=2, help="training runs at a time, 1 thread each")
     parser.add_argument("--timing-repeats", type=int, default=10, help="interleaved steps per method when timing")
@@ -178,7 +194,8 @@ def main(argv=None):
         check_numbers(args, {
             **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
                              "off_batch", "off_pairs", "concurrent_runs", "heldout_pairs", "timestep_pairs",
-                             "timestep_buckets", "timing_repeats"), AT_LEAST_1),
+                             "timestep_buckets", "timing_repeats", "online_steps", "online_seeds", "refresh_every"),
+                            AT_LEAST_1), "samples_per_prompt": valid_range("at least 2", lambda v: v >= 2),
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -198,7 +215,9 @@ def main(argv=None):
         summaries["onpolicy"] = onpolicy(args, out, report, base, pairs, heldout)
     if args.part in ("all", "offpolicy"):
         summaries["offpolicy"] = offpolicy(args, out, report, base, heldout)
-    write_results(report)
+    if args.part in ("all", "online"):
+        summaries["online"] = online_part(args, out, report, base, heldout)
+    write_results(report, base)
     print(f"study written: {report / 'RESULTS.md'}")
     return summaries
 
@@ -265,7 +284,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
                     "difference": float(other.mean() - dpo.mean()), "p": exact_permutation_p(other, dpo)}
     sensitivity = {m: float(np.ptp([table[f"{m} beta={b:g}"]["final_mean"] for b in betas])) for m in METHODS}
     timing = method_step_times(base, pairs, args.timing_repeats)
-    summary = {"base_mean": base_mean, "betas": betas, "ablations": list(ablations), "table": table,
+    summary = {"base": base_identity(base), "base_mean": base_mean, "betas": betas, "ablations": list(ablations), "table": table,
                "significance": significance, "beta_spread": sensitivity, "step_time_ms": timing["median_ms"],
                "runs": results, "minutes": (time.time() - started) / 60,
                "args": {k: str(v) for k, v in vars(args).items()}}
@@ -287,7 +306,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
 # The off-policy part (docs/method.md): pair sources x weight readings
 # ---------------------------------------------------------------------------------------------------------
 
-PARTS = ("onpolicy", "offpolicy")
+PARTS = ("onpolicy", "offpolicy", "online")
 READINGS = [f"{weight} {normalise}" for weight in sipo.WEIGHTS for normalise in sipo.NORMALISATIONS]
 OFF_CONFIGS = {"dpo": ["--loss", "dpo"], "dpo-cm": ["--loss", "dpo-cm"],
                **{f"sipo {r}": ["--loss", "sipo", "--weight", r.split()[0], "--normalise", r.split()[1]]
@@ -385,7 +404,7 @@ def offpolicy(args, out, report, base, heldout):
                    for r in READINGS}}
     variants = {"dpo": variants["dpo"], **{c: variants[c] for c in configs}}  # Diffusion-DPO first: the baseline
     timing = method_step_times(base, manifests["foreign"], args.timing_repeats, variants)
-    summary = {"base_mean": base_mean, "base_drift": base_drift, "configs": configs, "weights": weights,
+    summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "configs": configs, "weights": weights,
                "table": table, "tests": tests,
                "step_time_ms": timing["median_ms"], "runs": results, "minutes": (time.time() - started) / 60,
                "args": {k: str(v) for k, v in vars(args).items()}}
@@ -399,6 +418,81 @@ def offpolicy(args, out, report, base, heldout):
         rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
         evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", rows, toy.PROMPTS)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The online part (train.py --pairs online): pairs from the current policy against the importance correction
+# ---------------------------------------------------------------------------------------------------------
+
+OFFLINE_METHODS = ("dpo", "dpo-cm", "sipo")
+ONLINE_METHODS = ("dpo", "sipo")
+
+
+def online_part(args, out, report, base, heldout):
+    """Offline Diffusion-DPO, DPO-C&M and SIPO on the base's pairs against online Diffusion-DPO and SIPO (pairs
+    sampled from the policy, labelled by named_colour), at matched optimizer steps, then the offline methods again
+    at the online runs' mean wall clock (their sampling counted); writes online.json."""
+    started = time.time()
+    pairs = toy.make_preference_pairs(out / "data" / f"pairs-on-{args.off_pairs}", base, args.off_pairs, 10_000,
+                                      SAMPLE_STEPS, GUIDANCE)
+    prompts = out / "data" / "prompts.txt"
+    prompts.write_text("".join(prompt + "\n" for prompt in toy.PROMPTS))
+    rewards = ("named_colour", DRIFT)
+    base_scores, _ = final_scores(base, args.samples, rewards)
+    base_mean, base_drift = float(base_scores["named_colour"].mean()), float(base_scores[DRIFT].mean())
+    common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.online_steps,
+              "--batch-size", args.off_batch, "--lr", args.lr, "--beta", args.off_beta, "--warmup", 10,
+              "--checkpoint-every", 10_000, "--eval-data", heldout, "--eval-every", max(1, args.online_steps // 6),
+              "--no-gradient-checkpointing"]
+    online = ["--data", prompts, "--pairs", "online", "--reward", "named_colour", "--refresh-every",
+              args.refresh_every, "--samples-per-prompt", args.samples_per_prompt, "--online-sample-steps",
+              SAMPLE_STEPS, "--online-guidance", GUIDANCE]
+    jobs = [(f"online-part offline {m}", ["--loss", m], seed) for m in OFFLINE_METHODS
+            for seed in range(args.online_seeds)]
+    jobs += [(f"online-part online {m}", ["--loss", m, *online], seed) for m in ONLINE_METHODS
+             for seed in range(args.online_seeds)]
+    results = run_jobs(jobs, common, out, args, rewards, base_scores)
+    wall = np.mean([r["train_seconds"] for m in ONLINE_METHODS for r in results[f"online-part online {m}"]])
+    matched = {}
+    for method in OFFLINE_METHODS:  # the steps an offline run takes in the online runs' time
+        per_step = np.mean([r["train_seconds"] / args.online_steps for r in results[f"online-part offline {method}"]])
+        matched[method] = max(args.online_steps, round(wall / per_step))
+    jobs = [(f"online-part offline {m} wall", ["--loss", m, "--steps", matched[m],
+                                               "--eval-every", max(1, matched[m] // 6)], seed)
+            for m in OFFLINE_METHODS for seed in range(args.online_seeds)]
+    results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
+    table = summarise(results, base_mean, args.collapse_margin)
+    for config, runs in results.items():
+        done = [r for r in runs if r["final"] is not None]
+        drifts = np.array([r[f"final_{DRIFT}"] for r in done])
+        table[config].update(
+            drifts=drifts.tolist(), drift_mean=float(drifts.mean()), drift_sd=float(drifts.std(ddof=1)),
+            **{key: float(np.mean([r[key] for r in done])) for key in ("train_seconds", "sampling_seconds",
+                                                                        "weight_early", "weight_late")},
+            heldout_final=float(np.mean([r["heldout_accuracy"][-1] for r in done if r["heldout_accuracy"]])))
+    tests = {}
+    for online_method in ONLINE_METHODS:
+        for versus in [f"offline {m}" for m in OFFLINE_METHODS] + [f"offline {m} wall" for m in OFFLINE_METHODS]:
+            a, b = table[f"online-part online {online_method}"], table[f"online-part {versus}"]
+            tests[f"online {online_method} vs {versus}"] = {
+                key: {"difference": float(np.mean(a[key]) - np.mean(b[key])),
+                      "p": exact_permutation_p(np.array(a[key]), np.array(b[key]))} for key in ("finals", "drifts")}
+    summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "table": table,
+               "tests": tests, "matched_steps": matched, "online_wall_seconds": float(wall), "runs": results,
+               "minutes": (time.time() - started) / 60, "cpu": cpu_name(),
+               "args": {k: str(v) for k, v in vars(args).items()}}
+    (report / "online.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def base_identity(base):
+    """The base a part was measured on: the SHA-256 of its weights' files, and the commit of this checkout."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(base).rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent)
+    return {"sha256": digest.hexdigest(), "commit": found.stdout.strip() or None}
 
 
 def save_pairs_grid(path, folder, lines):
@@ -438,15 +532,23 @@ def reward_cells(row, base_mean):
             f"{row['win_rate_mean']:.2f} ± {row['win_rate_sd']:.2f}")
 
 
-def write_results(report):
-    """RESULTS.md from whichever parts have run (study.json, offpolicy.json)."""
+def write_results(report, base):
+    """RESULTS.md from whichever parts have run (study.json, offpolicy.json, online.json), each marked stale where
+    it was measured on another base than `base` (or before the base's checksum was recorded)."""
     lines = ["# Results: Diffusion-DPO, DPO-C&M and SIPO on the toy task", "",
              f"Written by `python study.py` on {os.cpu_count()} CPU cores ({cpu_name()}). "
-             "`python study.py --part onpolicy` or `--part offpolicy` re-runs one part; finished runs are reused.", ""]
-    if (report / "study.json").exists():
-        lines += onpolicy_lines(json.loads((report / "study.json").read_text()))
-    if (report / "offpolicy.json").exists():
-        lines += offpolicy_lines(json.loads((report / "offpolicy.json").read_text()))
+             "`python study.py --part onpolicy`, `--part offpolicy` or `--part online` re-runs one part; finished "
+             "runs are reused.", ""]
+    current = base_identity(base)["sha256"]
+    for name, part, write in (("study.json", "onpolicy", onpolicy_lines), ("offpolicy.json", "offpolicy",
+                                                                          offpolicy_lines),
+                              ("online.json", "online", online_lines)):
+        if (report / name).exists():
+            summary = json.loads((report / name).read_text())
+            if summary.get("base", {}).get("sha256") != current:
+                lines += [f"**Stale**: part `{part}` below was measured on another base than {base} (no checksum "
+                          f"of it recorded, or another one); `python study.py --part {part}` measures it again.", ""]
+            lines += write(summary)
     (report / "RESULTS.md").write_text("\n".join(lines))
 
 
@@ -537,6 +639,35 @@ def offpolicy_lines(summary):
               "",
               "![foreign pairs: DPO vs SIPO samples](foreign-dpo-vs-sipo.png)", ""]
     return lines
+
+
+def online_lines(summary):
+    table, args, base_mean = summary["table"], summary["args"], summary["base_mean"]
+    base = summary["base"]
+    lines = ["## Part 3: online pairs against the importance correction", "",
+             f"`--part online`: {summary['minutes']:.0f} minutes on {summary['cpu']}, base `{base['sha256'][:12]}` "
+             f"(SHA-256 of its weights), commit {base['commit']}. Offline: the base's own pairs "
+             f"({args['off_pairs']} a prompt); online: `train.py --pairs online`, every {args['refresh_every']} steps "
+             f"{args['samples_per_prompt']} samples a prompt from the current policy, best against worst by "
+             f"`named_colour` (8 pairs a refresh). {args['online_steps']} steps of {args['off_batch']} pairs, lr "
+             f"{args['lr']}, beta {float(args['off_beta']):g}, {args['online_seeds']} seeds; `wall`: the offline "
+             f"method for as many steps as fit in the online runs' mean training time, "
+             f"{summary['online_wall_seconds']:.0f} s with sampling (steps: "
+             + ", ".join(f"{m} {n}" for m, n in summary["matched_steps"].items()) + f"). Base reward {base_mean:.4f}.",
+             "", "| run | final reward | vs base | win rate | drift | training s (sampling) | mean step weight, "
+             "first / last third | masked | held-out acc. (final) |", "|---" * 9 + "|"]
+    for config, row in table.items():
+        lines.append(f"| {config.removeprefix('online-part ')} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
+                     f"{row['final_mean'] - base_mean:+.4f} | {row['win_rate_mean']:.2f} | "
+                     f"{row['drift_mean']:.5f} ± {row['drift_sd']:.5f} | {row['train_seconds']:.0f} "
+                     f"({row['sampling_seconds']:.0f}) | {row['weight_early']:.3f} / {row['weight_late']:.3f} | "
+                     f"{row['mask_fraction']:.2f} | {row['heldout_final']:.3f} |")
+    lines += ["", "| comparison (exact permutation test over seeds) | reward difference | p | drift difference | p |",
+              "|---|---|---|---|---|"]
+    for name, test in summary["tests"].items():
+        lines.append(f"| {name} | {test['finals']['difference']:+.4f} | {test['finals']['p']:.3f} | "
+                     f"{test['drifts']['difference']:+.5f} | {test['drifts']['p']:.3f} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

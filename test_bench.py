@@ -23,10 +23,14 @@ def test_memory_planner_is_ordered_and_counts_the_published_sizes():
 
 def test_saved_bytes_are_linear_in_the_batch_and_checkpointing_saves_less():
     backbone = models.load_backbone("tiny-wan2.1-1.3b", device="meta")
-    one, two, three = (bench.saved_bytes(backbone, b, False) for b in (1, 2, 3))
+    (one, one_blocks), (two, two_blocks), (three, _) = (bench.saved_bytes(backbone, b, False) for b in (1, 2, 3))
     assert two - one == three - two > 0, "activations grow linearly; the constant part is saved weights"
+    assert 0 < sum(two_blocks) <= two, "what each block saves is part of the whole"
     activations = bench.activation_bytes(backbone, 2)
+    largest = max(b - a for a, b in zip(one_blocks, two_blocks))
     assert activations[False] == 2 * (two - one) and 0 < activations[True] < activations[False]
+    assert activations[True] == 2 * (bench.saved_bytes(backbone, 2, True)[0] - bench.saved_bytes(backbone, 1, True)[0]
+                                     + largest)
 
 
 def test_device_benchmark_path_runs_on_tiny_models():

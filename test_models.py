@@ -224,3 +224,16 @@ def test_random_weights_are_built_in_place_with_only_the_parts_a_run_holds():
     assert {p.device.type for m in denoiser.frozen_modules() for p in m.parameters()} == {"meta"}
     assert denoiser.denoiser.dtype == torch.bfloat16 and denoiser.pipe.vae.dtype == torch.float32  # FP32_PARTS
     assert torch.get_default_dtype() == torch.float32, "building leaves the default dtype as it was"
+
+
+def test_every_vae_encodes_one_sample_at_a_time():
+    """At native size a video VAE's activations are gigabytes a sample (figure 10): data.py cache's batch of pairs
+    goes through it one sample at a time (diffusers' slicing), with the same latents as batched up to float noise."""
+    for name in models.FULL:
+        backbone = models.load_backbone(f"tiny-{name}")
+        assert backbone.pipe.vae.use_slicing, name
+    backbone = models.load_backbone("tiny-sd1.5")
+    pixels = torch.rand(3, 3, *backbone.resolution) * 2 - 1
+    sliced = backbone.encode_pixels(pixels)
+    backbone.pipe.vae.disable_slicing()
+    assert torch.allclose(sliced, backbone.encode_pixels(pixels), atol=1e-5)

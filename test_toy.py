@@ -152,3 +152,21 @@ def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Part 2: off-policy pairs" in text and "| foreign | sipo path before-mask |" in text
     assert (tmp_path / "offpolicy.png").stat().st_size > 10_000 and (tmp_path / "foreign-pairs.png").exists()
+
+
+def test_miniature_online_study_writes_its_table(study_runs, tmp_path):
+    """issue 30's part 3 in miniature: offline methods on the base's pairs, online ones on pairs from the policy,
+    then the offline ones again at the online runs' wall clock; the part names the base it was measured on."""
+    summary = study.main(["--part", "online", "--out", str(study_runs), "--results", str(tmp_path),
+                          "--heldout-pairs", "2", "--online-seeds", "2", "--online-steps", "2", "--off-pairs", "2",
+                          "--off-batch", "4", "--refresh-every", "1", "--samples-per-prompt", "2",
+                          "--samples", "1"])["online"]
+    offline = [f"offline {m}" for m in study.OFFLINE_METHODS]
+    configs = offline + [f"online {m}" for m in study.ONLINE_METHODS] + [f"{c} wall" for c in offline]
+    assert set(summary["table"]) == {f"online-part {c}" for c in configs}
+    assert all(n >= 2 for n in summary["matched_steps"].values())
+    for config, row in summary["table"].items():
+        assert len(row["finals"]) == 2 and (row["sampling_seconds"] > 0) == (" online " in config), config
+    assert summary["base"]["sha256"] == study.base_identity(toy.BASE)["sha256"]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "## Part 3: online pairs" in text and "| online sipo |" in text and "**Stale**" not in text

@@ -1,5 +1,6 @@
 """train.py on CPU (gloo): multi-rank runs (launcher.py; torchrun itself for two nodes), exact resume, SIGKILL and
 SIGTERM, LoRA, bad flags."""
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import data
 import evaluate
 import models
 import launcher
+import online
 import train
 import rundir
 from rundir import RunDir
@@ -543,3 +545,85 @@ def test_a_cache_at_another_size_trains_at_it_and_random_weights_hold_only_what_
 def argv_of(args):
     return ["--model", args.model, "--random-weights", "--data", args.data, "--lora", args.lora, "--precision",
             args.precision, "--out", args.out]
+
+
+ONLINE = ["--pairs", "online", "--refresh-every", 2, "--samples-per-prompt", 3, "--online-sample-steps", 4,
+          "--no-export"]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("".join(f"a {colour} {shape}\n" for colour in ("red", "green", "blue", "yellow")
+                            for shape in ("circle", "square")))
+    return path
+
+
+def test_online_pairs_match_on_one_and_two_ranks_and_resume_on_the_same_pairs(prompt_file, tmp_path):
+    """issue 30: pairs sampled from the policy every 2 steps, on 1 process and on 2 FSDP2 ranks (sampling is
+    collective there): the same refreshes, pairs and losses; a run resumed from step 2 samples the refresh of step
+    2 again from the restored policy (bit for bit the stored pairs) and trains steps 3 and 4 as the straight run."""
+    common = ["--model", "tiny-sd1.5", "--data", prompt_file, "--steps", 4, *COMMON, *ONLINE]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the thread count alone moves a 4-step sample by 1e-6 (measured)
+    try:
+        run(0, *common, "--out", tmp_path / "one", "--batch-size", 4)
+    finally:
+        torch.set_num_threads(threads)
+    run(2, *common, "--out", tmp_path / "two", "--batch-size", 2)
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    assert [r.get("refresh_pairs") for r in two] == [8, None, 8, None], "a refresh is logged with the next step"
+    first = (tmp_path / "one" / "online" / "pairs-000000.safetensors", tmp_path / "two" / "online" /
+             "pairs-000000.safetensors")
+    assert first[0].read_bytes() == first[1].read_bytes(), "the first refresh: the same pairs, bit for bit"
+    for key in ("loss", "refresh_reward_mean", "refresh_reward_std"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
+    # after a step the two placements' weights differ by float noise (Adam's first step moves a parameter whose true
+    # gradient is 0 by +-lr: test_two_ranks_match_one_rank_on_the_same_global_batch), which later steps carry
+    for a, b in zip(one[1:], two[1:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and a.get("refresh_pairs") == b.get("refresh_pairs")
+    stored = sorted(p.name for p in (tmp_path / "two" / "online").iterdir())
+    assert stored == ["pairs-000000.safetensors", "pairs-000002.safetensors"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed, ignore=shutil.ignore_patterns("step-000004", "pairs-000002*"))
+    run(2, *common, "--out", resumed, "--batch-size", 2, "--resume")
+    assert [r["loss"] for r in log(resumed)] == [r["loss"] for r in two]
+    again, straight = (load_file(path / "online" / "pairs-000002.safetensors") for path in (resumed, tmp_path / "two"))
+    assert all(torch.equal(again[k], straight[k]) for k in straight)
+
+
+def test_online_pairs_come_from_the_current_policy_and_a_refresh_without_pairs_keeps_the_last(prompt_file,
+                                                                                            tmp_path):
+    args = train.parse_args(["--model", "tiny-sd1.5", "--data", str(prompt_file), "--out", str(tmp_path / "run"),
+                             "--batch-size", "2", *map(str, ONLINE)])
+    args.precision = "fp32"
+    trainer = train.make_trainer(train.load_backbone(args), args, torch.device("cpu"))
+    train.open_data(trainer)
+    batches = train.online_pairs(trainer, None)
+    first = trainer.dataset.tensors
+    assert trainer.refresh_record["refresh_pairs"] == len(first["latents_w"]) == 8
+    prompts, cond, reward = trainer.online
+    again = online.sample_pairs(trainer.backbone, prompts, cond, reward, args, 0, 0, 1, contextlib.nullcontext)[0]
+    assert all(torch.equal(again.tensors[k], first[k]) for k in first), "a refresh is a function of policy and step"
+    with torch.no_grad():
+        for parameter in trainer.policy.parameters():
+            parameter.mul_(1.5)  # a policy changed by hand
+    changed = online.sample_pairs(trainer.backbone, prompts, cond, reward, args, 0, 0, 1, contextlib.nullcontext)[0]
+    assert not torch.allclose(changed.tensors["latents_w"], first["latents_w"])
+    args.online_margin, trainer.counters["step"] = 1e9, 2  # the next refresh: no pair clears the margin
+    assert train.online_pairs(trainer, batches) is batches and trainer.dataset.tensors is first
+    assert trainer.refresh_record["refresh_note"] == "too few pairs above the margin: the pairs of step 0 stay"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--reward", "pickscore"], "reward pickscore needs --pickscore-model PATH"),
+    (["--online-margin", 1e9], "--pairs online: the refresh at step 0 kept 0 pairs above --online-margin 1e+09"),
+    (["--samples-per-prompt", 1], "--samples-per-prompt 1: must be at least 2"),
+    (["--loss", "sft"], "--pairs online: trains a preference loss, not --loss sft"),
+])
+def test_online_pairs_refuse_what_cannot_work_before_step_1_in_one_line(prompt_file, tmp_path, flags, message):
+    result = run(0, "--model", "tiny-sd1.5", "--data", prompt_file, "--out", tmp_path / "run", "--steps", 1,
+                 *ONLINE, *flags, check=False)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "log.jsonl").exists() or not log(tmp_path / "run")

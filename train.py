@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N train.py --model wan2.1-1.3b --data PAIRS --loss sipo
     python train.py --model tiny-sd1.5 --data pairs.jsonl --steps 10          # one process works too
+    python train.py --model sd1.5 --data prompts.txt --pairs online --reward pickscore ...  # pairs from the policy
 
 torch.distributed (NCCL on GPUs, gloo on CPU) with FSDP2 per block, activation checkpointing, DCP checkpoints.
 What --out holds, how a run claims it and what a resume may change are rundir.py's. The file reads top to bottom:
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import models
+import online
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
                     barrier, check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
@@ -73,7 +75,19 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", help="diffusers directory or hub id of the base weights (default for full-size "
                                         "models: the official repository, models.HUB_IDS)")
     p.add_argument("--random-weights", action="store_true", help="full-size architecture, random weights (benchmarks)")
-    p.add_argument("--data", required=True, help="a .jsonl manifest, Pick-a-Pic .parquet shard(s), or a latent cache")
+    p.add_argument("--data", required=True, help="a .jsonl manifest, Pick-a-Pic .parquet shard(s), or a latent cache; "
+                                              "with --pairs online, a prompt file (one a line)")
+    p.add_argument("--pairs", default="offline", choices=("offline", "online"),
+                   help="offline: the pairs --data holds; online: pairs sampled from the current policy every "
+                        "--refresh-every steps, best against worst of --samples-per-prompt by --reward (online.py)")
+    p.add_argument("--reward", default="named_colour", help="online: the reward that labels the pairs (evaluate.py's "
+                                                            "names)")
+    p.add_argument("--refresh-every", type=int, default=50, help="online: optimizer steps between refreshes")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="online: samples a prompt at each refresh")
+    p.add_argument("--online-margin", type=float, default=0.0,
+                   help="online: a pair is kept when its winner's reward exceeds its loser's by more than this")
+    p.add_argument("--online-sample-steps", type=int, default=20, help="online: sampler steps a sample")
+    p.add_argument("--online-guidance", type=float, default=5.0, help="online: the sampler's guidance scale")
     p.add_argument("--out", help="run directory (default: runs/MODEL-LOSS)")
     p.add_argument("--loss", default="sipo", choices=LOSSES, help="objective (default: sipo)")
     p.add_argument("--beta", type=float, help="the paper's beta, the DPO temperature, in docs/method.md's convention "
@@ -126,6 +140,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-data", help="held-out pairs: implicit accuracy every --eval-every steps")
     p.add_argument("--eval-prompts", help="held-out prompts (one a line): mean --eval-reward of samples")
     p.add_argument("--eval-reward", default="named_colour", help="reward for --eval-prompts (evaluate.py's names)")
+    evaluate.add_reward_model_flags(p)
     p.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps (default 100)")
     p.add_argument("--eval-sample-steps", type=int, default=20, help="sampling steps for --eval-prompts' images")
     p.add_argument("--eval-guidance", type=float, default=5.0, help="guidance scale for --eval-prompts")
@@ -144,9 +159,10 @@ def parse_args(argv=None):
 NUMERIC_FLAGS = {
     **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "replicate", "weight_sampler_steps",
                      "path_draws", "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride",
-                     "max_nonfinite"), AT_LEAST_1),
-    **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance", "flux_guidance"),
-                    NON_NEGATIVE),
+                     "max_nonfinite", "refresh_every", "online_sample_steps"), AT_LEAST_1),
+    **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance", "flux_guidance",
+                     "online_margin", "online_guidance"), NON_NEGATIVE),
+    "samples_per_prompt": valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": UNIT_INTERVAL,
     "eps": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
@@ -171,6 +187,9 @@ def check_args(args, world_size):
         if path is not None and not os.path.exists(path):
             raise ValueError(f"--{flag.replace('_', '-')} {path}: does not exist")
     cache = data.read_cache_index(args.data)
+    if args.pairs == "online" and (cache is not None or args.loss == "sft"):
+        raise ValueError("--pairs online: " + ("trains a preference loss, not --loss sft" if args.loss == "sft" else
+                                               f"--data {args.data} is a latent cache, not a prompt file"))
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
                          f"not --model {args.model}")
@@ -462,7 +481,10 @@ def clip_gradients(trainable, max_norm):
 def new_counters():
     """What a checkpoint keeps besides the weights: optimizer steps taken, micro-batches read (the data position,
     which non-finite skips move too), non-finite steps skipped and bad pairs skipped by all ranks."""
-    return {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0, "bad_pairs_skipped": 0}
+    return {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0, "bad_pairs_skipped": 0,
+            # --pairs online: the refresh whose pairs are trained on, the micro-batches read before them, the last
+            # refresh (a refresh that kept no pair leaves the pairs as they were)
+            "pairs_from": -1, "pairs_micro_batches": 0, "refreshed": -1}
 
 
 @dataclass
@@ -489,6 +511,8 @@ class Trainer:
     heldout: torch.utils.data.Dataset | None = None
     prompts: list = field(default_factory=list)
     reward: object = None
+    online: tuple = ()  # --pairs online: (prompts, their conditioning, the reward)
+    refresh_record: dict = field(default_factory=dict)  # the last refresh's, logged with the step after it
     log: object = None
     writer: object = None
 
@@ -623,6 +647,9 @@ def save_checkpoint(trainer):
         os.replace(tmp, final)
         for old in run.checkpoint_steps()[:-trainer.args.keep]:
             shutil.rmtree(old)
+        if trainer.args.pairs == "online":
+            oldest = json.loads((run.checkpoint_steps()[0] / CHECKPOINT_META).read_text())
+            online.prune(trainer.args.out, oldest["pairs_from"])
     barrier()
 
 
@@ -725,9 +752,19 @@ def open_data(trainer):
     """The training pairs (at least one full batch on every rank), the held-out pairs, and the held-out prompts with
     a reward that has scored them once: a reward that cannot fails now, not at the first evaluation."""
     args, backbone = trainer.args, trainer.backbone
-    trainer.dataset, trainer.summary = data.open_dataset(args.data, backbone, args.pretrained, args.skip_bad,
-                                                         args.flip, args.seed, args.frame_stride)
-    if not data.rank_batches(len(trainer.dataset), args.batch_size, trainer.rank, trainer.world_size, args.seed, 0):
+    if args.pairs == "online":
+        prompts = evaluate.read_prompts(args.data, "--data")
+        reward = evaluate.load_rewards(args.reward, args)
+        evaluate.check_rewards_fit(reward, backbone, prompts)
+        cond = [backbone.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]
+        trainer.online = prompts, {key: torch.cat([c[key] for c in cond]) for key in cond[0]}, reward[args.reward]
+        trainer.summary = f"online, {len(prompts)} prompts x {args.samples_per_prompt} samples every " \
+                          f"{args.refresh_every} steps, by {args.reward}"
+    else:
+        trainer.dataset, trainer.summary = data.open_dataset(args.data, backbone, args.pretrained, args.skip_bad,
+                                                             args.flip, args.seed, args.frame_stride)
+    if args.pairs == "offline" and not data.rank_batches(len(trainer.dataset), args.batch_size, trainer.rank,
+                                                         trainer.world_size, args.seed, 0):
         raise ValueError(f"--data {args.data}: {len(trainer.dataset)} pairs give no full batch of {args.batch_size} "
                          f"pairs on each of {trainer.world_size} ranks")
     trainer.heldout = data.open_dataset(args.eval_data, backbone, args.pretrained, args.skip_bad)[0] \
@@ -753,6 +790,8 @@ def record_step(trainer, stats, seconds):
         record.update(metrics)
         if samples is not None and trainer.rank == 0:
             save_samples(args.out, step, samples, trainer.prompts, trainer.writer)
+    record.update(trainer.refresh_record)
+    trainer.refresh_record = {}
     if trainer.rank == 0:
         pairs = args.batch_size * args.grad_accum * trainer.world_size
         record.update(step=step, lr=trainer.scheduler.get_last_lr()[0], step_time=seconds, pairs_per_s=pairs / seconds,
@@ -774,6 +813,41 @@ def reduce_stats(stats, world_size):
     return dict(zip(keys, (values / world_size).tolist()))
 
 
+def pair_batches(trainer, start):
+    args = trainer.args
+    return data.pair_batches(trainer.dataset, args.batch_size, trainer.rank, trainer.world_size, args.seed, start,
+                             args.workers)
+
+
+def online_pairs(trainer, batches):
+    """--pairs online: the batches to train on. A resumed run first takes up the stored pairs it was training on,
+    where it was in them; every --refresh-every steps new pairs are sampled from the policy (online.py) and stored,
+    unless none clears the margin: then the log says so and the pairs stay as they were."""
+    args, counters, step = trainer.args, trainer.counters, trainer.counters["step"]
+    if batches is None and counters["pairs_from"] >= 0:
+        trainer.dataset = online.load_pairs(args.out, counters["pairs_from"])
+        batches = pair_batches(trainer, counters["micro_batches"] - counters["pairs_micro_batches"])
+    if batches is not None and (step % args.refresh_every or counters["refreshed"] == step):
+        return batches
+    prompts, cond, reward = trainer.online
+    pairs, trainer.refresh_record = online.sample_pairs(trainer.backbone, prompts, cond, reward, args, step,
+                                                        trainer.rank, trainer.world_size, lambda: mixed_precision(args))
+    counters["refreshed"] = step
+    if pairs is None or not data.rank_batches(len(pairs), args.batch_size, trainer.rank, trainer.world_size,
+                                              args.seed, 0):
+        if batches is None:
+            raise ValueError(f"--pairs online: the refresh at step {step} kept {len(pairs or ())} pairs above "
+                             f"--online-margin {args.online_margin:g}, no full batch of {args.batch_size} on each of "
+                             f"{trainer.world_size} ranks (more prompts or --samples-per-prompt, a lower margin)")
+        trainer.refresh_record["refresh_note"] = f"too few pairs above the margin: the pairs of step " \
+                                                 f"{counters['pairs_from']} stay"
+        return batches
+    if trainer.rank == 0:
+        online.save_pairs(args.out, pairs)
+    trainer.dataset, counters["pairs_from"], counters["pairs_micro_batches"] = pairs, step, counters["micro_batches"]
+    return pair_batches(trainer, 0)
+
+
 SHOWN = {"loss": "loss", "acc": "accuracy", "masked": "mask_fraction", "heldout": "heldout_accuracy"}
 
 
@@ -787,10 +861,11 @@ def train(args, cleanup):
         cleanup.callback(signal.signal, signum, signal.signal(signum, lambda received, _: stop.update(signal=received)))
     # a context: an error or SIGTERM mid-run ends the bar's line before the one line that says what happened
     with tqdm(total=args.steps, initial=counters["step"], disable=rank != 0, desc=args.loss, unit="step") as progress:
-        batches = data.pair_batches(trainer.dataset, args.batch_size, rank, trainer.world_size, args.seed,
-                                    counters["micro_batches"], args.workers)
+        batches = None if args.pairs == "online" else pair_batches(trainer, counters["micro_batches"])
         nonfinite_in_a_row = 0
         while counters["step"] < args.steps:
+            if args.pairs == "online":
+                batches = online_pairs(trainer, batches)                 #    --pairs online: refresh when due
             start = time.perf_counter()
             stats = optimizer_step(trainer, batches)                     # 2. one optimizer step, its micro-batches
             if stats is None:                                            #    a non-finite loss: all ranks skipped

@@ -1,0 +1,94 @@
+"""Online pairs (train.py --pairs online): preference pairs sampled from the current policy, labelled by a reward.
+
+The direct alternative to correcting off-policy bias after the fact (SIPO's importance weight): remove it at its
+source. Every --refresh-every optimizer steps each rank samples --samples-per-prompt latents for its share of the
+prompts with the pipeline's own sampler, decodes them for the reward (any evaluate.py knows), and every rank gathers
+every sample's latents and reward; per prompt the best and the worst sample become a pair when their rewards differ
+by more than --online-margin. The policy's latents are latents already: no VAE encodes them. The pairs are trained
+on until the next refresh, and stored in the run directory (online/pairs-STEP.safetensors, written atomically), so
+that a resumed run trains on the very pairs a straight one does, without depending on sampling being bit-exact.
+"""
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from rundir import RunDir
+
+
+NOISE_SEEDS = 1_000_000  # a refresh's pairs are noised as pairs refresh_step * NOISE_SEEDS + i: never reused
+
+
+class OnlinePairs(torch.utils.data.Dataset):
+    """One refresh's pairs, read as CachedPairs' items: the latents of winner and loser, the conditioning of their
+    prompt, and an index that seeds the pair's noise (unique across refreshes)."""
+
+    def __init__(self, tensors, step):
+        self.tensors, self.step = tensors, step
+        self.cond_keys = [key for key in tensors if key.startswith("cond.")]
+
+    def __len__(self):
+        return len(self.tensors["latents_w"])
+
+    def __getitem__(self, i):
+        prompt = int(self.tensors["prompt"][i])
+        return {"latents_w": self.tensors["latents_w"][i], "latents_l": self.tensors["latents_l"][i],
+                **{key: self.tensors[key][prompt] for key in self.cond_keys},
+                "index": torch.tensor(self.step * NOISE_SEEDS + i)}
+
+
+def sample_pairs(backbone, prompts, cond, reward, args, step, rank, world_size, autocast):
+    """(OnlinePairs or None, the refresh's record): --samples-per-prompt samples of every prompt from the current
+    policy, one sampler call a prompt, each sample seeded by (seed, step, prompt, sample): any number of ranks draws
+    the same, in the same batches. Prompts go to ranks in turn, in equal shares (the sharded policy's forwards are
+    collective: a short share repeats prompts), and every rank gathers every sample."""
+    start, count = time.perf_counter(), args.samples_per_prompt
+    share = -(-len(prompts) // world_size)
+    mine = (list(range(rank, len(prompts), world_size)) + list(range(share)))[:share]
+    latents, scores = [], []
+    for p in mine:
+        with autocast():
+            drawn = backbone.sample_latents([prompts[p]] * count, seed=[hash((args.seed, step, p, k)) % 2 ** 31
+                                                                        for k in range(count)],
+                                            steps=args.online_sample_steps, guidance=args.online_guidance).float()
+        latents.append(drawn)
+        scores.append(reward(backbone.decode_latents(drawn).cpu(), [prompts[p]] * count).float())
+    latents = torch.stack(latents)  # (share, samples, ...)
+    scores = torch.stack(scores).to(latents.device)
+    if world_size > 1:  # rank r drew prompts r, r + N, ...: back into the prompts' order
+        every = [[torch.empty_like(t) for _ in range(world_size)] for t in (latents, scores)]
+        dist.all_gather(every[0], latents.contiguous())
+        dist.all_gather(every[1], scores.contiguous())
+        latents, scores = (torch.stack([part[p % world_size][p // world_size] for p in range(len(prompts))])
+                           for part in every)
+    best, worst = scores.argmax(1), scores.argmin(1)
+    kept = torch.nonzero(scores.max(1).values - scores.min(1).values > args.online_margin).flatten()
+    record = {"refresh_reward_mean": scores.mean().item(), "refresh_reward_std": scores.std().item(),
+              "refresh_pairs": len(kept), "refresh_seconds": time.perf_counter() - start}
+    if len(kept) == 0:
+        return None, record
+    tensors = {"latents_w": latents[kept, best[kept]].cpu(), "latents_l": latents[kept, worst[kept]].cpu(),
+               "prompt": kept.cpu(), **{f"cond.{key}": value.cpu() for key, value in cond.items()}}
+    return OnlinePairs(tensors, step), record
+
+
+def save_pairs(out, pairs):
+    """Rank 0: the refresh's pairs, whole or not at all."""
+    path = RunDir(out).online_pairs(pairs.step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({key: value.contiguous() for key, value in pairs.tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_pairs(out, step):
+    return OnlinePairs(load_file(RunDir(out).online_pairs(step)), step)
+
+
+def prune(out, oldest_kept):
+    """The stored pairs no kept checkpoint trains on any more (those of refreshes before `oldest_kept`)."""
+    for path in sorted(RunDir(out).online.glob("pairs-*.safetensors")):
+        if int(path.stem.split("-")[1]) < oldest_kept:
+            path.unlink()

@@ -186,4 +186,5 @@ def cpu_name():
     except OSError:
         return "unknown CPU"
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'}"
+    vector = 'AVX-512' if ' avx512f' in info else 'AVX2' if ' avx2' in info else 'no AVX2'
+    return f"{model}, {vector}{' and AMX' if ' amx_bf16' in info else ''}"

@@ -284,7 +284,8 @@ def onpolicy(args, out, report, base, pairs, heldout):
                     "difference": float(other.mean() - dpo.mean()), "p": exact_permutation_p(other, dpo)}
     sensitivity = {m: float(np.ptp([table[f"{m} beta={b:g}"]["final_mean"] for b in betas])) for m in METHODS}
     timing = method_step_times(base, pairs, args.timing_repeats)
-    summary = {"base": base_identity(base), "base_mean": base_mean, "betas": betas, "ablations": list(ablations), "table": table,
+    summary = {"base": base_identity(base), "base_mean": base_mean, "betas": betas, "ablations": list(ablations),
+               "table": table,
                "significance": significance, "beta_spread": sensitivity, "step_time_ms": timing["median_ms"],
                "runs": results, "minutes": (time.time() - started) / 60,
                "args": {k: str(v) for k, v in vars(args).items()}}
@@ -404,7 +405,8 @@ def offpolicy(args, out, report, base, heldout):
                    for r in READINGS}}
     variants = {"dpo": variants["dpo"], **{c: variants[c] for c in configs}}  # Diffusion-DPO first: the baseline
     timing = method_step_times(base, manifests["foreign"], args.timing_repeats, variants)
-    summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "configs": configs, "weights": weights,
+    summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "configs": configs,
+               "weights": weights,
                "table": table, "tests": tests,
                "step_time_ms": timing["median_ms"], "runs": results, "minutes": (time.time() - started) / 60,
                "args": {k: str(v) for k, v in vars(args).items()}}
@@ -546,7 +548,8 @@ def write_results(report, base):
         if (report / name).exists():
             summary = json.loads((report / name).read_text())
             if summary.get("base", {}).get("sha256") != current:
-                lines += [f"**Stale**: part `{part}` below was measured on another base than {base} (no checksum "
+                lines += [f"**Stale**: part `{part}` below was measured on another base than {Path(base).name}/ (no "
+                          f"checksum "
                           f"of it recorded, or another one); `python study.py --part {part}` measures it again.", ""]
             lines += write(summary)
     (report / "RESULTS.md").write_text("\n".join(lines))
@@ -660,7 +663,9 @@ def online_lines(summary):
         lines.append(f"| {config.removeprefix('online-part ')} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
                      f"{row['final_mean'] - base_mean:+.4f} | {row['win_rate_mean']:.2f} | "
                      f"{row['drift_mean']:.5f} ± {row['drift_sd']:.5f} | {row['train_seconds']:.0f} "
-                     f"({row['sampling_seconds']:.0f}) | {row['weight_early']:.3f} / {row['weight_late']:.3f} | "
+                     f"({row['sampling_seconds']:.0f}) | " + (f"{row['weight_early']:.3f} / {row['weight_late']:.3f}"
+                                                              if "dpo-cm" in config or "sipo" in config else
+                                                              "(no weight)") + " | "
                      f"{row['mask_fraction']:.2f} | {row['heldout_final']:.3f} |")
     lines += ["", "| comparison (exact permutation test over seeds) | reward difference | p | drift difference | p |",
               "|---|---|---|---|---|"]

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).parent
 # bottom to top: a module may import only modules before it (the tests and conftest may import any)
-ORDER = ["sipo", "common", "rundir", "models", "data", "evaluate", "online", "train", "launcher", "toy", "bench", "study"]
+ORDER = ["sipo", "common", "rundir", "models", "data", "evaluate", "online", "train", "launcher", "toy", "bench",
+         "study"]
 
 
 def programs():

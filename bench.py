@@ -788,10 +788,10 @@ def native_phase(phase, backbone, workdir):
         return {"peak_rss_gb": float(subprocess.run(python + ["-c", reading], capture_output=True, text=True,
                                                     check=True).stdout)}
     folder = workdir / f"{backbone.name}-{size_label(backbone)}"
+    cache = folder / "cache"
     size = ["--resolution", "x".join(map(str, backbone.resolution)),
             *(["--frames", str(backbone.num_frames)] if backbone.is_video else [])]
     if phase == "cache":
-        cache = folder / "cache"
         shutil.rmtree(cache, ignore_errors=True)
         manifest = native_media(folder / "media", backbone)
         peak, seconds = peak_gb(python + ["data.py", "cache", "--model", backbone.name, "--random-weights", "--data",
@@ -799,7 +799,6 @@ def native_phase(phase, backbone, workdir):
                                           "--latent-dtype", "bf16", *size])
         made = json.loads((cache / data.CACHE_INDEX).read_text())
         return {"peak_rss_gb": peak, "wall_s": seconds, "seconds_per_pair": made["this_run"]["seconds"] / 2}
-    cache = folder / "cache"
     if not (cache / data.CACHE_INDEX).is_file():  # a growth size: random latents (its cost is the step's)
         random_cache(backbone, folder, 2, native=True)
     run = folder / phase
@@ -880,9 +879,8 @@ def host_plan(backbone, phase, runtime_gb):
     else:
         denoiser, ranks = backbone.denoiser, 2 if phase == "full" else 1
         count = sum(p.numel() for p in denoiser.parameters())
-        linear = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
         if phase == "lora":
-            terms["base"] = held_bytes(denoiser, lambda layer: isinstance(layer, linear))
+            terms["base"] = held_bytes(denoiser, lambda layer: isinstance(layer, train.AUTOCAST_LAYERS))
             terms["adapters"] = 16 * lora_parameter_count(denoiser, 64)
         else:
             terms["policy, gradients, Adam"] = 16 * count / ranks

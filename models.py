@@ -183,8 +183,7 @@ class Backbone:
         vae = self.pipe.vae
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode().float()  # the noising math runs in fp32
         if self.family == "wan":
-            mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-            std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+            mean, std = wan_latent_stats(vae, latents.device)
             return ((latents - mean) / std).to(latents.dtype)
         if self.family == "flux":  # as FluxPipeline decodes: latents / scaling_factor + shift_factor
             return (latents - vae.config.shift_factor) * vae.config.scaling_factor
@@ -310,8 +309,7 @@ class Backbone:
         vae = self.pipe.vae
         latents = latents.to(vae.dtype)
         if self.family == "wan":
-            mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-            std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+            mean, std = wan_latent_stats(vae, latents.device)
             latents = (latents * std + mean).to(vae.dtype)
         elif self.family == "flux":
             latents = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -563,20 +561,19 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
     base = name.removeprefix("tiny-")
-    if pretrained is not None:
-        pipe = _load_pretrained(base, pretrained, dtype)
+    built = pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights)
+    if not built:
+        pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype)
     elif name == "toy":
         with building(device, dtype):
             pipe = _build_toy()
-    elif name.startswith("tiny-") or random_weights:
+    else:
         pipe = _build_pipeline(base, name.startswith("tiny-"),
                                lambda: building("meta" if only == "denoiser" else device, dtype),
                                lambda: building("meta" if only == "frozen" else device, denoiser_dtype or dtype))
-    else:
-        pipe = _load_pretrained(base, HUB_IDS[base], dtype)
     pipe.set_progress_bar_config(disable=True)
     backbone = _backbone(name, pipe)
-    if pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights):
+    if built:
         backbone.set_frozen_dtype(dtype)  # FP32_PARTS built in `dtype` go back to fp32
     elif device != "meta":
         pipe.to(device)
@@ -594,6 +591,13 @@ def _backbone(name, pipe):
     if getattr(pipe, "vae", None) is not None:  # one sample at a time: a video VAE's activations are GBs a sample
         pipe.vae.enable_slicing()
     return Backbone(name, family, prediction, pipe, resolution, frames, flow_shift=float(shift))
+
+
+def wan_latent_stats(vae, device):
+    """Wan's per-channel latent mean and std, shaped to broadcast over (B, C, F, H, W): what encode_pixels
+    normalises by and decode_latents undoes."""
+    return tuple(torch.tensor(values, device=device).view(1, -1, 1, 1, 1)
+                 for values in (vae.config.latents_mean, vae.config.latents_std))
 
 
 def flux_shift(pipe, resolution):

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -109,6 +108,12 @@ def exact_permutation_p(a, b):
     splits = [abs(pooled[list(i)].mean() - np.delete(pooled, list(i)).mean())
               for i in itertools.combinations(range(len(pooled)), n)]
     return float(np.mean(np.array(splits) >= observed - 1e-12))
+
+
+def difference_test(a, b):
+    """mean(a) - mean(b) over seeds, and its exact permutation p."""
+    a, b = np.asarray(a), np.asarray(b)
+    return {"difference": float(a.mean() - b.mean()), "p": exact_permutation_p(a, b)}
 
 
 def summarise(results, base_mean, collapse_margin):
@@ -280,8 +285,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
         for method in ("dpo-cm", "sipo"):
             other = np.array(table[f"{method} beta={beta:g}"]["finals"])
             if len(dpo) and len(other):
-                significance[f"{method} vs dpo, beta={beta:g}"] = {
-                    "difference": float(other.mean() - dpo.mean()), "p": exact_permutation_p(other, dpo)}
+                significance[f"{method} vs dpo, beta={beta:g}"] = difference_test(other, dpo)
     sensitivity = {m: float(np.ptp([table[f"{m} beta={b:g}"]["final_mean"] for b in betas])) for m in METHODS}
     timing = method_step_times(base, pairs, args.timing_repeats)
     summary = {"base": base_identity(base), "base_mean": base_mean, "betas": betas, "ablations": list(ablations),
@@ -396,9 +400,7 @@ def offpolicy(args, out, report, base, heldout):
                     continue
                 sipo_run, versus = table[f"off {source} sipo {reading}"], table[f"off {source} {other}"]
                 tests[f"{source}: sipo {reading} vs {other}"] = {
-                    key: {"difference": float(np.mean(sipo_run[key]) - np.mean(versus[key])),
-                          "p": exact_permutation_p(np.array(sipo_run[key]), np.array(versus[key]))}
-                    for key in ("finals", "drifts")}
+                    key: difference_test(sipo_run[key], versus[key]) for key in ("finals", "drifts")}
     variants = {"dpo": {"loss": "dpo", "weight": "step", "normalise": "after-mask"},
                 "dpo-cm": {"loss": "dpo-cm", "weight": "step", "normalise": "after-mask"},
                 **{f"sipo {r}": {"loss": "sipo", "weight": r.split()[0], "normalise": r.split()[1]}
@@ -476,9 +478,8 @@ def online_part(args, out, report, base, heldout):
     for online_method in ONLINE_METHODS:
         for versus in [f"offline {m}" for m in OFFLINE_METHODS] + [f"offline {m} wall" for m in OFFLINE_METHODS]:
             a, b = table[f"online-part online {online_method}"], table[f"online-part {versus}"]
-            tests[f"online {online_method} vs {versus}"] = {
-                key: {"difference": float(np.mean(a[key]) - np.mean(b[key])),
-                      "p": exact_permutation_p(np.array(a[key]), np.array(b[key]))} for key in ("finals", "drifts")}
+            tests[f"online {online_method} vs {versus}"] = {key: difference_test(a[key], b[key])
+                                                             for key in ("finals", "drifts")}
     summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "table": table,
                "tests": tests, "matched_steps": matched, "online_wall_seconds": float(wall), "runs": results,
                "minutes": (time.time() - started) / 60, "cpu": cpu_name(),
@@ -492,9 +493,7 @@ def base_identity(base):
     digest = hashlib.sha256()
     for path in sorted(Path(base).rglob("*.safetensors")):
         digest.update(path.read_bytes())
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent)
-    return {"sha256": digest.hexdigest(), "commit": found.stdout.strip() or None}
+    return {"sha256": digest.hexdigest(), "commit": bench.commit()}
 
 
 def save_pairs_grid(path, folder, lines):

@@ -232,12 +232,15 @@ def mixed_precision(args):
     return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=enabled)
 
 
+AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # bf16 under autocast
+
+
 def hold_for_autocast(module, dtype):
     """A frozen copy for autocast: the Linear and Conv weights (the ones autocast computes in bf16 anyway) held in
     `dtype`, the rest (norms, bare parameters such as Wan's scale-shift table) in fp32, so that it computes exactly
     what the fp32 policy does under autocast, at about half its memory."""
     for layer in module.modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        if isinstance(layer, AUTOCAST_LAYERS):
             layer.to(dtype)
         else:  # a base built in `dtype` (load_backbone) has its norms raised
             for parameter in layer.parameters(recurse=False):

@@ -191,9 +191,18 @@ def horizontal_stripes(images, prompts):
     return (rows - columns).view(len(images), -1).mean(1)
 
 
+def checker_texture(images, prompts):
+    """Mean over 2x2 windows of ((x00 - x01 - x10 + x11) / 4)^2: the energy of the one-pixel checkerboard, A^2 for
+    a checkerboard of amplitude A, sigma^2 / 4 for white noise of sd sigma, 0 for a smooth image. A style
+    statistic, not a preference: the drift toward the toy's hard style (study.py)."""
+    x = _frames(images)
+    windows = (x[..., :-1, :-1] - x[..., :-1, 1:] - x[..., 1:, :-1] + x[..., 1:, 1:]) / 4
+    return windows.square().flatten(1).mean(1).view(len(images), -1).mean(1)
+
+
 BUILTIN = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
            "temporal_flicker": temporal_flicker, "named_colour": named_colour, "named_shape": named_shape,
-           "horizontal_stripes": horizontal_stripes}
+           "horizontal_stripes": horizontal_stripes, "checker_texture": checker_texture}
 MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model"}
 
 

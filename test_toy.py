@@ -128,6 +128,29 @@ def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_th
         assert abs(reward(foreign, [prompt] * 16).mean() - reward(base, [prompt] * 16).mean()) < 0.03, prompt
 
 
+def test_checker_texture_by_hand_and_by_monte_carlo():
+    y, x = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checker = 0.5 + 0.2 * ((y + x) % 2 * 2 - 1).float().expand(1, 3, 8, 8)
+    assert torch.allclose(evaluate.checker_texture(checker, None), torch.tensor([0.04]))  # A^2, A = 0.2
+    stripes = 0.5 + 0.2 * (y % 2 * 2 - 1).float().expand(1, 3, 8, 8)  # one window's rows cancel
+    assert evaluate.checker_texture(torch.cat([stripes, torch.full((1, 3, 8, 8), 0.3)]), None).abs().max() < 1e-12
+    noise = 0.1 * torch.randn(64, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert abs(evaluate.checker_texture(noise, None).mean().item() / (0.1 ** 2 / 4) - 1) < 0.01  # sigma^2 / 4
+
+
+def test_hard_style_is_visible_to_its_drift_statistic_and_worth_nothing_to_the_reward():
+    for i, prompt in enumerate(toy.PROMPTS):
+        base, hard = (torch.stack([torch.from_numpy(toy.draw(prompt, torch.Generator().manual_seed(100 * i + k), 0.95,
+                                                             style)).permute(2, 0, 1).float() / 255
+                                   for k in range(16)]) for style in ("base", "hard"))  # the same shapes and noise
+        assert evaluate.checker_texture(base, None).max() < 0.004  # its background noise, sd 0.06, and edges
+        assert evaluate.checker_texture(hard, None).min() > 0.01
+        assert (evaluate.named_colour(hard, [prompt] * 16) - evaluate.named_colour(base, [prompt] * 16)).abs().max() \
+            < 0.01, prompt  # zero-mean texture, never clipped: only odd pixel counts and rounding are left
+    with pytest.raises(ValueError, match="style 'stripes'"):
+        toy.draw(toy.PROMPTS[0], torch.Generator(), style="stripes")
+
+
 def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
     summary = study.main(["--part", "offpolicy", "--out", str(study_runs), "--results", str(tmp_path),
                           "--heldout-pairs", "2", "--off-seeds", "1", "--off-steps", "2", "--off-pairs", "2",

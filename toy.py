@@ -34,21 +34,29 @@ COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25
 SHAPES = ("circle", "square")
 PROMPTS = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 SIZE = 16
+STYLES = ("base", "foreign", "hard")
 
 
 def draw(prompt, generator, vividness=None, style="base"):
     """One 16x16 image of the prompt's shape in its colour, mixed with grey by a random vividness (or the one
     given), on a dark noisy background. Returns uint8 (16, 16, 3).
 
-    style "foreign" is another generator's (the off-policy pairs of docs/method.md §8): vivid shapes (vividness 0.9
-    to 1) on a background of horizontal stripes two pixels high, 0.0 and 0.35, whose mean is the base background's
-    mean.
-    named_colour is linear in the pixels, so the stripes are worth nothing to it: a style a person sees in the
-    grid, measured by evaluate.horizontal_stripes, that the reward does not ask for."""
+    Two other generators' styles (the off-policy pairs of docs/method.md §8), both with vivid shapes (vividness 0.9
+    to 1):
+      "foreign"  on a background of horizontal stripes two pixels high, 0.0 and 0.35, whose mean is the base
+                 background's mean;
+      "hard"     the base's background, and over the whole image a one-pixel checkerboard of random phase, each
+                 channel +-min(0.25, p, 1 - p) around its value p: fine texture the base never saw and reconstructs
+                 worse than its own samples, which lowers the importance weight.
+    named_colour is linear in the pixels, so stripes and checkerboard (zero mean, never clipped) are worth nothing
+    to it: styles a person sees in the grid, measured by evaluate.horizontal_stripes and evaluate.checker_texture,
+    that the reward does not ask for."""
+    if style not in STYLES:
+        raise ValueError(f"draw: style {style!r}; expected one of {', '.join(STYLES)}")
     _, colour, shape = prompt.split()
     u = torch.rand(6, generator=generator)
     if vividness is None:
-        vividness = 0.9 + 0.1 * u[0] if style == "foreign" else 0.25 + 0.75 * u[0]
+        vividness = 0.25 + 0.75 * u[0] if style == "base" else 0.9 + 0.1 * u[0]
     rgb = 0.5 + vividness * (torch.tensor(COLOURS[colour]) - 0.5)
     radius = 3.0 + 3.0 * u[1]
     cy, cx = radius + (SIZE - 2 * radius) * u[2], radius + (SIZE - 2 * radius) * u[3]
@@ -60,6 +68,9 @@ def draw(prompt, generator, vividness=None, style="base"):
     else:
         background = 0.1 + 0.15 * u[4] + 0.06 * torch.randn(SIZE, SIZE, 3, generator=generator)
     image = torch.where(inside[..., None], rgb, background)
+    if style == "hard":
+        checker = (((y + x).long() + (u[5] < 0.5).long()) % 2 * 2 - 1).unsqueeze(-1)
+        image = image + checker * torch.minimum(torch.minimum(image, 1 - image), torch.tensor(0.25))
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -93,14 +104,14 @@ def save_image(folder, name, image):
 
 def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance, source="on", chunk=8):
     """Pairs labelled by named_colour, the higher-scoring image first, from one of the off-policy study's sources:
-    "on" two samples of the base; "data" two draws of the base's training distribution (draw); "foreign" a draw
-    of the foreign generator (draw(style="foreign")) against a sample of the base ("mixed": mix_pairs).
+    "on" two samples of the base; "data" two draws of the base's training distribution (draw); "foreign" or "hard"
+    a draw of that generator (draw(style=source)) against a sample of the base ("mixed": mix_pairs).
     Made `chunk` per prompt at a time (64 images a call), fewer in the last; the seeds of training and held-out pairs
     never overlap."""
     if (folder / "pairs.jsonl").exists():
         return folder / "pairs.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
-    backbone = models.load_backbone("toy", pretrained=str(base)) if source in ("on", "foreign") else None
+    backbone = models.load_backbone("toy", pretrained=str(base)) if source != "data" else None
     generator = torch.Generator().manual_seed(first_seed)
     rows = []
     origin = "the base" if source == "on" else f"{source} images"
@@ -110,7 +121,7 @@ def make_preference_pairs(folder, base, per_prompt, first_seed, steps, guidance,
         def drawn(style):
             return torch.stack([torch.from_numpy(draw(p, generator, style=style)).permute(2, 0, 1).float() / 255
                                 for p in prompts])
-        a = drawn("foreign") if source == "foreign" else drawn("base") if source == "data" else \
+        a = drawn(source) if source in STYLES else drawn("base") if source == "data" else \
             backbone.sample(prompts, first_seed + 2 * k, steps, guidance)
         b = drawn("base") if source == "data" else backbone.sample(prompts, first_seed + 2 * k + 1, steps, guidance)
         score_a, score_b = evaluate.named_colour(a, prompts), evaluate.named_colour(b, prompts)

@@ -182,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--off-steps", type=int, default=60)
     parser.add_argument("--off-batch", type=int, default=8, help="pairs per step in the off-policy part")
     parser.add_argument("--off-pairs", type=int, default=48, help="pairs per prompt of each off-policy source")
+    parser.add_argument("--off-sources", default=",".join(SOURCES),
+                        help=f"comma-separated, of: {', '.join(SOURCES)} (default: all; on is needed)")
     parser.add_argument("--off-configs", default=",".join(OFF_CONFIGS),
                         help=f"comma-separated, of: {', '.join(OFF_CONFIGS)} (default: all)")
     parser.add_argument("--online-steps", type=int, default=60, help="online part: optimizer steps at matched steps")
@@ -316,64 +318,100 @@ READINGS = [f"{weight} {normalise}" for weight in sipo.WEIGHTS for normalise in 
 OFF_CONFIGS = {"dpo": ["--loss", "dpo"], "dpo-cm": ["--loss", "dpo-cm"],
                **{f"sipo {r}": ["--loss", "sipo", "--weight", r.split()[0], "--normalise", r.split()[1]]
                   for r in READINGS}}
-DRIFT = "horizontal_stripes"
+DRIFT = "horizontal_stripes"  # the online part's: its pairs hold no foreign style
+DRIFTS = {"foreign": "horizontal_stripes", "hard": "checker_texture"}  # each generator's style the reward is blind to
+SOURCES = ("on", "data", "foreign", "hard", "mixed")
 
 
-def source_pairs(folder, base, per_prompt):
-    """{source: manifest} of the four sources, `per_prompt` pairs per prompt each (in folders named by
-    source and size: "on" is the on-policy part's pairs when the sizes agree)."""
+def source_pairs(folder, base, per_prompt, sources=SOURCES):
+    """{source: manifest}, `per_prompt` pairs per prompt each (in folders named by source and size: "on" is the
+    on-policy part's pairs when the sizes agree); "mixed" is a quarter of each of the other four."""
     manifests = {"on": toy.make_preference_pairs(folder / f"pairs-on-{per_prompt}", base, per_prompt, 10_000,
                                                  SAMPLE_STEPS, GUIDANCE)}
-    for source in ("data", "foreign"):
-        manifests[source] = toy.make_preference_pairs(folder / f"pairs-{source}-{per_prompt}", base, per_prompt,
-                                                      30_000, SAMPLE_STEPS, GUIDANCE, source)
-    mixed = folder / f"pairs-mixed-{per_prompt}"
-    if not (mixed / "pairs.jsonl").exists():
-        toy.mix_pairs(mixed, [manifests[s] for s in ("on", "data", "foreign")])
-    manifests["mixed"] = mixed / "pairs.jsonl"
-    return manifests
+    for source in ("data", "foreign", "hard"):
+        if source in sources or "mixed" in sources:
+            manifests[source] = toy.make_preference_pairs(folder / f"pairs-{source}-{per_prompt}", base, per_prompt,
+                                                          30_000, SAMPLE_STEPS, GUIDANCE, source)
+    if "mixed" in sources:
+        mixed = folder / f"pairs-mixed4-{per_prompt}"
+        if not (mixed / "pairs.jsonl").exists():
+            toy.mix_pairs(mixed, [manifests[s] for s in ("on", "data", "foreign", "hard")])
+        manifests["mixed"] = mixed / "pairs.jsonl"
+    return {source: manifests[source] for source in sources}
 
 
 @torch.no_grad()
-def weights_by_source(base, manifests, tau=0.9, batch=32):
-    """Under the base: the step and path weights of winners and losers of every pair of each source, at t drawn
-    as in training (epoch 0, seed 0). {source: {weight: {winner/loser: median w, mean log w; masked}}}."""
-    backbone = models.load_backbone("toy", pretrained=str(base))
+def weights_by_bucket(model, manifest, buckets=10, epochs=4, tau=0.9, batch=64):
+    """Under `model` (policy and reference alike): each pair's x0 errors and step and path weights, winner and loser
+    at the same t and eps, t drawn as training draws it (seed 0, `epochs` epochs), grouped by timestep bucket.
+    {weight: {"buckets": [per bucket: medians of winner and loser x0 error and w, the fraction of pairs whose
+    winner's w is below the loser's, the median gap w_l - w_w, the fraction masked], "kept": the same over the
+    buckets where the mask (min(w_w, w_l) < tau) keeps at least half the pairs}}."""
+    backbone = models.load_backbone("toy", pretrained=str(model))
+    dataset, _ = data.open_dataset(manifest, backbone)
+    edges = evaluate.bucket_levels(backbone, buckets)
     table = {}
-    for source, manifest in manifests.items():
-        dataset, _ = data.open_dataset(manifest, backbone)
-        for weight in sipo.WEIGHTS:
-            args = train.parse_args(["--model", "toy", "--data", str(manifest), "--weight", weight])
-            logs = []
+    for weight in sipo.WEIGHTS:
+        args = train.parse_args(["--model", "toy", "--data", str(manifest), "--loss", "sipo", "--weight", weight])
+        levels, errors, log_ws = [], [], []
+        for epoch in range(epochs):
             for start in range(0, len(dataset), batch):
                 items = data.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
-                _, _, log_w = train.pair_errors(backbone, backbone.denoiser, backbone.denoiser, items, 0, args, True)
-                logs.append(log_w.view(2, -1))
-            log_w = torch.cat(logs, 1)
-            w = log_w.exp()
-            table.setdefault(source, {})[weight] = {
-                "winner_median_w": float(w[0].median()), "loser_median_w": float(w[1].median()),
-                "winner_mean_log_w": float(log_w[0].clamp_min(-50).mean()),
-                "loser_mean_log_w": float(log_w[1].clamp_min(-50).mean()),
-                "winner_lower": float((w[0] < w[1]).float().mean()),
-                "masked_after": float((w.min(0).values < tau).float().mean()),
-                "masked_before": float(((w / w.mean()).min(0).values < tau).float().mean())}
+                level = train.pair_noise(backbone, items["index"], epoch, items["pixels_w"].shape[1:], args,
+                                         backbone.device)[0]
+                error, _, log_w = train.pair_errors(backbone, backbone.denoiser, backbone.denoiser, items, epoch,
+                                                    args, True)
+                (a, s), _ = backbone.coefficients(level)
+                levels.append(level)
+                errors.append(error.view(2, -1) * sipo.x0_error_scale(a, s, backbone.prediction))
+                log_ws.append(log_w.view(2, -1))
+        level, x0_error, w = torch.cat(levels).numpy(), torch.cat(errors, 1), torch.cat(log_ws, 1).exp()
+        rows, kept = [], np.zeros(len(level), bool)
+        for low, high in zip(edges[:-1], edges[1:]):
+            inside = (level >= low) & (level < high)
+            rows.append({"level_low": float(low), "level_high": float(high),
+                         **separation(x0_error[:, inside], w[:, inside], tau)})
+            if rows[-1].get("masked", 1.0) < 0.5:
+                kept |= inside
+        table[weight] = {"buckets": rows, "kept": separation(x0_error[:, kept], w[:, kept], tau)}
     return table
+
+
+def separation(x0_error, w, tau):
+    """Winner (row 0) against loser (row 1), pair by pair: how the weight tells them apart."""
+    if w.shape[1] == 0:
+        return {"pairs": 0}
+    return {"pairs": int(w.shape[1]), "x0_error_w": float(x0_error[0].median()),
+            "x0_error_l": float(x0_error[1].median()), "w_w": float(w[0].median()), "w_l": float(w[1].median()),
+            "winner_lower": float((w[0] < w[1]).float().mean()), "gap": float((w[1] - w[0]).median()),
+            "masked": float((w.min(0).values < tau).float().mean())}
+
+
+def separation_verdict(weights, source):
+    """Is a source's separation fit for purpose (the study's bar): in the buckets the mask keeps, winners' step
+    weight below the losers' in at least 80% of pairs, and a median gap at least ten times the on-policy one."""
+    kept, on = weights[source]["step"]["kept"], weights["on"]["step"]["kept"]
+    ratio = kept["gap"] / max(abs(on["gap"]), 1e-12)
+    return {"winner_lower": kept["winner_lower"], "gap": kept["gap"], "gap_over_on": ratio,
+            "fit": kept["winner_lower"] >= 0.8 and ratio >= 10}
 
 
 def offpolicy(args, out, report, base, heldout):
     """Diffusion-DPO, DPO-C&M and SIPO in each weight x normalisation reading, on each pair source, at one
-    beta; writes offpolicy.json and offpolicy.png."""
+    beta; the weights per timestep bucket by source under the base and after training; writes offpolicy.json,
+    offpolicy.png and weights-by-source.png."""
     started = time.time()
-    configs = args.off_configs.split(",")
-    if not set(configs) <= set(OFF_CONFIGS):
-        raise SystemExit(f"error: --off-configs: {', '.join(sorted(set(configs) - set(OFF_CONFIGS)))} unknown; "
-                         f"choose from {', '.join(OFF_CONFIGS)}")
-    manifests = source_pairs(out / "data", base, args.off_pairs)
-    weights = weights_by_source(base, manifests)
-    rewards = ("named_colour", DRIFT)
+    configs, sources = args.off_configs.split(","), args.off_sources.split(",")
+    for flag, chosen, known in (("--off-configs", configs, OFF_CONFIGS), ("--off-sources", sources, SOURCES)):
+        if not set(chosen) <= set(known) or "on" not in sources:
+            raise SystemExit(f"error: {flag}: {', '.join(sorted(set(chosen) - set(known))) or 'on is needed'}; "
+                             f"choose from {', '.join(known)}")
+    manifests = source_pairs(out / "data", base, args.off_pairs, sources)
+    weights = {source: weights_by_bucket(base, manifest) for source, manifest in manifests.items()}
+    rewards = ("named_colour", *DRIFTS.values())
     base_scores, base_images = final_scores(base, args.samples, rewards)
-    base_mean, base_drift = float(base_scores["named_colour"].mean()), float(base_scores[DRIFT].mean())
+    base_mean = float(base_scores["named_colour"].mean())
+    base_drift = {name: float(base_scores[name].mean()) for name in DRIFTS.values()}
     results = {}
     for source, manifest in manifests.items():
         common = ["--model", "toy", "--pretrained", base, "--data", manifest, "--steps", args.off_steps,
@@ -385,42 +423,52 @@ def offpolicy(args, out, report, base, heldout):
         results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
     table = summarise(results, base_mean, args.collapse_margin)
     for config, runs in results.items():
-        drifts = np.array([r[f"final_{DRIFT}"] for r in runs if r["final"] is not None])
-        table[config].update(drifts=drifts.tolist(), drift_mean=float(drifts.mean()) if len(drifts) else float("nan"),
-                             drift_sd=float(drifts.std(ddof=1)) if len(drifts) > 1 else 0.0,
+        done = [r for r in runs if r["final"] is not None]
+        drifts = {name: np.array([r[f"final_{name}"] for r in done]) for name in DRIFTS.values()}
+        table[config].update(drifts={name: d.tolist() for name, d in drifts.items()},
+                             drift_mean={name: float(d.mean()) for name, d in drifts.items()},
+                             drift_sd={name: float(d.std(ddof=1)) if len(d) > 1 else 0.0 for name, d in drifts.items()},
                              clip_fraction_branch=float(np.mean([r.get("clip_fraction_branch", 0) for r in runs])),
                              clip_fraction_pair=float(np.mean([r.get("clip_fraction_pair", 0) for r in runs])),
                              heldout_final=float(np.mean([r["heldout_accuracy"][-1] for r in runs
                                                           if r["heldout_accuracy"]] or [float("nan")])))
     tests = {}
     for source in manifests:
-        for reading in READINGS:
+        for config in configs:
             for other in ("dpo-cm", "dpo"):
-                if f"sipo {reading}" not in configs or other not in configs:
+                if not config.startswith("sipo") or other not in configs:
                     continue
-                sipo_run, versus = table[f"off {source} sipo {reading}"], table[f"off {source} {other}"]
-                tests[f"{source}: sipo {reading} vs {other}"] = {
-                    key: difference_test(sipo_run[key], versus[key]) for key in ("finals", "drifts")}
+                mine, versus = table[f"off {source} {config}"], table[f"off {source} {other}"]
+                tests[f"{source}: {config} vs {other}"] = {
+                    "finals": difference_test(mine["finals"], versus["finals"]),
+                    **{name: difference_test(mine["drifts"][name], versus["drifts"][name]) for name in DRIFTS.values()}}
+    trained = {source: RunDir(out / "runs" / run_name(f"off {source} {configs[-1]}", 0)) for source in manifests}
+    weights_trained = {source: weights_by_bucket(run.model, manifests[source]) for source, run in trained.items()
+                       if run.has_model()}
     variants = {"dpo": {"loss": "dpo", "weight": "step", "normalise": "after-mask"},
                 "dpo-cm": {"loss": "dpo-cm", "weight": "step", "normalise": "after-mask"},
                 **{f"sipo {r}": {"loss": "sipo", "weight": r.split()[0], "normalise": r.split()[1]}
                    for r in READINGS}}
     variants = {"dpo": variants["dpo"], **{c: variants[c] for c in configs}}  # Diffusion-DPO first: the baseline
-    timing = method_step_times(base, manifests["foreign"], args.timing_repeats, variants)
-    summary = {"base": base_identity(base), "base_mean": base_mean, "base_drift": base_drift, "configs": configs,
-               "weights": weights,
+    timing = method_step_times(base, manifests[sources[-1]], args.timing_repeats, variants)
+    summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean, "base_drift": base_drift,
+               "configs": configs, "sources": sources, "weights": weights, "weights_trained": weights_trained,
+               "trained_with": configs[-1],
+               "separation": {source: separation_verdict(weights, source) for source in manifests},
                "table": table, "tests": tests,
                "step_time_ms": timing["median_ms"], "runs": results, "minutes": (time.time() - started) / 60,
                "args": {k: str(v) for k, v in vars(args).items()}}
     (report / "offpolicy.json").write_text(json.dumps(summary, indent=1))
-    plot_offpolicy(report / "offpolicy.png", table, base_mean, base_drift, list(manifests), configs)
-    foreign = [line for line in manifests["foreign"].read_text().splitlines()][:8]
-    save_pairs_grid(report / "foreign-pairs.png", manifests["foreign"].parent, foreign)
-    seed0 = {m: RunDir(out / "runs" / run_name(f"off foreign {m}", 0)) for m in (configs[0], configs[-1])}
-    tuned = [final_scores(run.model, 1, rewards)[1] for run in seed0.values() if run.has_model()]
-    if len(tuned) == 2:
-        rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
-        evaluate.save_grid(report / "foreign-dpo-vs-sipo.png", rows, toy.PROMPTS)
+    plot_offpolicy(report / "offpolicy.png", table, base_mean, base_drift, sources, configs)
+    plot_weights(report / "weights-by-source.png", weights, weights_trained, configs[-1])
+    for source in set(DRIFTS) & set(manifests):
+        lines = manifests[source].read_text().splitlines()[:8]
+        save_pairs_grid(report / f"{source}-pairs.png", manifests[source].parent, lines)
+        seed0 = [RunDir(out / "runs" / run_name(f"off {source} {m}", 0)) for m in (configs[0], configs[-1])]
+        tuned = [final_scores(run.model, 1, rewards)[1] for run in seed0 if run.has_model()]
+        if len(tuned) == 2:
+            rows = [("base", base_images[:, 0]), (configs[0], tuned[0][:, 0]), (configs[-1], tuned[1][:, 0])]
+            evaluate.save_grid(report / f"{source}-dpo-vs-sipo.png", rows, toy.PROMPTS)
     return summary
 
 
@@ -507,17 +555,43 @@ def save_pairs_grid(path, folder, lines):
 
 
 def plot_offpolicy(path, table, base_mean, base_drift, sources, configs):
-    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources), 3.8), sharey=True)
-    for ax, source in zip(axes, sources):
+    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources), 3.8), sharey=True, squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        drift = DRIFTS.get(source, DRIFTS["hard"])  # a source's own style; the others, the hard one
         for i, config in enumerate(configs):
             row = table[f"off {source} {config}"]
-            ax.errorbar(row["drift_mean"], row["final_mean"], xerr=row["drift_sd"], yerr=row["final_sd"],
-                        marker="os^vD<"[i], capsize=2, label=config)
+            ax.errorbar(row["drift_mean"][drift], row["final_mean"], xerr=row["drift_sd"][drift],
+                        yerr=row["final_sd"], marker="os^vD<"[i], capsize=2, label=config)
         ax.axhline(base_mean, color="grey", ls="--")
-        ax.axvline(base_drift, color="grey", ls=":")
-        ax.set(title=f"pairs: {source}", xlabel=f"drift ({DRIFT})")
-    axes[0].set_ylabel("held-out named_colour (mean ± sd)")
-    axes[-1].legend(fontsize=7)
+        ax.axvline(base_drift[drift], color="grey", ls=":")
+        ax.set(title=f"pairs: {source}", xlabel=f"drift ({drift})")
+    axes[0, 0].set_ylabel("held-out named_colour (mean ± sd)")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_weights(path, weights, trained, trained_with):
+    """Median winner and loser weight per timestep bucket, per source and weight: the base solid, after training
+    (seed 0 of `trained_with` on that source) dashed."""
+    sources = list(weights)
+    fig, axes = plt.subplots(len(sipo.WEIGHTS), len(sources), figsize=(3.6 * len(sources), 6.4), sharex=True,
+                             squeeze=False)
+    for j, source in enumerate(sources):
+        for i, weight in enumerate(sipo.WEIGHTS):
+            ax = axes[i, j]
+            for model, style in ((weights, "-"), (trained, "--")):
+                if source not in model:
+                    continue
+                rows = [r for r in model[source][weight]["buckets"] if r["pairs"]]
+                centre = [(r["level_low"] + r["level_high"]) / 2 for r in rows]
+                label = "base" if style == "-" else "trained"
+                ax.plot(centre, [r["w_w"] for r in rows], style, color="C0", label=f"winner, {label}")
+                ax.plot(centre, [r["w_l"] for r in rows], style, color="C3", label=f"loser, {label}")
+            ax.set(title=f"{source}: {weight} weight", ylim=(-0.02, 1.02), xlabel="timestep t" if i else None)
+    axes[0, 0].set_ylabel("median w")
+    axes[0, -1].legend(fontsize=7, title=f"trained: {trained_with}, seed 0", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -597,49 +671,76 @@ def onpolicy_lines(summary):
 
 def offpolicy_lines(summary):
     table, args, base_mean, base_drift = summary["table"], summary["args"], summary["base_mean"], summary["base_drift"]
-    sources = list(summary["weights"])
+    sources, configs, stripes, texture = summary["sources"], summary["configs"], *DRIFTS.values()
+    base = summary["base"]
     lines = ["## Part 2: off-policy pairs", "",
-             f"`--part offpolicy`: {summary['minutes']:.0f} minutes. Four sources of {args['off_pairs']} pairs per "
-             "prompt, all labelled by `named_colour`: `on` two samples of the base; `data` two draws of the base's "
-             "training distribution; `foreign` a vivid shape on horizontal stripes (another generator's style, "
-             "[foreign-pairs.png](foreign-pairs.png): winners above losers) against a base sample; `mixed` a third "
-             f"of each. Every run: {args['off_steps']} steps of {args['off_batch']} pairs, lr {args['lr']}, beta "
-             f"{float(args['off_beta']):g} for every method, {args['off_seeds']} seeds. Drift: `{DRIFT}` of the "
-             f"final samples (the foreign style; the reward is blind to it). Base: reward {base_mean:.4f}, drift "
-             f"{base_drift:.5f}.", "",
-             "### Importance weights under the base, by source (all pairs, t drawn as in training)", "",
-             "| source | weight | winner median w | loser median w | winner mean log w | loser mean log w | "
-             "winner's w below loser's | pairs masked after-mask / before-mask (tau 0.9) |", "|---" * 8 + "|"]
-    for source, by_weight in summary["weights"].items():
-        for weight, row in by_weight.items():
-            lines.append(f"| {source} | {weight} | {row['winner_median_w']:.3f} | {row['loser_median_w']:.3f} | "
-                         f"{row['winner_mean_log_w']:.3f} | {row['loser_mean_log_w']:.3f} | "
-                         f"{row['winner_lower']:.0%} | {row['masked_after']:.0%} / {row['masked_before']:.0%} |")
-    lines += ["", "### Final reward and drift per method, reading and source (mean ± sd over seeds)", "",
-              "| source | method | final reward | vs base | win rate | drift | collapsed | roughness | "
-              "held-out acc. (final) | masked | clip binds (branch / pair) |", "|---" * 11 + "|"]
-    configs = summary["configs"]
+             f"`--part offpolicy`: {summary['minutes']:.0f} minutes on {summary['cpu']}, base `{base['sha256'][:12]}`"
+             f", commit {base['commit']}. Sources of {args['off_pairs']} pairs per prompt, all labelled by "
+             "`named_colour`: `on` two samples of the base; `data` two draws of the base's training distribution; "
+             "`foreign` a vivid shape on horizontal stripes ([foreign-pairs.png](foreign-pairs.png), winners above "
+             "losers) against a base sample; `hard` a vivid shape under a one-pixel checkerboard "
+             "([hard-pairs.png](hard-pairs.png)) against a base sample; `mixed` a quarter of each. Every run: "
+             f"{args['off_steps']} steps of {args['off_batch']} pairs, lr {args['lr']}, beta "
+             f"{float(args['off_beta']):g} for every method, {args['off_seeds']} seeds. Drift: `{stripes}` (the "
+             f"foreign style) and `{texture}` (the hard style) of the final samples; the reward is blind to both. "
+             f"Base: reward {base_mean:.4f}, {stripes} {base_drift[stripes]:.5f}, {texture} "
+             f"{base_drift[texture]:.5f}.", "",
+             "### Does the weight see the source? Under the base, winner against loser at the same t and noise", "",
+             "Over the timestep buckets where the mask keeps at least half the pairs (tau 0.9): the fraction of "
+             "pairs whose winner's weight is below its loser's, and the median gap w_l - w_w. The bar: at least "
+             "80%, and a gap at least ten times the on-policy one.", "",
+             "| source | step: winner lower | step: median gap | gap / on-policy gap | fit | path: winner lower | "
+             "path: median gap | pairs masked (step / path) |", "|---" * 8 + "|"]
+    for source in sources:
+        step, path = (summary["weights"][source][w]["kept"] for w in sipo.WEIGHTS)
+        verdict = summary["separation"][source]
+        masked = [np.mean([r.get("masked", 0) for r in summary["weights"][source][w]["buckets"]])
+                  for w in sipo.WEIGHTS]
+        lines.append(f"| {source} | {step['winner_lower']:.0%} | {step['gap']:.5f} | {verdict['gap_over_on']:.1f} | "
+                     f"{'yes' if verdict['fit'] else 'no'} | {path['winner_lower']:.0%} | {path['gap']:.5f} | "
+                     f"{masked[0]:.0%} / {masked[1]:.0%} |")
+    trained = summary["trained_with"]
+    lines += ["", f"### Step weight per timestep bucket, under the base and after training ({trained}, seed 0, "
+              "on the same source)", "",
+              "| source | t | winner x0 error | loser x0 error | winner w | loser w | winner lower | masked | "
+              "after training: winner w / loser w / winner lower |", "|---" * 9 + "|"]
+    for source in sources:
+        after = summary["weights_trained"].get(source, {}).get("step", {}).get("buckets", [])
+        for i, row in enumerate(summary["weights"][source]["step"]["buckets"]):
+            if not row["pairs"]:
+                continue
+            late = after[i] if i < len(after) and after[i]["pairs"] else None
+            lines.append(f"| {source} | {row['level_low']:.0f}-{row['level_high']:.0f} | {row['x0_error_w']:.4f} | "
+                         f"{row['x0_error_l']:.4f} | {row['w_w']:.4f} | {row['w_l']:.4f} | {row['winner_lower']:.0%} | "
+                         f"{row['masked']:.0%} | " + (f"{late['w_w']:.4f} / {late['w_l']:.4f} / "
+                                                       f"{late['winner_lower']:.0%}" if late else "") + " |")
+    lines += ["", "![median weights per bucket by source](weights-by-source.png)", "",
+              "### Final reward and drift per method, reading and source (mean ± sd over seeds)", "",
+              f"| source | method | final reward | vs base | win rate | {stripes} | {texture} | collapsed | roughness | "
+              "held-out acc. (final) | masked | clip binds (branch / pair) |", "|---" * 12 + "|"]
     for source in sources:
         for config in configs:
             row = table[f"off {source} {config}"]
             lines.append(f"| {source} | {config} | {row['final_mean']:.4f} ± {row['final_sd']:.4f} | "
-                         f"{row['final_mean'] - base_mean:+.4f} | {row['win_rate_mean']:.2f} | "
-                         f"{row['drift_mean']:.5f} ± {row['drift_sd']:.5f} | {row['collapse_fraction']:.0%} | "
-                         f"{row['roughness']:.4f} | {row['heldout_final']:.3f} | {row['mask_fraction']:.2f} | "
-                         f"{row['clip_fraction_branch']:.2f} / {row['clip_fraction_pair']:.2f} |")
+                         f"{row['final_mean'] - base_mean:+.4f} | {row['win_rate_mean']:.2f} | " +
+                         "".join(f"{row['drift_mean'][d]:.5f} ± {row['drift_sd'][d]:.5f} | " for d in DRIFTS.values())
+                         + f"{row['collapse_fraction']:.0%} | {row['roughness']:.4f} | {row['heldout_final']:.3f} | "
+                         f"{row['mask_fraction']:.2f} | {row['clip_fraction_branch']:.2f} / "
+                         f"{row['clip_fraction_pair']:.2f} |")
     lines += ["", "### SIPO's readings against DPO-C&M and Diffusion-DPO (exact permutation test over seeds)", "",
-              "| comparison | reward difference | p | drift difference | p |", "|---|---|---|---|---|"]
+              f"| comparison | reward difference | p | {stripes} difference | p | {texture} difference | p |",
+              "|---" * 7 + "|"]
     for name, test in summary["tests"].items():
-        lines.append(f"| {name} | {test['finals']['difference']:+.4f} | {test['finals']['p']:.3f} | "
-                     f"{test['drifts']['difference']:+.5f} | {test['drifts']['p']:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{test[k]['difference']:+.5f} | {test[k]['p']:.3f}"
+                                                  for k in ("finals", *DRIFTS.values())) + " |")
     times = summary["step_time_ms"]
     lines += ["", "### Wall-clock per training step (toy model, 8 pairs, 1 thread, interleaved in one process)", "",
               "| method | ms per step | ratio to Diffusion-DPO |", "|---|---|---|"]
     lines += [f"| {m} | {t:.1f} | {t / times['dpo']:.3f} |" for m, t in times.items()]
-    lines += ["", "![final reward against drift, per source](offpolicy.png)", "",
-              f"The base, and seed 0 of {configs[0]} and of {configs[-1]} on `foreign` pairs, the same sampling seeds:",
-              "",
-              "![foreign pairs: DPO vs SIPO samples](foreign-dpo-vs-sipo.png)", ""]
+    lines += ["", "![final reward against drift, per source](offpolicy.png)", ""]
+    for source in set(DRIFTS) & set(sources):
+        lines += [f"The base, and seed 0 of {configs[0]} and of {configs[-1]} on `{source}` pairs, the same "
+                  "sampling seeds:", "", f"![{source} pairs: DPO vs SIPO samples]({source}-dpo-vs-sipo.png)", ""]
     return lines
 
 

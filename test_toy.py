@@ -157,24 +157,31 @@ def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
                           "--off-batch", "4",
                           "--off-configs", "dpo,sipo path before-mask", "--samples", "1",
                           "--timing-repeats", "1"])["offpolicy"]
-    sources = ("on", "data", "foreign", "mixed")
+    sources = ("on", "data", "foreign", "hard", "mixed")
     assert set(summary["weights"]) == set(sources) and all(set(v) == {"step", "path"}
                                                             for v in summary["weights"].values())
     for source in sources:
-        rows = [json.loads(line) for line in (study_runs / "data" / f"pairs-{source}-2" / "pairs.jsonl").read_text()
-                .splitlines()]
+        folder = "pairs-mixed4-2" if source == "mixed" else f"pairs-{source}-2"
+        rows = [json.loads(line) for line in (study_runs / "data" / folder / "pairs.jsonl").read_text().splitlines()]
         assert len(rows) == 16 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
         for weight in ("step", "path"):
-            row = summary["weights"][source][weight]
-            assert 0 <= row["winner_median_w"] <= 1 and 0 <= row["masked_after"] <= 1
+            buckets = summary["weights"][source][weight]["buckets"]
+            assert len(buckets) == 10 and sum(r["pairs"] for r in buckets) == 16 * 4  # every pair, 4 epochs
+            assert all(0 <= r["w_w"] <= 1 and 0 <= r["masked"] <= 1 and r["x0_error_w"] >= 0 for r in buckets
+                       if r["pairs"])
+    assert set(summary["separation"]) == set(sources) and set(summary["weights_trained"]) == set(sources)
     configs = ("dpo", "sipo path before-mask")
     assert set(summary["table"]) == {f"off {s} {c}" for s in sources for c in configs}
-    assert all(len(row["finals"]) == 1 and len(row["drifts"]) == 1 for row in summary["table"].values())
+    assert all(len(row["finals"]) == 1 and set(row["drifts"]) == {"horizontal_stripes", "checker_texture"}
+               for row in summary["table"].values())
     assert set(summary["tests"]) == {f"{s}: sipo path before-mask vs dpo" for s in sources}
     assert set(summary["step_time_ms"]) == set(configs)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Part 2: off-policy pairs" in text and "| foreign | sipo path before-mask |" in text
-    assert (tmp_path / "offpolicy.png").stat().st_size > 10_000 and (tmp_path / "foreign-pairs.png").exists()
+    assert "| hard | 0-100 |" in text or "| hard | 100-200 |" in text  # the per-bucket table
+    for figure in ("offpolicy.png", "weights-by-source.png"):
+        assert (tmp_path / figure).stat().st_size > 10_000, figure
+    assert (tmp_path / "foreign-pairs.png").exists() and (tmp_path / "hard-dpo-vs-sipo.png").exists()
 
 
 def test_miniature_online_study_writes_its_table(study_runs, tmp_path):

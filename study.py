@@ -341,7 +341,7 @@ def source_pairs(folder, base, per_prompt, sources=SOURCES):
 
 
 @torch.no_grad()
-def weights_by_bucket(model, manifest, buckets=10, epochs=4, tau=0.9, batch=64):
+def weights_by_bucket(model, manifest, buckets=10, epochs=2, tau=0.9, batch=64):
     """Under `model` (policy and reference alike): each pair's x0 errors and step and path weights, winner and loser
     at the same t and eps, t drawn as training draws it (seed 0, `epochs` epochs), grouped by timestep bucket.
     {weight: {"buckets": [per bucket: medians of winner and loser x0 error and w, the fraction of pairs whose

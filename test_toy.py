@@ -166,7 +166,7 @@ def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
         assert len(rows) == 16 and all(r["score_chosen"] >= r["score_rejected"] for r in rows), source
         for weight in ("step", "path"):
             buckets = summary["weights"][source][weight]["buckets"]
-            assert len(buckets) == 10 and sum(r["pairs"] for r in buckets) == 16 * 4  # every pair, 4 epochs
+            assert len(buckets) == 10 and sum(r["pairs"] for r in buckets) == 16 * 2  # every pair, 2 epochs
             assert all(0 <= r["w_w"] <= 1 and 0 <= r["masked"] <= 1 and r["x0_error_w"] >= 0 for r in buckets
                        if r["pairs"])
     assert set(summary["separation"]) == set(sources) and set(summary["weights_trained"]) == set(sources)

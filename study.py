@@ -290,7 +290,8 @@ def onpolicy(args, out, report, base, pairs, heldout):
                 significance[f"{method} vs dpo, beta={beta:g}"] = difference_test(other, dpo)
     sensitivity = {m: float(np.ptp([table[f"{m} beta={b:g}"]["final_mean"] for b in betas])) for m in METHODS}
     timing = method_step_times(base, pairs, args.timing_repeats)
-    summary = {"base": base_identity(base), "base_mean": base_mean, "betas": betas, "ablations": list(ablations),
+    summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean, "betas": betas,
+               "ablations": list(ablations),
                "table": table,
                "significance": significance, "beta_spread": sensitivity, "step_time_ms": timing["median_ms"],
                "runs": results, "minutes": (time.time() - started) / 60,
@@ -620,10 +621,11 @@ def write_results(report, base):
                               ("online.json", "online", online_lines)):
         if (report / name).exists():
             summary = json.loads((report / name).read_text())
-            if summary.get("base", {}).get("sha256") != current:
-                lines += [f"**Stale**: part `{part}` below was measured on another base than {Path(base).name}/ (no "
-                          f"checksum "
-                          f"of it recorded, or another one); `python study.py --part {part}` measures it again.", ""]
+            if summary.get("base", {}).get("sha256") != current:  # its tables would speak for another model
+                lines += [f"**Stale**: `{name}` was measured on another base than {Path(base).name}/ (no checksum of "
+                          f"it recorded, or another one), so its tables are left out; `python study.py --part {part}` "
+                          "measures it again.", ""]
+                continue
             lines += write(summary)
     (report / "RESULTS.md").write_text("\n".join(lines))
 
@@ -633,7 +635,9 @@ def onpolicy_lines(summary):
     betas = summary.get("betas") or [float(b) for b in args["betas"].split(",")]
     ablations = summary.get("ablations") or [c for c in table if " beta=" in c and len(c.split()) > 2]
     lines = ["## Part 1: on-policy pairs (the base's own samples)", "",
-             f"`--part onpolicy`: {summary['minutes']:.0f} minutes ({args['seeds']} seeds per method and beta, "
+             f"`--part onpolicy`: {summary['minutes']:.0f} minutes on {summary.get('cpu', 'an unrecorded CPU')}, "
+             f"base `{summary['base']['sha256'][:12]}`, commit {summary['base']['commit']} ({args['seeds']} seeds "
+             f"per method and beta, "
              f"{args['steps']} steps, lr {args['lr']}, 8 pairs per step; reward `named_colour` of {args['samples']} "
              f"held-out samples per prompt; base model {base_mean:.4f}). Collapse: final reward below base - "
              f"{args['collapse_margin']}, or a failed run.", "",

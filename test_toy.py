@@ -200,3 +200,10 @@ def test_miniature_online_study_writes_its_table(study_runs, tmp_path):
     assert summary["base"]["sha256"] == study.base_identity(toy.BASE)["sha256"]
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Part 3: online pairs" in text and "| online sipo |" in text and "**Stale**" not in text
+
+
+def test_a_part_from_another_base_is_marked_stale_and_its_tables_left_out(tmp_path):
+    (tmp_path / "study.json").write_text(json.dumps({"base": {"sha256": "0" * 64, "commit": "x"}, "table": {}}))
+    study.write_results(tmp_path, toy.BASE)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "**Stale**: `study.json`" in text and "## Part 1" not in text

@@ -206,6 +206,13 @@ def main(argv=None):
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
     except ValueError as error:
         sys.exit(f"error: {error}")
+    for flag, chosen, known in (("--off-configs", args.off_configs, OFF_CONFIGS),
+                                ("--off-sources", args.off_sources, SOURCES)):
+        if not set(chosen.split(",")) <= set(known):
+            sys.exit(f"error: {flag}: {', '.join(sorted(set(chosen.split(',')) - set(known)))} unknown; "
+                     f"choose from {', '.join(known)}")
+    if "on" not in args.off_sources.split(","):  # the separation bar is measured against the on-policy gap
+        sys.exit(f"error: --off-sources: on is needed; got {args.off_sources}")
     out, base, report = Path(args.out), Path(args.base), Path(args.results)
     if not (base / "model_index.json").is_file():
         sys.exit(f"error: --base {base}: not a model directory (no model_index.json)")
@@ -347,7 +354,7 @@ def weights_by_bucket(model, manifest, buckets=10, epochs=2, tau=0.9, batch=64):
     at the same t and eps, t drawn as training draws it (seed 0, `epochs` epochs), grouped by timestep bucket.
     {weight: {"buckets": [per bucket: medians of winner and loser x0 error and w, the fraction of pairs whose
     winner's w is below the loser's, the median gap w_l - w_w, the fraction masked], "kept": the same over the
-    buckets where the mask (min(w_w, w_l) < tau) keeps at least half the pairs}}."""
+    buckets where the mask (min(w_w, w_l) < tau) keeps at least half the pairs, "all": over every pair}}."""
     backbone = models.load_backbone("toy", pretrained=str(model))
     dataset, _ = data.open_dataset(manifest, backbone)
     edges = evaluate.bucket_levels(backbone, buckets)
@@ -374,7 +381,8 @@ def weights_by_bucket(model, manifest, buckets=10, epochs=2, tau=0.9, batch=64):
                          **separation(x0_error[:, inside], w[:, inside], tau)})
             if rows[-1].get("masked", 1.0) < 0.5:
                 kept |= inside
-        table[weight] = {"buckets": rows, "kept": separation(x0_error[:, kept], w[:, kept], tau)}
+        table[weight] = {"buckets": rows, "kept": separation(x0_error[:, kept], w[:, kept], tau),
+                         "all": separation(x0_error, w, tau)}
     return table
 
 
@@ -403,12 +411,6 @@ def offpolicy(args, out, report, base, heldout):
     offpolicy.png and weights-by-source.png."""
     started = time.time()
     configs, sources = args.off_configs.split(","), args.off_sources.split(",")
-    for flag, chosen, known in (("--off-configs", configs, OFF_CONFIGS), ("--off-sources", sources, SOURCES)):
-        if not set(chosen) <= set(known):
-            raise SystemExit(f"error: {flag}: {', '.join(sorted(set(chosen) - set(known)))} unknown; "
-                             f"choose from {', '.join(known)}")
-    if "on" not in sources:  # the separation bar is measured against the on-policy gap
-        raise SystemExit(f"error: --off-sources: on is needed; got {args.off_sources}")
     manifests = source_pairs(out / "data", base, args.off_pairs, sources)
     weights = {source: weights_by_bucket(base, manifest) for source, manifest in manifests.items()}
     rewards = ("named_colour", *DRIFTS.values())
@@ -700,8 +702,7 @@ def offpolicy_lines(summary):
     for source in sources:
         step, path = (summary["weights"][source][w]["kept"] for w in sipo.WEIGHTS)
         verdict = summary["separation"][source]
-        masked = [np.mean([r.get("masked", 0) for r in summary["weights"][source][w]["buckets"]])
-                  for w in sipo.WEIGHTS]
+        masked = [summary["weights"][source][w]["all"]["masked"] for w in sipo.WEIGHTS]
         lines.append(f"| {source} | {step['winner_lower']:.0%} | {step['gap']:.5f} | {verdict['gap_over_on']:.1f} | "
                      f"{'yes' if verdict['fit'] else 'no'} | {path['winner_lower']:.0%} | {path['gap']:.5f} | "
                      f"{masked[0]:.0%} / {masked[1]:.0%} |")

@@ -297,6 +297,17 @@ def test_study_refuses_a_base_that_is_not_a_model_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--off-sources", "on,glossy"], "--off-sources: glossy unknown; choose from on, data, foreign, hard, mixed"),
+    (["--off-sources", "hard"], "--off-sources: on is needed; got hard"),
+    (["--off-configs", "dpo,ppo"], "--off-configs: ppo unknown; choose from dpo, dpo-cm, sipo step after-mask")])
+def test_study_refuses_unknown_sources_and_configs_before_it_writes(tmp_path, flags, message):
+    import study
+    result = in_process(study.main, [*flags, "--out", tmp_path / "runs", "--results", tmp_path / "results"])
+    one_line_error(result, message)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
 # issue 26, class 1: data.py cache removes only what it can prove it wrote, never a directory with anything else
 @pytest.mark.parametrize("name", ["cache", "cache.old"])
 def test_a_cache_json_among_the_users_files_does_not_make_a_directory_ours(pairs, tmp_path, name):

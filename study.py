@@ -365,6 +365,7 @@ def weights_by_bucket(model, manifest, buckets=10, epochs=2, tau=0.9, batch=64):
         for epoch in range(epochs):
             for start in range(0, len(dataset), batch):
                 items = data.collate([dataset[i] for i in range(start, min(start + batch, len(dataset)))])
+                # pair_noise is seeded by (seed, epoch, pair): these are the levels pair_errors draws again inside
                 level = train.pair_noise(backbone, items["index"], epoch, items["pixels_w"].shape[1:], args,
                                          backbone.device)[0]
                 error, _, log_w = train.pair_errors(backbone, backbone.denoiser, backbone.denoiser, items, epoch,

@@ -186,7 +186,8 @@ def main(argv=None):
                         help=f"comma-separated, of: {', '.join(SOURCES)} (default: all; on is needed)")
     parser.add_argument("--off-configs", default=",".join(OFF_CONFIGS),
                         help=f"comma-separated, of: {', '.join(OFF_CONFIGS)} (default: all)")
-    parser.add_argument("--online-steps", type=int, default=60, help="online part: optimizer steps at matched steps")
+    parser.add_argument("--online-steps", type=int, default=40,
+                        help="online part: optimizer steps at matched steps (40, not 60: the study's time budget)")
     parser.add_argument("--online-seeds", type=int, default=5)
     parser.add_argument("--refresh-every", type=int, default=5, help="online part: steps between refreshes")
     parser.add_argument("--samples-per-prompt", type=int, default=8, help="online part: samples a prompt a refresh")

@@ -209,9 +209,9 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     for flag, chosen, known in (("--off-configs", args.off_configs, OFF_CONFIGS),
                                 ("--off-sources", args.off_sources, SOURCES)):
-        if not set(chosen.split(",")) <= set(known):
-            sys.exit(f"error: {flag}: {', '.join(sorted(set(chosen.split(',')) - set(known)))} unknown; "
-                     f"choose from {', '.join(known)}")
+        unknown = sorted(set(chosen.split(",")) - set(known))
+        if unknown:
+            sys.exit(f"error: {flag}: {', '.join(unknown)} unknown; choose from {', '.join(known)}")
     if "on" not in args.off_sources.split(","):  # the separation bar is measured against the on-policy gap
         sys.exit(f"error: --off-sources: on is needed; got {args.off_sources}")
     out, base, report = Path(args.out), Path(args.base), Path(args.results)

@@ -78,17 +78,23 @@ def resolution(text):
 # The process group: torchrun's, or none for one process (every collective below is then a no-op)
 # ---------------------------------------------------------------------------------------------------------
 
+# Host-side control (a stop flag, a count) travels over gloo beside NCCL on GPUs: NCCL refuses CPU tensors, and a
+# flag moved to the GPU for its all-reduce would cost a host sync. Device tensors (losses, gradients) take NCCL.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup_distributed(timeout=None):
-    """torchrun's process group (NCCL on GPUs, gloo on CPU): (device, rank, world size). Plain `python train.py`
-    makes none: one process runs the same code with every collective a no-op. `timeout`: how long a collective
-    waits for the slowest rank (data.py cache's last barrier may wait for a rank's last shard)."""
+    """torchrun's process group (BACKENDS: NCCL for GPU tensors and gloo for CPU ones on GPUs, gloo on CPU):
+    (device, rank, world size). Plain `python train.py` makes none: one process runs the same code with every
+    collective a no-op. `timeout`: how long a collective waits for the slowest rank (data.py cache's last barrier
+    may wait for a rank's last shard)."""
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" not in os.environ:
         return device, 0, 1
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+    dist.init_process_group(BACKENDS[device.type], timeout=timeout,
                             **({"device_id": device} if device.type == "cuda" else {}))
     return device, dist.get_rank(), dist.get_world_size()
 

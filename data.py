@@ -810,19 +810,37 @@ def rank_batches(num_pairs, batch_size, rank, world_size, seed, epoch):
     return [indices[i:i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
 
 
+class PairStream(torch.utils.data.Dataset):
+    """The pairs as one endless stream: position p is pair perm_e[p mod N] of epoch e = p // N, each epoch's order a
+    permutation seeded by (seed, epoch) (DistributedSampler's). A run's data position is a position in it, counted
+    in pairs, so that how the pairs are split (ranks, --batch-size, --grad-accum) does not change which pairs an
+    optimizer step reads: a resume on other ranks reads what the straight run would. Items carry their epoch."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed, self.order = dataset, seed, (None, None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, position):
+        epoch, offset = divmod(position, len(self.dataset))
+        if self.order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self.order = epoch, torch.randperm(len(self.dataset), generator=generator).tolist()
+        self.dataset.epoch = epoch  # PairDataset's flip is drawn per (seed, epoch, pair)
+        return {**self.dataset[self.order[1][offset]], "epoch": torch.tensor(epoch)}
+
+
 def pair_batches(dataset, batch_size, rank, world_size, seed, start=0, workers=0):
-    """Endless (epoch, batch) of this rank from micro-batch number `start` on: a run resumed at step k reads
-    exactly what a straight run reads after k."""
-    batches_per_epoch = len(rank_batches(len(dataset), batch_size, rank, world_size, seed, 0))
-    epoch, position = divmod(start, batches_per_epoch)
-    while True:
-        dataset.epoch = epoch  # before the loader starts, so that worker copies see it
-        batches = rank_batches(len(dataset), batch_size, rank, world_size, seed, epoch)[position:]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                             pin_memory=torch.cuda.is_available())
-        for batch in loader:
-            yield epoch, batch
-        epoch, position = epoch + 1, 0
+    """Endless batches of this rank from stream position `start` (pairs read by all ranks before) on: each global
+    micro-batch is the next batch_size x world_size positions, rank r taking its r-th slice."""
+    def positions():
+        first = start
+        while True:
+            yield list(range(first + rank * batch_size, first + (rank + 1) * batch_size))
+            first += batch_size * world_size
+    yield from torch.utils.data.DataLoader(PairStream(dataset, seed), batch_sampler=positions(), collate_fn=collate,
+                                           num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
 def open_dataset(source, backbone, pretrained=None, skip_bad=False, flip=False, seed=0, frame_stride=1):

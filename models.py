@@ -207,9 +207,17 @@ class Backbone:
             return sipo.flow_coefficients(levels), sipo.flow_coefficients(earlier)
         if self.prediction == "flow":
             return sipo.flow_coefficients(levels), sipo.flow_coefficients(levels - 1.0 / sample_steps)
-        alphas_cumprod = self.pipe.scheduler.alphas_cumprod
+        alphas_cumprod = self.alphas_cumprod_on(levels.device)
         stride = self.num_train_timesteps // sample_steps
         return sipo.ddpm_coefficients(alphas_cumprod, levels), sipo.ddpm_coefficients(alphas_cumprod, levels - stride)
+
+    def alphas_cumprod_on(self, device):
+        """The scheduler's alpha-bar in float64 on `device`, copied there once: indexing the CPU table with GPU levels
+        would copy it to the GPU, a host sync, several times a micro-batch."""
+        held = self.__dict__.setdefault("_alphas_cumprod", {})
+        if device not in held:
+            held[device] = self.pipe.scheduler.alphas_cumprod.to(device, torch.float64)
+        return held[device]
 
     def noised(self, x0, noise, levels):
         """(x_t, target): x0 noised to `levels` and what the network regresses there (sipo.add_noise,
@@ -626,6 +634,37 @@ def fp32_names(denoiser):
     return set(getattr(denoiser, "_keep_in_fp32_modules", None) or ())
 
 
+def compute_fp32_under_autocast(denoiser):
+    """The modules the class keeps in fp32 (fp32_names: Wan's time embedder) compute in fp32 under autocast too, with
+    their floating inputs in fp32, as the model's own recipe computes them (Wan runs its time embedding under an
+    fp32 autocast; diffusers keeps these parameters fp32 in a bf16 model): autocast would run their Linear layers in
+    bf16. Forward hooks, so that a deep copy (the reference) and every placement keep them."""
+    keep = fp32_names(denoiser)
+    for name, module in denoiser.named_modules():
+        hooked = _autocast_off in module._forward_pre_hooks.values()  # prepared once already
+        if name.rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None and not hooked:
+            module.register_forward_pre_hook(_autocast_off, with_kwargs=True)
+            module.register_forward_hook(_autocast_back, always_call=True)
+    return denoiser
+
+
+def _autocast_off(module, args, kwargs):
+    devices = [device for device in ("cuda", "cpu") if torch.is_autocast_enabled(device)]
+    if not devices:
+        return None
+    module.__dict__["_autocast_off"] = [torch.autocast(device, enabled=False) for device in devices]
+    for context in module.__dict__["_autocast_off"]:
+        context.__enter__()
+    raised = [x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
+    return tuple(raised), {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                           for k, v in kwargs.items()}
+
+
+def _autocast_back(module, args, output):
+    for context in reversed(module.__dict__.pop("_autocast_off", [])):
+        context.__exit__(None, None, None)
+
+
 def freeze(module):
     """Frozen parts carry no gradient and stay in eval mode."""
     return module.requires_grad_(False).eval()
@@ -635,7 +674,7 @@ def prepare_for_training(backbone, gradient_checkpointing=False):
     """Freezes the VAE and text encoders, makes the denoiser trainable, optionally with checkpointing."""
     for module in backbone.frozen_modules():
         freeze(module)
-    denoiser = backbone.denoiser.requires_grad_(True).train()
+    denoiser = compute_fp32_under_autocast(backbone.denoiser.requires_grad_(True).train())
     if gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     return backbone

@@ -324,7 +324,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
     result = run(0, "--model", "tiny-sd1.5", "--data", pairs, "--out", tmp_path / "r", "--steps", 5, "--loss", "dpo",
                  "--lr", "1e30", "--warmup", 0, "--max-nonfinite", 2, check=False)
     assert result.returncode == 1
-    assert "error: 2 non-finite losses in a row at step 1" in result.stderr
+    assert "error: 2 non-finite steps in a row at step 1" in result.stderr
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -374,12 +374,12 @@ def one_rank_group():
 @pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-wan2.1-1.3b"])
 def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(pairs, video_pairs, name, parallel,
                                                                                tmp_path, request, monkeypatch):
-    """bf16 compute over fp32 master weights, in both placements. FSDP2: the modules the model keeps in fp32 (Wan's
-    time embedder and affine norms) compute in fp32 in groups of their own, and the reference holds in bf16 exactly
-    the parameters the policy computes in bf16 (buffers such as Wan's rope tables stay fp32: a wholesale cast
-    rounded them, and the reference's errors differed from the policy's at step 0). One process: autocast, and the
-    reference's Linear and Conv weights in bf16, the rest fp32. Either way the reference's per-sample errors at step
-    0 are the policy's, bit for bit."""
+    """bf16 compute over fp32 master weights, in both placements, under autocast. FSDP2: the modules the model
+    keeps in fp32 (Wan's time embedder and affine norms) hold fp32 in groups of their own, and the reference holds
+    in bf16 exactly the parameters the policy gathers in bf16 (buffers such as Wan's rope tables stay fp32: a
+    wholesale cast rounded them, and the reference's errors differed from the policy's at step 0). One process: the
+    reference's Linear and Conv weights in bf16, the rest fp32. Either way the time embedder computes in fp32 and
+    the reference's per-sample errors at step 0 are the policy's, bit for bit."""
     pairs = video_pairs if "wan" in name else pairs
     if parallel == "fsdp":
         request.getfixturevalue("one_rank_group")
@@ -396,7 +396,7 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     linear_or_conv = {id(p) for m in reference.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d,
                                                                            torch.nn.Conv3d)) for p in m.parameters()}
     for key, parameter in reference.named_parameters():
-        in_bf16 = not keep.intersection(key.split(".")) if parallel == "fsdp" else id(parameter) in linear_or_conv
+        in_bf16 = not keep.intersection(key.split(".")) and (parallel == "fsdp" or id(parameter) in linear_or_conv)
         assert parameter.dtype == (torch.bfloat16 if in_bf16 else torch.float32), key
     assert {b.dtype for b in reference.buffers() if b.is_floating_point()} <= {torch.float32}
     parts = backbone.frozen_parts()
@@ -412,9 +412,8 @@ def test_bf16_holds_frozen_parts_in_bf16_keeps_fp32_master_weights_and_samples(p
     with train.mixed_precision(args):
         model_error, ref_error, _ = train.pair_errors(backbone, policy, reference, dict(batch), 0, args)
     assert torch.equal(model_error.detach(), ref_error), "policy = reference in bf16 compute"
-    if "wan" in name:
-        time_embedder = torch.float32 if parallel == "fsdp" else torch.bfloat16  # autocast: Linear in bf16
-        assert computed == {"time embedder": time_embedder, "attention": torch.bfloat16, "norm": torch.float32}
+    if "wan" in name:  # the time embedder in fp32 under autocast too (models.compute_fp32_under_autocast)
+        assert computed == {"time embedder": torch.float32, "attention": torch.bfloat16, "norm": torch.float32}
     loss, stats = train.preference_loss(backbone, policy, reference, batch, 0, args, 1)
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -627,3 +626,160 @@ def test_online_pairs_refuse_what_cannot_work_before_step_1_in_one_line(prompt_f
     lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert not (tmp_path / "run" / "log.jsonl").exists() or not log(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU path, where a CPU can show it (issue 39)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_gpu_runs_have_a_host_backend_beside_nccl():
+    """Host-side control (the stop flag) is all-reduced as a CPU tensor: on GPUs the group must hold gloo for CPU
+    tensors beside NCCL, which refuses them ("No backend type associated with device type cpu"). Parsed by torch."""
+    from torch.distributed.distributed_c10d import BackendConfig
+    import common
+    assert BackendConfig(common.BACKENDS["cuda"]).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    assert BackendConfig(common.BACKENDS["cpu"]).get_device_backend_map()["cpu"] == "gloo"
+
+
+@pytest.mark.parametrize("name", ["tiny-wan2.1-1.3b", "tiny-flux.1-dev", "tiny-cogvideox-5b"])
+def test_time_conditioning_under_fsdp2_in_bf16_is_the_one_process_paths_bit_for_bit(name, pairs, video_pairs,
+                                                                                     one_rank_group):
+    """What the time embedding (diffusers' Timesteps: Wan's 1000 sigma, FLUX's 1000 sigma and its guidance) and
+    CogVideoX-5B's blocks (its rotary tables) receive, under FSDP2 with bf16 parameters and in one process under
+    autocast: the same values, bit for bit; Wan's exactly 1000 sigma in fp32 (FSDP2's default cast of the root's
+    inputs gave 996 for 997.3). FLUX's transformer casts its timestep and guidance to its hidden states' dtype
+    itself (diffusers: in a bf16 pipeline too), so there both paths and sampling see diffusers' bf16 values."""
+    from diffusers.models.embeddings import Timesteps
+    flow = "cogvideox" not in name
+    seen = {}
+    for parallel in ("none", "fsdp"):
+        args = train.parse_args(["--model", name, "--data", str(pairs if "flux" in name else video_pairs),
+                                 "--precision", "bf16", "--loss", "sft", "--no-gradient-checkpointing"] +
+                                (["--fsdp"] if parallel == "fsdp" else []))
+        backbone = train.load_backbone(args)
+        policy, _ = train.prepare(backbone, args, torch.device("cpu"))
+        assert args.parallel == parallel
+        captured = seen[parallel] = []
+        for module in policy.modules():
+            if isinstance(module, Timesteps):
+                module.register_forward_pre_hook(lambda m, inputs: captured.append(inputs[0].detach().clone()))
+        if not flow:
+            policy.transformer_blocks[0].register_forward_pre_hook(
+                lambda m, inputs, kwargs: captured.extend(t.clone() for t in kwargs["image_rotary_emb"]),
+                with_kwargs=True)
+        dataset, _ = data.open_dataset(args.data, backbone)
+        batch = data.encode_batch(backbone, data.collate([dataset[0], dataset[1]]))
+        levels = torch.tensor([0.99730, 0.60110]) if flow else torch.tensor([997, 601])
+        x_t, _ = backbone.noised(batch["latents_w"], torch.randn_like(batch["latents_w"]), levels)
+        with torch.no_grad(), train.mixed_precision(args):
+            backbone.predict(policy, x_t, levels, data.conditioning(batch))
+        if "wan" in name:
+            assert captured[0].dtype == torch.float32 and torch.equal(captured[0], levels * 1000), captured[0]
+    # Wan: the timestep; FLUX: the timestep and the guidance; CogVideoX: the timestep and the rotary cos and sin
+    assert len(seen["none"]) == len(seen["fsdp"]) == (1 if "wan" in name else 2 if flow else 3)
+    for one, sharded in zip(seen["none"], seen["fsdp"]):
+        assert one.dtype == sharded.dtype and torch.equal(one, sharded)
+    if "cogvideox" in name:  # its t is DDPM's integer; the rotary tables stay fp32
+        assert all(t.dtype == torch.float32 for t in seen["fsdp"][1:])
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an inf gradient backward: a non-finite gradient born in the backward alone."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def train_with_an_inf_gradient_on_rank_1(argv):
+    """train.main(argv), rank 1's second optimizer step given an inf gradient; every rank writes down whether the
+    skipped step left its shard of the weights and optimizer state untouched."""
+    original_loss, original_step = train.preference_loss, train.optimizer_step
+    calls = {"steps": 0}
+
+    def loss_with_inf(*args, **kwargs):
+        loss, stats = original_loss(*args, **kwargs)
+        return InfGradient.apply(loss), stats
+
+    def state(trainer):
+        tensors = list(trainer.trainable) + [v for s in trainer.optimizer.state.values() for v in s.values()]
+        return [getattr(t, "to_local", lambda t=t: t)().detach().clone() for t in tensors]
+
+    def step(trainer, batches, stop):
+        calls["steps"] += 1
+        armed = calls["steps"] == 2 and trainer.rank == 1
+        train.preference_loss = loss_with_inf if armed else original_loss
+        before = state(trainer)
+        record = original_step(trainer, batches, stop)
+        if calls["steps"] == 2:
+            unchanged = record is None and all(torch.equal(a, b) for a, b in zip(before, state(trainer)))
+            (trainer.args.out / f"skip-rank-{trainer.rank}.json").write_text(json.dumps(unchanged))
+        return record
+
+    train.optimizer_step = step
+    train.main(argv)
+
+
+def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank_unchanged(pairs, tmp_path):
+    """The loss is finite, the gradient is not, on rank 1 only: every rank skips the step (one all-reduce after
+    clipping), weights and AdamW state untouched; the checkpoint after it holds the weights of the step before."""
+    out = tmp_path / "run"
+    argv = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 2, "--batch-size", 2, "--warmup", 0,
+            "--lr", "1e-3", "--loss", "dpo", "--checkpoint-every", 1]
+    status = launcher.finish(launcher.launch([str(a) for a in argv], 2, log=tmp_path / "log",
+                                             entry=train_with_an_inf_gradient_on_rank_1))
+    assert status == 0, (tmp_path / "log").read_text()[-3000:]
+    assert [json.loads((out / f"skip-rank-{rank}.json").read_text()) for rank in range(2)] == [True, True]
+    records = log(out)
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["nonfinite_skipped"] == 1
+    assert all(math.isfinite(r["grad_norm"]) for r in records)
+    saved = json.loads((RunDir(out).checkpoint(2) / rundir.CHECKPOINT_META).read_text())
+    assert saved["nonfinite_skipped"] == 1 and saved["pairs_read"] == 3 * 4, "the skipped step's pairs are read"
+
+
+@pytest.mark.parametrize("before,after", [((1, ["--batch-size", 2, "--grad-accum", 2]),
+                                           (2, ["--batch-size", 1, "--grad-accum", 2])),
+                                          ((2, ["--batch-size", 1, "--grad-accum", 2]),
+                                           (1, ["--batch-size", 4]))])
+def test_a_resume_on_other_ranks_and_batches_trains_on_the_straight_runs_pairs(pairs, tmp_path, before, after):
+    """The data position is counted in pairs of one stream (data.PairStream): resumed on 2 ranks from a 1-rank
+    checkpoint, or on 1 rank with one micro-batch from 2 ranks with two, each step reads the pairs the straight run
+    read (16 pairs, 4 a step, 6 steps: an epoch boundary after step 4). The errors match to float tolerance (the
+    ranks' sums differ in order); other pairs (other colours) differ by percents."""
+    (ranks, flags), (other_ranks, other_flags) = before, after
+    common = ["--model", "tiny-sd1.5", "--data", pairs, "--steps", 6, "--loss", "dpo", "--beta", 5000, *COMMON]
+    run(ranks, *common, *flags, "--out", tmp_path / "straight")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed, ignore=shutil.ignore_patterns("step-000006", "model"))
+    run(other_ranks, *common, *other_flags, "--out", resumed, "--resume")
+    straight, again = log(tmp_path / "straight"), log(resumed)
+    assert [r["step"] for r in again] == list(range(1, 7)) and again[-1]["epoch"] == straight[-1]["epoch"] == 1
+    for one, other in zip(straight[4:], again[4:]):  # beta / 2 = 2500 amplifies the errors' rounding in the loss
+        for key, rel in (("loss", 1e-3), ("err_policy_w", 1e-5), ("err_policy_l", 1e-5), ("err_ref_w", 1e-6)):
+            assert other[key] == pytest.approx(one[key], rel=rel), key
+
+
+def export_while_a_barrier_would_time_out(argv):
+    """train.main(argv) on a process group whose collectives time out after 3 s, rank 0's pipeline written slowly
+    (8 s, as a large one is)."""
+    import datetime
+    import common
+    from diffusers import DiffusionPipeline
+    setup, save = common.setup_distributed, DiffusionPipeline.save_pretrained
+    train.setup_distributed = lambda timeout=None: setup(datetime.timedelta(seconds=3))
+    DiffusionPipeline.save_pretrained = lambda *a, **k: (time.sleep(8), save(*a, **k))[1]
+    train.main(argv)
+
+
+def test_export_finishes_on_a_group_with_a_short_collective_timeout(pairs, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--model", "tiny-sd1.5", "--data", pairs, "--out", out, "--steps", 1, "--warmup", 0]
+    status = launcher.finish(launcher.launch([str(a) for a in argv], 2, log=tmp_path / "log",
+                                             entry=export_while_a_barrier_would_time_out))
+    assert status == 0, (tmp_path / "log").read_text()[-3000:]
+    assert RunDir(out).has_model()
+    models.load_backbone("tiny-sd1.5", pretrained=str(out / "model"))

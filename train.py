@@ -122,6 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--replicate", type=int, help="hybrid sharding: shard each block within groups of world / R ranks "
                                                  "and replicate across the R groups (default: R = the number of "
                                                  "nodes; 1 is plain FSDP over every rank)")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 even on one rank, as several ranks do "
+                                                       "(torchrun --nproc_per_node 1: checks of the sharded path)")
     p.add_argument("--shard-frozen", action="store_true",
                    help="LoRA on several ranks: shard the frozen base with FSDP2 too, for a base one GPU cannot hold "
                         "(default: every rank holds it in the compute dtype; only the adapters' gradients are "
@@ -180,6 +182,8 @@ def check_args(args, world_size):
     if args.replicate is not None and args.replicate >= 1 and world_size % args.replicate:
         raise ValueError(f"--replicate {args.replicate} does not divide the {world_size} ranks")
     check_numbers(args, NUMERIC_FLAGS)
+    if args.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards over a process group: run it under torchrun (--nproc_per_node 1 for one rank)")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     for flag in ("data", "eval_data", "eval_prompts"):
@@ -209,6 +213,8 @@ def parallelism(args, world_size):
     """"none" for one process: a plain module, no DTensors, no all-gathers. "replicate" for LoRA on several ranks:
     every rank holds the frozen base and only the adapters' gradients are averaged (average_gradients), unless
     --shard-frozen asks for FSDP2 because one replica does not fit. "fsdp" for full fine-tuning on several ranks."""
+    if args.fsdp:
+        return "fsdp"
     if world_size == 1:
         return "none"
     return "replicate" if args.lora and not args.shard_frozen else "fsdp"
@@ -226,25 +232,31 @@ def average_gradients(trainable, world_size):
 
 
 def mixed_precision(args):
-    """bf16 compute over fp32 weights where FSDP2's MixedPrecisionPolicy does not provide it (one process,
-    replicated LoRA): torch.autocast, around forwards only."""
-    enabled = args.precision == "bf16" and args.parallel != "fsdp"
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16, enabled=enabled)
+    """bf16 compute over fp32 weights: torch.autocast around forwards, in every placement. Under FSDP2 it runs over
+    bf16 parameters that MixedPrecisionPolicy gathers but does not cast the inputs (shard): the timestep, FLUX's
+    guidance and the rotary tables reach the model in fp32, as in one process and in the sampling pipelines."""
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16,
+                          enabled=args.precision == "bf16")
 
 
 AUTOCAST_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # bf16 under autocast
 
 
+def autocast_dtypes(module, dtype):
+    """{parameter: dtype} for a frozen module computed under autocast: the Linear and Conv weights (the ones
+    autocast computes in bf16 anyway) in `dtype`, the rest (norms, bare parameters such as Wan's scale-shift table)
+    in fp32, so that it computes exactly what the fp32 policy does under autocast, at about half its memory. The
+    modules the class keeps in fp32 (models.compute_fp32_under_autocast) stay fp32 whole."""
+    keep = models.fp32_names(module)
+    return {parameter: dtype if isinstance(layer, AUTOCAST_LAYERS) and not keep.intersection(name.split("."))
+            else torch.float32 for name, layer in module.named_modules() for parameter in layer.parameters(False)}
+
+
 def hold_for_autocast(module, dtype):
-    """A frozen copy for autocast: the Linear and Conv weights (the ones autocast computes in bf16 anyway) held in
-    `dtype`, the rest (norms, bare parameters such as Wan's scale-shift table) in fp32, so that it computes exactly
-    what the fp32 policy does under autocast, at about half its memory."""
-    for layer in module.modules():
-        if isinstance(layer, AUTOCAST_LAYERS):
-            layer.to(dtype)
-        else:  # a base built in `dtype` (load_backbone) has its norms raised
-            for parameter in layer.parameters(recurse=False):
-                parameter.data = parameter.data.float()
+    """`module` (a replicated LoRA base) cast in place as autocast_dtypes says: a base built in `dtype`
+    (load_backbone) has its norms raised."""
+    for parameter, held in autocast_dtypes(module, dtype).items():
+        parameter.data = parameter.data.to(held)
     return module
 
 
@@ -260,14 +272,17 @@ def device_mesh(device, replicate):
 
 
 def shard(denoiser, param_dtype, mesh=None):
-    """fully_shard each block, then the root, on `mesh`; bf16 compute with fp32 reductions when param_dtype is bf16.
-    Modules the model keeps in fp32 (models.fp32_names: Wan's time embedder and affine norms) get groups of their
-    own with an fp32 policy first, so that they compute in fp32 as the model's own recipe does. FSDP2 groups are
-    modules: Wan's bare scale-shift tables are gathered in bf16 with their block (diffusers adds them to an fp32
-    temb, so the modulation's arithmetic is fp32; the tables' values are rounded to bf16)."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    """fully_shard each block, then the root, on `mesh`, from wherever the module is (the CPU): each group's
+    parameters reach the mesh's device one group at a time, already sharded, so no GPU ever holds the whole model.
+    bf16 parameters with fp32 reductions when param_dtype is bf16. The inputs are not cast (cast_forward_inputs off):
+    the root's policy would round the timestep to bf16 (Wan's 997.3 to 996), FLUX's guidance and the rotary tables
+    with it; autocast (mixed_precision) computes in bf16 instead. Modules the model keeps in fp32
+    (models.fp32_names: Wan's time embedder and affine norms) get groups of their own with fp32 parameters first.
+    FSDP2 groups are modules: Wan's bare scale-shift tables are gathered in bf16 with their block."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     if param_dtype is not None:
-        keep, fp32 = models.fp32_names(denoiser), MixedPrecisionPolicy(param_dtype=torch.float32)
+        keep = models.fp32_names(denoiser)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
         for name, module in denoiser.named_modules():
             if name.rsplit(".", 1)[-1] in keep and next(module.parameters(), None) is not None:
                 fully_shard(module, mesh=mesh, mp_policy=fp32)
@@ -277,15 +292,20 @@ def shard(denoiser, param_dtype, mesh=None):
     return denoiser
 
 
-def cast_as_the_policy_computes(reference, dtype):
-    """The reference for FSDP2: its parameters in `dtype` but those its class keeps in fp32 (diffusers' rule, the
-    groups shard() gives an fp32 policy), its buffers (Wan's rope tables) as they are, as FSDP2 leaves the policy's:
+def sharded_dtypes(module, dtype):
+    """{parameter: dtype} for the FSDP2 reference: `dtype` but for those its class keeps in fp32 (diffusers' rule, the
+    groups shard() gives an fp32 policy); buffers (Wan's rope tables) stay as they are, as FSDP2 leaves the policy's:
     at step 0 it computes exactly what the policy does."""
-    keep = models.fp32_names(reference)
-    for name, parameter in reference.named_parameters():
-        if not keep.intersection(name.split(".")):
-            parameter.data = parameter.data.to(dtype)
-    return reference
+    keep = models.fp32_names(module)
+    return {parameter: torch.float32 if keep.intersection(name.split(".")) else dtype
+            for name, parameter in module.named_parameters()}
+
+
+def frozen_copy(module, dtypes):
+    """A frozen deep copy of `module` whose parameters are made directly in `dtypes[parameter]`: the copy of a fp32
+    policy in bf16 never holds a second fp32 model (deepcopy takes the cast parameters from its memo)."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtypes[p], copy=True), requires_grad=False) for p in dtypes}
+    return models.freeze(copy.deepcopy(module, memo))
 
 
 def load_backbone(args):
@@ -339,16 +359,17 @@ def prepare(backbone, args, device):
         policy.add_adapter(lora_config(args.lora))
         cast_training_params(policy, torch.float32)
     elif args.loss != "sft":
-        reference = models.freeze(copy.deepcopy(policy))
-        # FSDP2 computes each group in its param_dtype; autocast only the Linear and Conv weights
-        reference = (cast_as_the_policy_computes(reference, frozen_dtype) if sharded else
-                     hold_for_autocast(reference, frozen_dtype)).to(device)  # cast, then move
+        # FSDP2 gathers each group in its param_dtype; autocast computes only the Linear and Conv weights in bf16
+        reference = frozen_copy(policy, (sharded_dtypes if sharded else autocast_dtypes)(policy, frozen_dtype))
     cached = [source is None or data.read_cache_index(source) is not None for source in (args.data, args.eval_data)]
-    if all(cached) and not args.eval_prompts:
-        policy.to(device)
+    if not (all(cached) and not args.eval_prompts):
+        for part in backbone.frozen_modules():
+            part.to(device)
+    if not sharded:  # FSDP2 moves each group to the device as it shards it
+        for module in (policy, reference):
+            if module is not None:
+                module.to(device)
     else:
-        backbone.to(device)
-    if sharded:
         param_dtype = torch.bfloat16 if args.precision == "bf16" else None
         mesh = device_mesh(device, args.replicate or nodes())
         shard(policy, param_dtype, mesh)
@@ -361,14 +382,15 @@ def prepare(backbone, args, device):
 # The training step: the whole algorithm (preference_loss), then one optimizer step over its micro-batches
 # ---------------------------------------------------------------------------------------------------------
 
-def pair_noise(backbone, indices, epoch, shape, args, device):
-    """One noise level and one noise tensor per pair, seeded by (seed, epoch, pair): independent of ranks and
-    resumes, so 1 and N ranks, and straight and resumed runs, draw the same. With --weight path, also each pair's
+def pair_noise(backbone, indices, epochs, shape, args, device):
+    """One noise level and one noise tensor per pair, seeded by (seed, epoch, pair) (`epochs` one for all or one a
+    pair): independent of ranks and resumes, so 1 and N ranks, and straight and resumed runs, draw the same. With --weight path, also each pair's
     K later sampler steps and their noise (docs/method.md §8), drawn after the rest so that t and eps do not change."""
     draws = args.path_draws if args.weight == "path" and args.loss in ("sipo", "dpo-cm") else 0
     stride, top = backbone.sampler_grid(args.weight_sampler_steps)
     levels, noises, n_later, later, later_noises = [], [], [], [], []
-    for index in indices.tolist():
+    epochs = epochs.tolist() if torch.is_tensor(epochs) else [epochs] * len(indices)
+    for index, epoch in zip(indices.tolist(), epochs):
         generator = torch.Generator(device).manual_seed(hash((args.seed, epoch, index)) % 2 ** 62)
         levels.append(backbone.sample_noise_levels(1, generator, device))
         noises.append(torch.randn(shape, generator=generator, device=device))
@@ -410,8 +432,9 @@ def reference_errors(backbone, reference, policy, x_t, levels, cond, target):
 def pair_errors(backbone, policy, reference, batch, epoch, args, with_weights=False):
     """Noise each pair (winner and loser share t and eps); one policy forward over winners and losers together,
     one reference forward without autograd. Returns the 2B policy and reference errors and, with_weights, the
-    2B importance log weights (--weight step or path)."""
-    indices = batch.pop("index")
+    2B importance log weights (--weight step or path). The pairs' epochs are the batch's (data.PairStream's), else
+    `epoch` (held-out pairs: -1)."""
+    indices, epoch = batch.pop("index"), batch.pop("epoch", epoch)
     batch = data.encode_batch(backbone, batch)
     x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], data.conditioning(batch)
     levels, noise, path = pair_noise(backbone, indices, epoch, x0_w.shape[1:], args, x0_w.device)
@@ -444,7 +467,7 @@ def later_log_weights(backbone, policy, x0, cond, later, later_noise, args):
 
 def sft_step(backbone, policy, batch, epoch, args):
     """The plain denoising loss on winners only: no loser, no reference."""
-    indices = batch.pop("index")
+    indices, epoch = batch.pop("index"), batch.pop("epoch", epoch)
     batch = data.encode_batch(backbone, batch)
     x0, cond = batch["latents_w"], data.conditioning(batch)
     levels, noise, _ = pair_noise(backbone, indices, epoch, x0.shape[1:], args, x0.device)
@@ -482,12 +505,13 @@ def clip_gradients(trainable, max_norm):
 
 
 def new_counters():
-    """What a checkpoint keeps besides the weights: optimizer steps taken, micro-batches read (the data position,
-    which non-finite skips move too), non-finite steps skipped and bad pairs skipped by all ranks."""
-    return {"step": 0, "micro_batches": 0, "nonfinite_skipped": 0, "bad_pairs_skipped": 0,
-            # --pairs online: the refresh whose pairs are trained on, the micro-batches read before them, the last
-            # refresh (a refresh that kept no pair leaves the pairs as they were)
-            "pairs_from": -1, "pairs_micro_batches": 0, "refreshed": -1}
+    """What a checkpoint keeps besides the weights: optimizer steps taken, pairs read by all ranks (the data
+    position in data.PairStream, which non-finite skips move too; in pairs, so that a resume may split them
+    otherwise), non-finite steps skipped and bad pairs skipped by all ranks."""
+    return {"step": 0, "pairs_read": 0, "nonfinite_skipped": 0, "bad_pairs_skipped": 0,
+            # --pairs online: the refresh whose pairs are trained on, the pairs read before them, the last refresh
+            # (a refresh that kept no pair leaves the pairs as they were)
+            "pairs_from": -1, "pairs_read_before": 0, "refreshed": -1}
 
 
 @dataclass
@@ -505,9 +529,7 @@ class Trainer:
     rank: int = 0
     world_size: int = 1
     counters: dict = field(default_factory=new_counters)
-    bad_pairs_here: int = 0  # this rank's --skip-bad substitutes since this process started
-    bad_pairs_before: int = 0  # every rank's, before the checkpoint this process resumed from
-    epoch: int = 0
+    epoch: int = 0  # of the last pair read
     # the loop's, set by open_run: the pairs, the held-out pairs and prompts with their reward, the log
     dataset: torch.utils.data.Dataset | None = None
     summary: str = ""
@@ -529,24 +551,39 @@ def make_trainer(backbone, args, device, rank=0, world_size=1):
     return Trainer(args, backbone, policy, reference, trainable, optimizer, scheduler, device, rank, world_size)
 
 
-def optimizer_step(trainer, batches):
-    """One optimizer step over --grad-accum micro-batches from `batches`: the mean statistics of its micro-batches
-    and the gradient norm, or None when a rank met a non-finite loss (then every rank skips the step)."""
+class Stopped(Exception):
+    """A rank received SIGTERM or SIGINT: the step under way is given up, the last one is saved."""
+
+
+def stop_agreed(stop):
+    """Whether any rank was asked to stop: a host-side all-reduce (gloo beside NCCL, common.BACKENDS), which neither
+    waits for the GPU nor slows it, so that it can be asked before every micro-batch."""
+    flag = torch.tensor([float(stop["signal"] is not None)])
+    return all_reduce(flag, dist.ReduceOp.MAX).item() > 0
+
+
+def optimizer_step(trainer, batches, stop):
+    """One optimizer step over --grad-accum micro-batches from `batches`: its record (the statistics averaged over
+    micro-batches and ranks, the gradient norm), or None when a loss or the gradient norm was not finite on some
+    rank: then every rank skips the step, weights and optimizer untouched. One device all-reduce and one host sync a
+    step, after clipping. Raises Stopped before a micro-batch when a rank was asked to stop (stop_agreed): the data
+    position goes back to the step's start, so that the resumed run takes this step whole."""
     args, optimizer, counters = trainer.args, trainer.optimizer, trainer.counters
     optimizer.zero_grad(set_to_none=True)
-    micro_stats = []
+    micro_stats, bad_pairs, read_before = [], 0, counters["pairs_read"]
     for _ in range(args.grad_accum):
-        with record_function("1 data"):
-            trainer.epoch, batch = next(batches)
-        counters["micro_batches"] += 1
-        trainer.bad_pairs_here += int(batch.pop("skipped", torch.zeros(1)).sum())  # --skip-bad's substitutes
-        with record_function("2 forward and loss"):
-            loss, stats = preference_loss(trainer.backbone, trainer.policy, trainer.reference, batch, trainer.epoch,
-                                          args, trainer.world_size)
-        if all_reduce(torch.isfinite(loss.detach()).float(), dist.ReduceOp.MIN).item() < 1:
+        if stop_agreed(stop):
             optimizer.zero_grad(set_to_none=True)
-            counters["nonfinite_skipped"] += 1
-            return None
+            counters["pairs_read"] = read_before
+            raise Stopped
+        with record_function("1 data"):
+            batch = next(batches)
+        counters["pairs_read"] += args.batch_size * trainer.world_size
+        trainer.epoch = int(batch["epoch"].max())
+        bad_pairs += int(batch.pop("skipped", torch.zeros(1)).sum())  # --skip-bad's substitutes
+        with record_function("2 forward and loss"):
+            loss, stats = preference_loss(trainer.backbone, trainer.policy, trainer.reference, batch, 0, args,
+                                          trainer.world_size)
         with record_function("3 backward"):
             (loss / args.grad_accum).backward()
         micro_stats.append({"loss": loss.detach(), **stats})  # its mean over ranks is the global loss
@@ -554,10 +591,19 @@ def optimizer_step(trainer, batches):
         if args.parallel == "replicate":
             average_gradients(trainer.trainable, trainer.world_size)
         grad_norm = clip_gradients(trainer.trainable, args.max_grad_norm)
+        stats = {k: torch.stack([s[k] for s in micro_stats]).mean() for k in micro_stats[0]}
+        nonfinite = ~torch.isfinite(torch.stack([stats["loss"], grad_norm.to(stats["loss"].device)])).all()
+        record = reduce_stats({**stats, "grad_norm": grad_norm, "nonfinite": nonfinite,
+                               "bad_pairs": torch.tensor(float(bad_pairs), device=trainer.device)}, trainer.world_size)
+        counters["bad_pairs_skipped"] += round(record.pop("bad_pairs") * trainer.world_size)
+        if record.pop("nonfinite") > 0:
+            optimizer.zero_grad(set_to_none=True)
+            counters["nonfinite_skipped"] += 1
+            return None
         optimizer.step()
         trainer.scheduler.step()
     counters["step"] += 1
-    return {**{k: torch.stack([s[k] for s in micro_stats]).mean() for k in micro_stats[0]}, "grad_norm": grad_norm}
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -571,7 +617,7 @@ SAMPLE_BATCH = 16
 def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args, rank, world_size):
     """Implicit accuracy on held-out pairs with fixed noise (epoch -1), and the mean reward of samples of fixed
     prompts and seeds. Every rank takes an equal share: the sharded policy's forwards are collective."""
-    totals = torch.zeros(4, dtype=torch.float64)  # correct, pairs, reward sum, samples
+    totals = torch.zeros(4, dtype=torch.float64, device=backbone.device)  # correct, pairs, reward sum, samples
     if heldout is not None and args.loss != "sft":
         for indices in data.rank_batches(len(heldout), args.batch_size, rank, world_size, args.seed, 0):
             with mixed_precision(args):
@@ -579,7 +625,7 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
                                                         data.collate([heldout[i] for i in indices]), -1, args)
             e_w, e_l = model_error.chunk(2)
             r_w, r_l = ref_error.chunk(2)
-            totals[0] += (((e_l - r_l) - (e_w - r_w)) > 0).sum().item()
+            totals[0] += (((e_l - r_l) - (e_w - r_w)) > 0).sum()
             totals[1] += len(indices)
     samples = None
     if prompts:
@@ -595,7 +641,8 @@ def heldout_metrics(backbone, policy, reference, heldout, prompts, reward, args,
                                              steps=args.eval_sample_steps, guidance=args.eval_guidance).float())
         samples = torch.cat(parts)
         scores = reward(samples.cpu(), mine)[:real]
-        totals[2:] += torch.tensor([scores.sum().item(), real], dtype=torch.float64)
+        totals[2] += scores.sum().item()
+        totals[3] += real
         if world_size > 1:
             gathered = [torch.empty_like(samples) for _ in range(world_size)]
             dist.all_gather(gathered, samples.contiguous())
@@ -668,25 +715,32 @@ def load_checkpoint(path, trainer):
     set_model_state_dict(trainer.policy, state["model"], options=LOAD_OPTIONS)
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=LOAD_OPTIONS)
     saved = json.loads((path / CHECKPOINT_META).read_text())
+    if "pairs_read" not in saved:
+        raise ValueError(f"{path}: a checkpoint of an older layout (its data position counted in micro-batches, "
+                         f"which another number of ranks reads otherwise); start the run again")
     trainer.scheduler.load_state_dict(saved.pop("scheduler"))
     trainer.counters = {**new_counters(), **saved}
-    trainer.bad_pairs_before = trainer.counters["bad_pairs_skipped"]
 
 
 def export(out, backbone, policy, lora_rank, rank):
     """The final pipeline in the diffusers layout (safetensors): `from_pretrained(RUN/model)` loads it. With LoRA,
     model/ holds the merged weights and lora/ the adapter in diffusers' own format, written by the pipeline class's
-    save_lora_weights: `pipe.load_lora_weights(RUN/lora)` on the base pipeline loads it."""
+    save_lora_weights: `pipe.load_lora_weights(RUN/lora)` on the base pipeline loads it.
+    Every rank takes part in gathering the weights to rank 0's CPU; rank 0 then writes alone and the others leave
+    without waiting for it (torchrun waits for every rank): a barrier would time out the others' collectives while
+    a large pipeline is written. The denoiser that takes the weights is made on the meta device: no random init,
+    no second copy."""
     run = RunDir(out)
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         name = "unet" if hasattr(backbone.pipe, "unet") else "transformer"
-        denoiser = type(backbone.denoiser).from_config(backbone.denoiser.config)
+        with torch.device("meta"):
+            denoiser = type(backbone.denoiser).from_config(backbone.denoiser.config)
         if lora_rank:
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft import get_peft_model_state_dict
             denoiser.add_adapter(lora_config(lora_rank))
-            denoiser.load_state_dict(full)
+            denoiser.load_state_dict(full, assign=True)
             layers = get_peft_model_state_dict(denoiser)
             if name == "unet":  # the UNet loaders expect diffusers' key names; the transformers' take peft's
                 layers = convert_state_dict_to_diffusers(layers)
@@ -696,12 +750,11 @@ def export(out, backbone, policy, lora_rank, rank):
             denoiser.fuse_lora()
             denoiser.unload_lora()
         else:
-            denoiser.load_state_dict(full)
+            denoiser.load_state_dict(full, assign=True)
         sharded = getattr(backbone.pipe, name)
         backbone.pipe.register_modules(**{name: denoiser})
         write_atomically(run.model, lambda tmp: backbone.pipe.save_pretrained(tmp, safe_serialization=True))
         backbone.pipe.register_modules(**{name: sharded})
-    barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -766,8 +819,7 @@ def open_data(trainer):
     else:
         trainer.dataset, trainer.summary = data.open_dataset(args.data, backbone, args.pretrained, args.skip_bad,
                                                              args.flip, args.seed, args.frame_stride)
-    if args.pairs == "offline" and not data.rank_batches(len(trainer.dataset), args.batch_size, trainer.rank,
-                                                         trainer.world_size, args.seed, 0):
+    if args.pairs == "offline" and len(trainer.dataset) < args.batch_size * trainer.world_size:
         raise ValueError(f"--data {args.data}: {len(trainer.dataset)} pairs give no full batch of {args.batch_size} "
                          f"pairs on each of {trainer.world_size} ranks")
     trainer.heldout = data.open_dataset(args.eval_data, backbone, args.pretrained, args.skip_bad)[0] \
@@ -780,13 +832,10 @@ def open_data(trainer):
         trainer.reward = rewards[args.eval_reward]
 
 
-def record_step(trainer, stats, seconds):
-    """The step's statistics averaged over ranks (one all-reduce), the held-out metrics when due, and rank 0's line
-    in log.jsonl (and TensorBoard). Returns the record."""
+def record_step(trainer, record, seconds):
+    """The step's record (optimizer_step's, averaged over ranks), the held-out metrics when due, and rank 0's line
+    in log.jsonl (and TensorBoard)."""
     args, counters, step = trainer.args, trainer.counters, trainer.counters["step"]
-    bad_pairs = torch.tensor(float(trainer.bad_pairs_here), device=trainer.device)
-    record = reduce_stats({**stats, "bad_pairs": bad_pairs}, trainer.world_size)
-    counters["bad_pairs_skipped"] = trainer.bad_pairs_before + round(record.pop("bad_pairs") * trainer.world_size)
     if (trainer.heldout is not None or trainer.prompts) and (step % args.eval_every == 0 or step == args.steps):
         metrics, samples = heldout_metrics(trainer.backbone, trainer.policy, trainer.reference, trainer.heldout,
                                            trainer.prompts, trainer.reward, args, trainer.rank, trainer.world_size)
@@ -810,7 +859,7 @@ def record_step(trainer, stats, seconds):
 
 
 def reduce_stats(stats, world_size):
-    """Mean of each statistic over ranks, in one all-reduce."""
+    """Mean of each statistic over ranks, in one all-reduce of the tensors on their device (NCCL on GPUs)."""
     keys = sorted(stats)
     values = all_reduce(torch.stack([stats[k].float().reshape(()) for k in keys]))
     return dict(zip(keys, (values / world_size).tolist()))
@@ -829,15 +878,14 @@ def online_pairs(trainer, batches):
     args, counters, step = trainer.args, trainer.counters, trainer.counters["step"]
     if batches is None and counters["pairs_from"] >= 0:
         trainer.dataset = online.load_pairs(args.out, counters["pairs_from"])
-        batches = pair_batches(trainer, counters["micro_batches"] - counters["pairs_micro_batches"])
+        batches = pair_batches(trainer, counters["pairs_read"] - counters["pairs_read_before"])
     if batches is not None and (step % args.refresh_every or counters["refreshed"] == step):
         return batches
     prompts, cond, reward = trainer.online
     pairs, trainer.refresh_record = online.sample_pairs(trainer.backbone, prompts, cond, reward, args, step,
                                                         trainer.rank, trainer.world_size, lambda: mixed_precision(args))
     counters["refreshed"] = step
-    if pairs is None or not data.rank_batches(len(pairs), args.batch_size, trainer.rank, trainer.world_size,
-                                              args.seed, 0):
+    if pairs is None or len(pairs) < args.batch_size * trainer.world_size:
         if batches is None:
             raise ValueError(f"--pairs online: the refresh at step {step} kept {len(pairs or ())} pairs above "
                              f"--online-margin {args.online_margin:g}, no full batch of {args.batch_size} on each of "
@@ -847,7 +895,7 @@ def online_pairs(trainer, batches):
         return batches
     if trainer.rank == 0:
         online.save_pairs(args.out, pairs)
-    trainer.dataset, counters["pairs_from"], counters["pairs_micro_batches"] = pairs, step, counters["micro_batches"]
+    trainer.dataset, counters["pairs_from"], counters["pairs_read_before"] = pairs, step, counters["pairs_read"]
     return pair_batches(trainer, 0)
 
 
@@ -859,40 +907,47 @@ def train(args, cleanup):
     directory's lock, the SIGTERM handler, the log."""
     trainer = open_run(args, cleanup)                                    # 1. directory, models, data, resume
     counters, rank = trainer.counters, trainer.rank
-    stop = {"signal": None}  # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C): save this step, then stop
+    stop = {"signal": None}  # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C): save the last step, then stop
     for signum in (signal.SIGTERM, signal.SIGINT):
         cleanup.callback(signal.signal, signum, signal.signal(signum, lambda received, _: stop.update(signal=received)))
-    # a context: an error or SIGTERM mid-run ends the bar's line before the one line that says what happened
+    # a context: an error or a stop mid-run ends the bar's line before the one line that says what happened
     with tqdm(total=args.steps, initial=counters["step"], disable=rank != 0, desc=args.loss, unit="step") as progress:
-        batches = None if args.pairs == "online" else pair_batches(trainer, counters["micro_batches"])
+        batches = None if args.pairs == "online" else pair_batches(trainer, counters["pairs_read"])
         nonfinite_in_a_row = 0
         while counters["step"] < args.steps:
             if args.pairs == "online":
                 batches = online_pairs(trainer, batches)                 #    --pairs online: refresh when due
             start = time.perf_counter()
-            stats = optimizer_step(trainer, batches)                     # 2. one optimizer step, its micro-batches
-            if stats is None:                                            #    a non-finite loss: all ranks skipped
+            try:
+                record = optimizer_step(trainer, batches, stop)          # 2. one optimizer step, its micro-batches
+            except Stopped:                                              #    a stop asked on some rank
+                break
+            if record is None:                                           #    not finite on some rank: all skipped
                 nonfinite_in_a_row += 1
                 if nonfinite_in_a_row >= args.max_nonfinite:
+                    progress.close()
                     if rank == 0:
-                        print(f"error: {nonfinite_in_a_row} non-finite losses in a row at step {counters['step']}; "
+                        print(f"error: {nonfinite_in_a_row} non-finite steps in a row at step {counters['step']}; "
                               f"stopping (lower --lr or --beta)", file=sys.stderr)
                     sys.exit(1)
                 continue
             nonfinite_in_a_row = 0
-            record = record_step(trainer, stats, time.perf_counter() - start)  # 3. statistics, held-out, log line
+            record = record_step(trainer, record, time.perf_counter() - start)  # 3. held-out, the log line
             if rank == 0:
                 progress.set_postfix({k: f"{record[v]:.4f}" for k, v in SHOWN.items() if v in record}, refresh=False)
                 progress.update(1)
-            stopping = all_reduce(torch.tensor(float(stop["signal"] is not None)), dist.ReduceOp.MAX).item() > 0
             step = counters["step"]
-            if step % args.checkpoint_every == 0 or step == args.steps or stopping:
+            if step % args.checkpoint_every == 0 or step == args.steps:
                 save_checkpoint(trainer)                                 # 4. a DCP checkpoint
-            if stopping:
-                if rank == 0:
-                    name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal to another rank"
-                    print(f"{name}: saved step {step}; continue with --resume", file=sys.stderr)
-                return
+    if counters["step"] < args.steps:  # stopped: the last step taken is saved, the one under way given up
+        step = counters["step"]
+        if step and not RunDir(args.out).checkpoint(step).is_dir():
+            save_checkpoint(trainer)
+        if rank == 0:
+            name = signal.Signals(stop["signal"]).name if stop["signal"] else "a signal to another rank"
+            print(f"{name}: " + (f"saved step {step}; continue with --resume" if step else
+                                 "stopped before step 1; nothing to save"), file=sys.stderr)
+        return
     if not args.no_export:
         export(args.out, trainer.backbone, trainer.policy, args.lora, rank)  # 5. the pipeline (and the LoRA)
     if rank == 0:

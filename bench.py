@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import models
 import train
+from rundir import RunDir
 from common import ArgumentParser, cpu_name, peak_memory_gb, rank_and_world, setup_distributed, write_text_atomically
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
@@ -99,7 +101,7 @@ class StepTimer:
         ({"loss": "sipo", "weight": "path"})."""
         for key, value in ({"loss": variant} if isinstance(variant, str) else variant or {}).items():
             setattr(self.args, key, value)
-        if train.optimizer_step(self.trainer, self.batches) is None:
+        if train.optimizer_step(self.trainer, self.batches, {"signal": None}) is None:
             raise RuntimeError("a non-finite loss: the benchmark would time a skipped step")
 
     def floor(self, batch_size):
@@ -265,7 +267,7 @@ def fsdp_memory(size):
             "peak_rss_two_over_one": results[2]["peak_rss_gb"] / results[1]["peak_rss_gb"]}
 
 
-def random_cache(backbone, folder, pairs, native=False):
+def random_cache(backbone, folder, pairs, native=False, pretrained=None):
     """A latent cache of random latents (the benchmarks measure compute, not data): at the backbone's own size with
     real prompt embeddings, or (native) at the full-size native resolution and frame count with random embeddings
     of the right shapes, so that no text encoder or VAE runs."""
@@ -284,11 +286,11 @@ def random_cache(backbone, folder, pairs, native=False):
                "latents_l": torch.randn(pairs, *shape, generator=generator), "prompt": torch.arange(pairs)},
               folder / "shard-00000.safetensors")
     save_file({f"cond.{k}": v.contiguous() for k, v in cond.items()}, folder / "prompts-00000.safetensors")
-    index = {**data.cache_identity(backbone, None), "format": data.CACHE_FORMAT, "pairs": pairs, "prompts": pairs,
+    index = {**data.cache_identity(backbone, pretrained), "format": data.CACHE_FORMAT, "pairs": pairs, "prompts": pairs,
              "shard_size": pairs, "shards": [{"file": "shard-00000.safetensors", "pairs": pairs}],
              "prompt_shards": [{"file": "prompts-00000.safetensors", "prompts": pairs}]}
     (folder / data.CACHE_INDEX).write_text(json.dumps(index))
-    return data.CachedPairs(folder, backbone)
+    return data.CachedPairs(folder, backbone, pretrained)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -488,31 +490,208 @@ def lora_parameter_count(denoiser, rank):
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 
 
-def device_benchmarks(device, specs=(("wan2.1-1.3b", 1), ("sd1.5", 8))):
-    """Full-size models with random weights at native size (Wan2.1-1.3B: 81x480x832, latents 21x60x104), SIPO
-    steps in one process as train.py runs them (a plain module, bf16 autocast on GPU, gradient checkpointing):
-    seconds per step, pairs per second, peak memory, achieved FLOP/s and, on a known GPU, model FLOPs utilisation."""
-    results = {}
-    for name, pairs in specs:
-        torch.manual_seed(0)
-        backbone = models.load_backbone(name, random_weights=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            dataset = random_cache(backbone, Path(tmp), pairs, native=True)
-            trainer = StepTimer(backbone, pairs, device, "sipo", gradient_checkpointing=True,
-                                data_path=dataset.directory).use(dataset)
-            for _ in range(2):
-                trainer.step()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = statistics.median(timed(trainer.step, trainer.sync) for _ in range(5))
-        flops = training_flops(backbone, pairs) / seconds
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if device.type == "cuda" and k in
-                     torch.cuda.get_device_name(device)), None)
-        results[name] = {"pairs_per_step": pairs, "seconds_per_step": seconds, "pairs_per_second": pairs / seconds,
-                         "peak_memory_gb": peak_memory_gb(device), "achieved_tflops": flops / 1e12,
-                         "mfu": flops / peak if peak else None}
-        del trainer, backbone
+# ---------------------------------------------------------------------------------------------------------
+# The GPU check (python bench.py gpu): the path a real run takes, on one rank with FSDP2 forced
+# ---------------------------------------------------------------------------------------------------------
+
+GPU_RUNS = {  # name, pairs a step, whether the run loads a saved pipeline (and so exports one)
+    False: (("wan2.1-1.3b", 1, False), ("sd1.5", 8, True)),
+    True: (("tiny-wan2.1-1.3b", 1, False), ("tiny-sd1.5", 8, True))}
+# the first run's steps: the default attention kernel, then each forced one; the first step of each is profiled
+# (which SDPA op ran), the second timed
+SDPA_STEPS = ("default", "default", "cudnn", "cudnn", "flash", "flash")
+
+
+def gpu_check(out, tiny, workdir):
+    """Each of GPU_RUNS through train.py as a user runs it (torchrun, one rank, --fsdp, bf16, random weights on a
+    random latent cache at native size, or --tiny at tiny size on any device): six steps with DCP checkpoints at 3
+    and 6, then a resume with a non-finite gradient injected at its first step, two more steps and the export. What
+    each phase measured goes into `out` (JSON) and the console as it finishes, so a run cut short reports what it
+    did."""
+    results = {"machine": machine(), "commit": commit(), "tiny": tiny, "runs": {}}
+    for name, pairs, pretrained in GPU_RUNS[tiny]:
+        row = results["runs"][name] = {"pairs_per_step": pairs}
+        try:
+            gpu_run(name, pairs, pretrained, workdir / name, row, lambda: save_results(out, results))
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            row["error"] = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            print(f"  {name}: error: {row['error']}")
+        save_results(out, results)
     return results
+
+
+def save_results(out, results):
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, json.dumps(results, indent=1, default=str))
+
+
+def gpu_run(name, pairs, pretrained, workdir, row, save):
+    """One GPU_RUNS entry, its phases printed and saved as they finish."""
+    def report(key, text):
+        print(f"  {name:18s} {key:28s} {text}", flush=True)
+        save()
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    meta = models.load_backbone(name, device="meta", random_weights=True)
+    start = time.perf_counter()
+    base = None
+    if pretrained:  # a full-size pipeline with random weights, saved once: the run reads it as a user's download
+        base = workdir / "base"
+        torch.manual_seed(0)
+        models.load_backbone(name, random_weights=True).pipe.save_pretrained(base, safe_serialization=True)
+    random_cache(meta, workdir, max(pairs, 8), native=True, pretrained=base)
+    row["setup_s"] = time.perf_counter() - start
+    report("setup", f"{row['setup_s']:.0f} s (random cache{', saved pipeline' if base else ''})")
+    gpu = torch.cuda.is_available()
+    argv = ["--model", name, "--data", workdir / "cache", "--out", workdir / "run", "--fsdp", "--precision", "bf16",
+            "--batch-size", pairs, "--warmup", 0, "--lr", "1e-6", "--checkpoint-every", 3, "--loss", "sipo",
+            *(["--pretrained", base] if base else ["--random-weights"])]
+    first = gpu_worker_run(workdir / "first.json", [*argv, "--steps", len(SDPA_STEPS), "--no-export"], False)
+    row.update(parallel=first.get("parallel"), time_embedder_input=first.get("time_embedder_input"))
+    report("placement, time embedder", f"{row['parallel']}; receives {row['time_embedder_input']}")
+    by_backend = {}
+    for step in first.get("steps", []):
+        by_backend.setdefault(step["backend"], {}).update(
+            {"op": step["sdpa_op"]} if "sdpa_op" in step else {"seconds": step["seconds"]} if not step.get("failed")
+            else {"failed": step["failed"]})
+    row["attention"] = by_backend
+    report("attention kernels", "; ".join(f"{k}: {v.get('op', '?')} " + (f"{v['seconds']:.3f} s" if "seconds" in v
+                                          else v.get("failed", "")) for k, v in by_backend.items()))
+    seconds = by_backend.get("default", {}).get("seconds")
+    peak = next((v for k, v in GPU_PEAK_BF16.items() if gpu and k in torch.cuda.get_device_name(0)), None)
+    plan = memory_plan(gpus=(1,), names=(name,))[name]
+    planned = plan["per_gpu_gb"]["full, 1 GPU, ckpt"] + (pairs - 1) * plan["activations_gb"]["ckpt"]
+    row.update(seconds_per_step=seconds, achieved_tflops=seconds and training_flops(meta, pairs) / seconds / 1e12,
+               peak_allocated_gb=first.get("peak_allocated_gb"), peak_reserved_gb=first.get("peak_reserved_gb"),
+               planned_gb=planned, host_peak_gb=first.get("host_peak_gb"), checkpoint_s=first.get("checkpoint_s"))
+    row["mfu"] = row["achieved_tflops"] * 1e12 / peak if peak and seconds else None
+    report("step", f"{seconds:.3f} s, {row['achieved_tflops']:.3g} TFLOP/s" +
+           (f", MFU {row['mfu']:.2f}" if row["mfu"] else "") if seconds else "not measured")
+    def gib(value):
+        return "n/a" if value is None else f"{value:.2f} GiB"
+    count = sum(p.numel() for p in meta.denoiser.parameters())
+    row["host_load_gb"] = 6 * count / 2 ** 30  # the fp32 policy and its bf16 reference, before sharding
+    report("memory", f"peak allocated {gib(row['peak_allocated_gb'])}, reserved {gib(row['peak_reserved_gb'])}, "
+                     f"planned {gib(planned)}; host peak {gib(row['host_peak_gb'])} (fp32 policy and bf16 "
+                     f"reference {gib(row['host_load_gb'])}, plus the libraries)")
+    report("checkpoint", f"{row['checkpoint_s']:.1f} s a DCP save")
+    second = gpu_worker_run(workdir / "second.json", [*argv, "--steps", len(SDPA_STEPS) + 2, "--resume",
+                                                      *([] if base else ["--no-export"])], True)
+    steps = second.get("steps", [])
+    row.update(resumed_from=second.get("resumed_from"), nonfinite_skipped=bool(steps) and steps[0]["skipped"],
+               steps_after_resume=[s["step"] for s in steps], export_s=second.get("export_s"))
+    report("resume, non-finite", f"from step {row['resumed_from']}; injected inf skipped: "
+                                 f"{row['nonfinite_skipped']}; steps {row['steps_after_resume']}")
+    if base:
+        exported = RunDir(workdir / "run").has_model()
+        row["exported"] = exported
+        report("export", f"{row['export_s']:.1f} s, loadable layout: {exported}" if row["export_s"] else "none")
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def gpu_worker_run(record, train_argv, inject_inf):
+    """train.py under torchrun (one rank) through gpu_worker; its record. RuntimeError with the run's last line
+    when it fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", __file__,
+               "gpu-worker", "--record", str(record), *(["--inject-inf"] if inject_inf else []), "--",
+               *map(str, train_argv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error:") or
+                 re.match(r"^[\w.]*(Error|Exception)\b", line)] or ["failed: " + done.stderr.strip()[-300:]]
+        raise RuntimeError(lines[-1])
+    return json.loads(Path(record).read_text())
+
+
+def gpu_worker(record_path, inject_inf, train_argv):
+    """Under torchrun: train.main(train_argv), instrumented from outside (train.py is as a user runs it): what the
+    time embedding receives, which SDPA op each forced backend runs (profiled) and its step time, each step's
+    outcome, the DCP save and export times, peak memory. `inject_inf`: the first step's gradient made infinite."""
+    from diffusers.models.embeddings import Timesteps
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    record = {"steps": []}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION if torch.cuda.is_available() else
+                SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
+    prepare, optimizer_step = train.prepare, train.optimizer_step
+    save_checkpoint, export, load_checkpoint = train.save_checkpoint, train.export, train.load_checkpoint
+
+    def save():
+        record.update(peak_allocated_gb=peak_memory_gb(torch.device("cuda")) if torch.cuda.is_available() else None,
+                      peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30 if torch.cuda.is_available()
+                      else None, host_peak_gb=peak_memory_gb(torch.device("cpu")))
+        write_text_atomically(record_path, json.dumps(record))
+
+    def prepared(backbone, args, device):
+        policy, reference = prepare(backbone, args, device)
+        record["parallel"] = args.parallel
+        embedder = next(m for m in policy.modules() if isinstance(m, Timesteps))
+        def seen(module, inputs):  # a pre-hook's return value would replace the inputs
+            values = sorted(set(inputs[0].float().tolist()))[:3]  # winner and loser share theirs
+            record.setdefault("time_embedder_input", f"{str(inputs[0].dtype).removeprefix('torch.')} "
+                                                     f"{[round(v, 4) for v in values]}")
+        embedder.register_forward_pre_hook(seen)
+        return policy, reference
+
+    def step(trainer, batches, stop):
+        number = len(record["steps"])
+        backend = SDPA_STEPS[number] if not inject_inf and number < len(SDPA_STEPS) else "default"
+        profiled = backend != "default" and number == SDPA_STEPS.index(backend) or number == 0
+        entry = {"backend": backend}
+        if inject_inf and number == 0:  # the policy's output gives an infinite gradient: born in the backward
+            injected = trainer.policy.register_forward_hook(lambda module, inputs, out: (
+                InfGradient.apply(out[0]), *out[1:]))
+        context = sdpa_kernel([backends[backend]]) if backends[backend] is not None else contextlib.nullcontext()
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled else \
+            contextlib.nullcontext()
+        try:
+            with native_stderr_silenced(), context, profiler:
+                start = time.perf_counter()
+                result = optimizer_step(trainer, batches, stop)
+                sync()
+        except RuntimeError as error:  # a kernel that cannot take these shapes or dtypes: the default runs the step
+            entry["failed"] = str(error).strip().splitlines()[0][:120]
+            result = optimizer_step(trainer, batches, stop)
+        entry.update(seconds=time.perf_counter() - start, skipped=result is None, step=trainer.counters["step"])
+        if inject_inf and number == 0:
+            injected.remove()
+        if profiled and "failed" not in entry:
+            entry["sdpa_op"] = next((e.name for e in profiler.events() if "scaled_dot_product" in e.name and
+                                     e.name != "aten::scaled_dot_product_attention"), "none")
+        record["steps"].append(entry)
+        save()
+        return result
+
+    def timed(key, fn):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            record[key] = time.perf_counter() - start
+            save()
+            return result
+        return wrapped
+
+    def loaded(path, trainer):
+        load_checkpoint(path, trainer)
+        record["resumed_from"] = trainer.counters["step"]
+
+    train.prepare, train.optimizer_step, train.load_checkpoint = prepared, step, loaded
+    train.save_checkpoint, train.export = timed("checkpoint_s", save_checkpoint), timed("export_s", export)
+    train.main(train_argv)
+    save()
+
+
+class InfGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a non-finite gradient born in the backward alone."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
 
 
 def native_latent_shape(backbone):
@@ -869,7 +1048,8 @@ def host_plan(backbone, phase, runtime_gb):
     gradients and Adam moments (16 bytes a parameter), activations as figure 5 counts them (activation_bytes, with
     checkpointing). full, 2 ranks: figure 5's terms per rank (fp32 policy, gradients and Adam, bf16 reference, all
     sharded) with the largest FSDP group gathered (bf16 parameters, fp32 gradients) and the activations; or, if
-    larger, building: each rank holds the whole fp32 policy and the reference's fp32 copy before sharding them."""
+    larger, building: each rank holds the whole fp32 policy and its bf16 reference (train.frozen_copy casts as it
+    copies) before sharding them."""
     terms = {"runtime": runtime_gb * 2 ** 30}
     if phase == "cache":
         fp32 = models.FP32_PARTS.get(backbone.family, ())
@@ -888,8 +1068,8 @@ def host_plan(backbone, phase, runtime_gb):
             groups = [sum(p.numel() for p in block.parameters()) for block in models.denoiser_blocks(denoiser)]
             terms["gathered group"] = 6 * max(groups)
         terms["activations"] = activation_bytes(backbone, 2)[True]
-        if phase == "full" and 8 * count > sum(terms.values()) - terms["runtime"]:
-            terms = {"runtime": terms["runtime"], "building": 8 * count}
+        if phase == "full" and 6 * count > sum(terms.values()) - terms["runtime"]:
+            terms = {"runtime": terms["runtime"], "building": 6 * count}
     return {term: value / 2 ** 30 for term, value in terms.items()}
 
 
@@ -959,6 +1139,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["step-times-worker"]:  # SCRIPT BAR ARGS: the rest are the script's flags, not ours
         return step_times_worker(*argv[1:3], argv[3:])
+    if argv[:1] == ["gpu-worker"]:  # --record PATH [--inject-inf] -- TRAIN.PY'S FLAGS
+        ours, train_argv = argv[1:argv.index("--")], argv[argv.index("--") + 1:]
+        return gpu_worker(Path(ours[1]), "--inject-inf" in ours, train_argv)
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", nargs="?", default="cpu",
                         choices=("cpu", "data", "planner", "gpu", "native", "peer", "fsdp-memory-worker",
@@ -971,6 +1154,7 @@ def main(argv=None):
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-native"),
                         help="native: media, caches and each phase's measurement (a rerun measures what is missing)")
     parser.add_argument("--remeasure", action="store_true", help="native: measure every phase again")
+    parser.add_argument("--tiny", action="store_true", help="gpu: the same check at tiny size, on any device")
     args = parser.parse_args(argv)
     if args.what == "fsdp-memory-worker":
         return fsdp_memory_worker(args.size)
@@ -978,8 +1162,13 @@ def main(argv=None):
         return reading_worker(args.data)
     results = {"machine": machine()}
     if args.what == "gpu":
-        results["gpu"] = device_benchmarks(torch.device("cuda", 0))
-        results["planner"] = memory_plan(gpus=(1,))
+        if not (args.tiny or torch.cuda.is_available()):
+            sys.exit("error: bench.py gpu: no GPU here; --tiny runs the same check at tiny size on this machine")
+        out = Path(args.out if args.out != "results/bench.json" else
+                   f"results/gpu-check{'-tiny' if args.tiny else ''}.json")
+        print(f"GPU check ({machine().get('gpu', cpu_name())}, commit {commit()}): torchrun, 1 rank, FSDP2, bf16; "
+              f"JSON in {out}")
+        return gpu_check(out, args.tiny, args.workdir.with_name("bench-gpu"))
     elif args.what == "data":
         with tempfile.TemporaryDirectory() as tmp:
             results["8 data"] = data_figures(Path(tmp), repeats=3)
@@ -1057,8 +1246,6 @@ def main(argv=None):
                      "size fp32 / de-duplicated": f"{row['gb_fp32']:.0f} GB / {row['gb_fp32_deduplicated']:.0f} GB",
                      "size bf16 / de-duplicated": f"{row['gb_bf16']:.0f} GB / {row['gb_bf16_deduplicated']:.0f} GB",
                      "GPU-hours": f"{row['gpu_hours']:.2f}"})
-    if "gpu" in results:
-        print_table("GPU", results["gpu"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(out.read_text()) if out.is_file() else {}  # a figure run alone keeps the others

@@ -8,6 +8,7 @@ scalings and conditioning quirks; the noising math comes from sipo.py.
     python models.py            # lists every name with its parameter counts (full-size ones on the meta device)
 """
 import contextlib
+import inspect
 import json
 import math
 import string
@@ -79,7 +80,7 @@ class Backbone:
 
     @property
     def denoiser(self):
-        return self.pipe.unet if self.family in ("sd", "sdxl", "pixel") else self.pipe.transformer
+        return getattr(self.pipe, denoiser_part(self.family))
 
     @property
     def device(self):
@@ -116,7 +117,7 @@ class Backbone:
         token (or a UNet's deepest level) spans in pixels, video frames 4k + 1 (the causal VAEs' 4x time stride)."""
         if resolution is not None:
             stride = (getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor) \
-                if self.pipe.vae is not None else 1
+                if self.family != "pixel" else 1
             stride *= 2 ** (len(self.denoiser.down_blocks) - 1) if hasattr(self.denoiser, "down_blocks") else 2
             if any(side < stride or side % stride for side in resolution):
                 raise ModelError(f"--resolution {resolution[0]}x{resolution[1]}: {self.name} needs sides in multiples "
@@ -520,7 +521,16 @@ def _build_toy():
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def _load_pretrained(name, path, dtype):
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2")
+
+
+def denoiser_part(family):
+    return "unet" if family in ("sd", "sdxl", "pixel") else "transformer"
+
+
+def _load_pretrained(name, path, dtype, denoiser_dtype=None, skip=()):
+    """The pipeline at `path` with its parts in `dtype` (the denoiser in `denoiser_dtype`, FP32_PARTS in fp32), read
+    once in their dtype; the parts named in `skip` are not read at all (None)."""
     family, _, pipeline_cls, _, _ = SPECS[name]
     local = Path(path)
     if local.exists():
@@ -540,8 +550,10 @@ def _load_pretrained(name, path, dtype):
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}
     if family == "pixel":
         kwargs["vae"] = None
+    kwargs.update({part: None for part in skip if part in inspect.signature(pipeline_cls.__init__).parameters})
     try:
-        dtypes = {"default": dtype, **{part: torch.float32 for part in FP32_PARTS.get(family, ())}}
+        dtypes = {"default": dtype, denoiser_part(family): denoiser_dtype or dtype,
+                  **{part: torch.float32 for part in FP32_PARTS.get(family, ())}}
         pipe = pipeline_cls.from_pretrained(path, dtype=dtypes, use_safetensors=True, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         if not local.exists():
@@ -562,16 +574,18 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     """The backbone `name` (see NAMES) from `pretrained` (a diffusers directory or hub id; for full-size names
     HUB_IDS by default), from its config with random weights (random_weights=True; device="meta" builds it without
     memory), or tiny.
-    `dtype` is every part's but FP32_PARTS'; from_pretrained also keeps the modules a model marks fp32. Random
-    weights are made in place: the denoiser in `denoiser_dtype` (default `dtype`); with `only` ("denoiser", or
-    "frozen": the VAE and text encoders) the other parts on the meta device, where a run does not need them
-    (training on a latent cache, or making one)."""
+    `dtype` is every part's but FP32_PARTS' and the denoiser's, `denoiser_dtype` (default `dtype`); each part is
+    read or made in its dtype, never in fp32 first; from_pretrained also keeps the modules a model marks fp32. With
+    `only` ("denoiser", or "frozen": the VAE and text encoders) the other parts are not held, where a run does not
+    need them (training on a latent cache, or making one): random weights put them on the meta device; pretrained
+    ones are not read for only="denoiser" (None: frozen_pipeline reads them for the export)."""
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
     base = name.removeprefix("tiny-")
     built = pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights)
     if not built:
-        pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype)
+        pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype, denoiser_dtype,
+                                skip=FROZEN_PARTS if only == "denoiser" else ())
     elif name == "toy":
         with building(device, dtype):
             pipe = _build_toy()
@@ -586,6 +600,14 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     elif device != "meta":
         pipe.to(device)
     return backbone
+
+
+def frozen_pipeline(name, pretrained, dtype):
+    """The pretrained pipeline of `name` without its denoiser (None): the parts an export adds to a trained denoiser
+    when the run did not hold them."""
+    family = SPECS[name.removeprefix("tiny-")][0]
+    return _load_pretrained(name.removeprefix("tiny-"), pretrained or HUB_IDS[name.removeprefix("tiny-")], dtype,
+                            skip=(denoiser_part(family),))
 
 
 def _backbone(name, pipe):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+import bench
 import data
 import evaluate
 import models
@@ -533,7 +534,10 @@ def test_a_cache_at_another_size_trains_at_it_and_random_weights_hold_only_what_
     base = train.hold_for_autocast(backbone.denoiser, torch.bfloat16)
     norms = [m for m in base.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)
-    assert all(m.weight.dtype == torch.bfloat16 for m in base.modules() if isinstance(m, torch.nn.Linear))
+    kept = {id(p) for name, m in base.named_modules() if models.fp32_names(base) & set(name.split("."))
+            for p in m.parameters()}  # Wan's time embedder: fp32 whole, as it computes
+    assert all(m.weight.dtype == (torch.float32 if id(m.weight) in kept else torch.bfloat16)
+               for m in base.modules() if isinstance(m, torch.nn.Linear))
     result = run(0, *argv_of(args), "--steps", 1)
     assert "builds no VAE or text encoder: nothing is exported" in result.stdout and len(log(args.out)) == 1
     refused = run(0, *argv_of(args), "--steps", 1, "--frames", 5, "--out", tmp_path / "other", check=False)
@@ -683,18 +687,6 @@ def test_time_conditioning_under_fsdp2_in_bf16_is_the_one_process_paths_bit_for_
         assert all(t.dtype == torch.float32 for t in seen["fsdp"][1:])
 
 
-class InfGradient(torch.autograd.Function):
-    """The identity forward, an inf gradient backward: a non-finite gradient born in the backward alone."""
-
-    @staticmethod
-    def forward(ctx, loss):
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
 def train_with_an_inf_gradient_on_rank_1(argv):
     """train.main(argv), rank 1's second optimizer step given an inf gradient; every rank writes down whether the
     skipped step left its shard of the weights and optimizer state untouched."""
@@ -703,7 +695,7 @@ def train_with_an_inf_gradient_on_rank_1(argv):
 
     def loss_with_inf(*args, **kwargs):
         loss, stats = original_loss(*args, **kwargs)
-        return InfGradient.apply(loss), stats
+        return bench.InfGradient.apply(loss), stats
 
     def state(trainer):
         tensors = list(trainer.trainable) + [v for s in trainer.optimizer.state.values() for v in s.values()]
@@ -783,3 +775,34 @@ def test_export_finishes_on_a_group_with_a_short_collective_timeout(pairs, tmp_p
     assert status == 0, (tmp_path / "log").read_text()[-3000:]
     assert RunDir(out).has_model()
     models.load_backbone("tiny-sd1.5", pretrained=str(out / "model"))
+
+
+def test_the_reference_of_a_full_size_policy_is_made_in_bf16_without_a_second_fp32_copy():
+    """Wan2.1-1.3B's policy on the meta device (no memory): the bytes train.frozen_copy allocates at their peak are
+    those of a bf16 copy (the fp32 modules Wan keeps aside), where deepcopy-then-cast needed the fp32 copy first."""
+    policy = models.load_backbone("wan2.1-1.3b", device="meta", random_weights=True).denoiser
+    count = sum(p.numel() for p in policy.parameters())
+    with bench.LiveBytes() as counter:
+        reference = train.frozen_copy(policy, train.sharded_dtypes(policy, torch.bfloat16))
+    kept = sum(p.numel() for p in reference.parameters() if p.dtype == torch.float32)
+    assert 0 < kept < 0.01 * count and not any(p.requires_grad for p in reference.parameters())
+    assert counter.peak <= 2 * count + 2 * kept + 2 ** 20, (counter.peak, 4 * count)
+
+
+def test_a_run_on_caches_reads_no_vae_or_text_encoder_and_its_export_reads_them(pairs, tmp_path):
+    """--pretrained on a latent cache: each rank reads the denoiser alone (the frozen parts are what a video
+    backbone's host memory is: UMT5-XXL is 11 GB in bf16); the export reads them from --pretrained and writes a
+    whole pipeline."""
+    torch.manual_seed(0)
+    models.load_backbone("tiny-sd1.5").pipe.save_pretrained(tmp_path / "base")
+    base = ["--model", "tiny-sd1.5", "--pretrained", tmp_path / "base"]
+    made = in_process(data.main, ["cache", *base, "--data", pairs, "--out", tmp_path / "cache"])
+    assert made.returncode == 0, made.stderr[-2000:]
+    args = train.parse_args([*map(str, base), "--data", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    args.precision = "fp32"
+    backbone = train.load_backbone(args)
+    assert backbone.frozen_parts() == {} and backbone.pipe.tokenizer is not None
+    run(0, *base, "--data", tmp_path / "cache", "--out", tmp_path / "run", "--steps", 1, "--warmup", 0)
+    exported = models.load_backbone("tiny-sd1.5", pretrained=str(tmp_path / "run" / "model"))
+    assert set(exported.frozen_parts()) == {"vae", "text_encoder"}
+    assert torch.isfinite(exported.sample(["colour 1"], steps=2)).all()

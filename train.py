@@ -304,26 +304,29 @@ def sharded_dtypes(module, dtype):
 def frozen_copy(module, dtypes):
     """A frozen deep copy of `module` whose parameters are made directly in `dtypes[parameter]`: the copy of a fp32
     policy in bf16 never holds a second fp32 model (deepcopy takes the cast parameters from its memo)."""
-    memo = {id(p): torch.nn.Parameter(p.detach().to(dtypes[p], copy=True), requires_grad=False) for p in dtypes}
+    with torch.no_grad():
+        memo = {id(p): torch.nn.Parameter(p.to(dtypes[p], copy=True), requires_grad=False) for p in dtypes}
     return models.freeze(copy.deepcopy(module, memo))
 
 
 def load_backbone(args):
     """The backbone --model names, from --pretrained (or its hub id), or with random weights the same on every rank,
-    at --resolution and --frames (default: a cache's own size, else the native one). --random-weights at full size
-    builds what the run holds and no more: no VAE or text encoder for a run on latent caches without held-out
-    prompts (and so nothing to export), and a LoRA base directly in the compute dtype."""
+    at --resolution and --frames (default: a cache's own size, else the native one), on the host. Each rank reads
+    what the run holds and no more, in the dtype it is held in: the VAE and text encoders in the compute dtype, and
+    none of them for a run on latent caches without held-out prompts (random weights: nothing to export; pretrained:
+    the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in the compute dtype."""
     torch.manual_seed(args.seed)
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
-    only = "denoiser" if args.random_weights and not encoders else None
-    base_dtype = torch.bfloat16 if args.lora and args.precision == "bf16" and args.random_weights else None
+    only = "denoiser" if not encoders else None
+    compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights,
-                                    denoiser_dtype=base_dtype, only=only)
+                                    dtype=compute_dtype, denoiser_dtype=compute_dtype if args.lora else torch.float32,
+                                    only=only)
     backbone.resize(args.resolution or index and tuple(index["resolution"]),
                     args.frames or index and index["num_frames"] or None)
     backbone.guidance = args.flux_guidance
-    if only and not args.no_export:
+    if only and args.random_weights and not args.no_export:
         args.no_export = True
         if rank_and_world()[0] == 0:
             print("note: --random-weights on latent caches builds no VAE or text encoder: nothing is exported")
@@ -722,10 +725,11 @@ def load_checkpoint(path, trainer):
     trainer.counters = {**new_counters(), **saved}
 
 
-def export(out, backbone, policy, lora_rank, rank):
+def export(out, backbone, policy, lora_rank, rank, pretrained=None, frozen_dtype=torch.float32):
     """The final pipeline in the diffusers layout (safetensors): `from_pretrained(RUN/model)` loads it. With LoRA,
     model/ holds the merged weights and lora/ the adapter in diffusers' own format, written by the pipeline class's
-    save_lora_weights: `pipe.load_lora_weights(RUN/lora)` on the base pipeline loads it.
+    save_lora_weights: `pipe.load_lora_weights(RUN/lora)` on the base pipeline loads it. A run on caches did not
+    read the VAE and text encoders: they are read from `pretrained` now, in `frozen_dtype`.
     Every rank takes part in gathering the weights to rank 0's CPU; rank 0 then writes alone and the others leave
     without waiting for it (torchrun waits for every rank): a barrier would time out the others' collectives while
     a large pipeline is written. The denoiser that takes the weights is made on the meta device: no random init,
@@ -751,10 +755,13 @@ def export(out, backbone, policy, lora_rank, rank):
             denoiser.unload_lora()
         else:
             denoiser.load_state_dict(full, assign=True)
-        sharded = getattr(backbone.pipe, name)
-        backbone.pipe.register_modules(**{name: denoiser})
-        write_atomically(run.model, lambda tmp: backbone.pipe.save_pretrained(tmp, safe_serialization=True))
-        backbone.pipe.register_modules(**{name: sharded})
+        pipe = backbone.pipe
+        if backbone.family != "pixel" and pipe.vae is None:  # trained on caches: the parts it did not read
+            pipe = models.frozen_pipeline(backbone.name, pretrained, frozen_dtype)
+        sharded = getattr(pipe, name)
+        pipe.register_modules(**{name: denoiser})
+        write_atomically(run.model, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        pipe.register_modules(**{name: sharded})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -949,7 +956,8 @@ def train(args, cleanup):
                                  "stopped before step 1; nothing to save"), file=sys.stderr)
         return
     if not args.no_export:
-        export(args.out, trainer.backbone, trainer.policy, args.lora, rank)  # 5. the pipeline (and the LoRA)
+        export(args.out, trainer.backbone, trainer.policy, args.lora, rank, args.pretrained,  # 5. the pipeline
+               torch.bfloat16 if args.precision == "bf16" else torch.float32)
     if rank == 0:
         print(f"done: {args.out}" + ("" if args.no_export else f"; pipeline in {RunDir(args.out).model}"))
 

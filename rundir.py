@@ -10,20 +10,25 @@
     RUN/.lock                           held by the trainer writing the run
 
 train.py writes it; evaluate.py, study.py, toy.py and the tests read it, through RunDir alone. Below the layout:
-how train.py claims a directory (its own runs only, one writer at a time) and what a resume may change. It imports
-torch (the process group, DCP's metadata reader) and the standard library.
+the checkpoint's storage (DCP with its metadata in JSON: nothing in a run directory is unpickled), how train.py
+claims a directory (its own runs only, one writer at a time) and what a resume may change. It imports torch (the
+process group, DCP) and the standard library.
 """
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from common import rank_and_world, take_lock, write_text_atomically
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 CHECKPOINT_META = "trainer.json"
+DCP_METADATA = "metadata.json"  # DCP's own metadata (which tensor is where), in JSON instead of DCP's pickle
 
 
 class RunDir:
@@ -99,16 +104,108 @@ class RunDir:
 
 
 def intact(path):
-    """trainer.json parses and every shard DCP's .metadata names is there at full length."""
+    """trainer.json parses and every shard the metadata names is there at full length (JSON only: a checkpoint is
+    judged without unpickling anything)."""
     try:
         json.loads((path / CHECKPOINT_META).read_text())["step"]
-        storage = dcp.FileSystemReader(path).read_metadata().storage_data
+        storage = json.loads((path / DCP_METADATA).read_text())["storage_data"]["__items__"]
+        ends = {}
+        for _, info in storage:
+            ends[info["relative_path"]] = max(ends.get(info["relative_path"], 0), info["offset"] + info["length"])
     except Exception:  # noqa: BLE001 -- any unreadable file means the checkpoint cannot be resumed from
         return False
-    ends = {}
-    for info in storage.values():
-        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     return all((path / name).is_file() and (path / name).stat().st_size >= end for name, end in ends.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint's storage: DCP's file-system shards, its metadata in JSON, tensors only
+# ---------------------------------------------------------------------------------------------------------
+
+class CheckpointWriter(dcp.FileSystemWriter):
+    """DCP's file-system storage, but the metadata (which tensor chunk lies where) is written as JSON: DCP pickles
+    it, and unpickling a checkpoint received from someone else runs whatever code it holds."""
+
+    def finish(self, metadata, results):
+        metadata.storage_data = {item.index: item.storage_data for written in results for item in written}
+        metadata.storage_meta = None
+        (Path(self.path) / DCP_METADATA).write_text(json.dumps(to_json(metadata)))
+
+
+class CheckpointReader(dcp.FileSystemReader):
+    """Reads what CheckpointWriter wrote: the metadata from JSON, through an allowlist of DCP's own classes."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / DCP_METADATA
+        try:
+            metadata = from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path}: not a checkpoint's metadata this trainer wrote ({error})") from None
+        metadata.storage_meta = dcp_metadata.StorageMeta(load_id=getattr(self, "load_id", None))
+        return metadata
+
+
+class TensorsOnly(dcp.DefaultLoadPlanner):
+    """DCP's load planner, refusing an item stored as bytes: DCP stores non-tensor values pickled and unpickles them
+    as they load (train.py saves tensors only, and the optimizer's hyperparameters in trainer.json)."""
+
+    def load_bytes(self, read_item, value):
+        raise ValueError(f"the checkpoint stores {read_item.dest_index.fqn} as a pickled object, which is not read")
+
+
+def storage_classes():
+    """DCP's metadata classes, the only ones from_json makes (the storage record's moved between torch versions)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    return {cls.__name__: cls for cls in (dcp_metadata.Metadata, dcp_metadata.MetadataIndex, dcp_metadata.StorageMeta,
+                                          dcp_metadata.TensorStorageMetadata, dcp_metadata.BytesStorageMetadata,
+                                          dcp_metadata.ChunkStorageMetadata, dcp_metadata.TensorProperties,
+                                          _StorageInfo)}
+
+
+TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+def to_json(value):
+    """DCP's metadata as JSON: dataclasses by class name and fields, sizes, dtypes and layouts by name, tuples and
+    dicts with non-string keys as tagged lists."""
+    if dataclasses.is_dataclass(value):
+        return {"__class__": type(value).__name__,
+                **{f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, torch.Size):
+        return {"__size__": list(value)}
+    if isinstance(value, TORCH_VALUES):
+        return {"__torch__": str(value).removeprefix("torch.")}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {"__dict__": {key: to_json(item) for key, item in value.items()}}
+        return {"__items__": [[to_json(key), to_json(item)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {"__tuple__" if isinstance(value, tuple) else "__list__": [to_json(item) for item in value]}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"{type(value).__name__} in a checkpoint's metadata")
+
+
+def from_json(value):
+    """to_json undone; only DCP's metadata classes and torch's dtypes, layouts and memory formats are made."""
+    if not isinstance(value, dict):
+        return [from_json(item) for item in value] if isinstance(value, list) else value
+    if "__class__" in value:
+        cls = storage_classes()[value["__class__"]]
+        names = {f.name for f in dataclasses.fields(cls)}  # another torch's extra fields are dropped
+        return cls(**{key: from_json(item) for key, item in value.items() if key in names})
+    (tag, content), = value.items()
+    if tag == "__size__":
+        return torch.Size(content)
+    if tag == "__torch__":
+        made = getattr(torch, content)
+        if not isinstance(made, TORCH_VALUES):
+            raise TypeError(f"{content} is not a dtype, layout or memory format")
+        return made
+    if tag == "__items__":
+        return {from_json(key): from_json(item) for key, item in content}
+    if tag == "__dict__":
+        return {key: from_json(item) for key, item in content.items()}
+    return (tuple if tag == "__tuple__" else list)(from_json(item) for item in content)
 
 
 def model_dir(path):
@@ -153,6 +250,10 @@ def check_run_directory(args, world_size=1):
         raise ValueError(f"--out {run}: args.json is unreadable; pass another --out") from None
     if previous != args.model:
         raise ValueError(f"--out {run} holds a run of --model {previous}, not --model {args.model}")
+    older = [p.name for p in run.checkpoint_steps() if (p / ".metadata").exists() and not (p / DCP_METADATA).exists()]
+    if older:  # DCP's own format: its metadata is a pickle, which is never read
+        raise ValueError(f"--out {run}: {older[-1]} is a checkpoint of an older format (pickled metadata), which "
+                         f"this trainer does not read; pass another --out")
     checkpoint = run.latest_checkpoint()
     if checkpoint is not None and not args.resume:
         raise ValueError(f"--out {run} already holds a run ({checkpoint.name}); pass --resume to continue it, or "

@@ -612,3 +612,51 @@ def test_compare_samples_many_prompts_in_batches_and_says_where_its_files_are(sa
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"report {tmp_path / 'eval' / 'report.md'}" in result.stdout and "named_colour: base" in result.stdout
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["prompts"] == 20
+
+
+class RunsCode:
+    """A pickle that, unpickled, makes the directory `marker`: what a shared checkpoint could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.makedirs, (self.marker,)
+
+
+def test_a_pickle_planted_in_a_run_directory_is_never_run(pairs, tmp_path):
+    """Class 1: DCP pickles its metadata and non-tensor items; train.py writes its metadata as JSON, keeps the
+    optimizer's hyperparameters in trainer.json, reads tensors only (torch.load with weights_only) and refuses an
+    item stored as bytes. Planted: DCP's own pickled .metadata beside ours (a resume reads only ours), a checkpoint
+    of the older format holding only the pickle (refused with and without --resume), and a tensor the metadata
+    says is stored pickled (refused in one line). The pickle's code never runs."""
+    import pickle
+    out = tmp_path / "run"
+    common = ["--data", pairs, "--out", out, "--batch-size", 2, "--checkpoint-every", 1, "--no-export"]
+    assert train(*common, "--steps", 1).returncode == 0
+    marker = tmp_path / "the pickle ran"
+    planted = pickle.dumps(RunsCode(marker))
+    checkpoints = out / "checkpoints"
+    (checkpoints / "step-000001" / ".metadata").write_bytes(planted)
+    assert train(*common, "--steps", 2, "--resume").returncode == 0 and not marker.exists()
+    older = checkpoints / "step-000003"
+    older.mkdir()
+    (older / ".metadata").write_bytes(planted)
+    (older / "trainer.json").write_text(json.dumps({"step": 3}))
+    for resume in ((), ("--resume",)):
+        one_line_error(train(*common, "--steps", 4, *resume), "step-000003 is a checkpoint of an older format")
+    assert not marker.exists()
+    shutil.rmtree(older)
+    latest = checkpoints / "step-000002"
+    (latest / "__planted.distcp").write_bytes(planted)
+    metadata = json.loads((latest / "metadata.json").read_text())
+    key = "model.conv_in.weight"
+    metadata["state_dict_metadata"]["__dict__"][key] = {"__class__": "BytesStorageMetadata"}
+    metadata["storage_data"]["__items__"].append([
+        {"__class__": "MetadataIndex", "fqn": key, "offset": None, "index": None},
+        {"__class__": "_StorageInfo", "relative_path": "__planted.distcp", "offset": 0, "length": len(planted),
+         "transform_descriptors": None}])
+    (latest / "metadata.json").write_text(json.dumps(metadata))
+    one_line_error(train(*common, "--steps", 4, "--resume"), f"stores {key} as a pickled object, which is not read")
+    assert not marker.exists()

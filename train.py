@@ -41,7 +41,8 @@ import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
                     barrier, check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
                     valid_range, write_atomically)
-from rundir import CHECKPOINT_META, RunDir, claim_run_directory, comparable, truncate_log, write_args
+from rundir import (CHECKPOINT_META, CheckpointReader, CheckpointWriter, RunDir, TensorsOnly, claim_run_directory,
+                    comparable, truncate_log, write_args)
 
 SILENCED = (  # notes that are not faults here, each with its reason
     # DCP's note on every save and load of a one-process run, which runs without a process group on purpose
@@ -684,17 +685,20 @@ LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def save_checkpoint(trainer):
-    """The trainable weights, the optimizer state (DCP, every rank its shards), the counters and the schedule; the
-    oldest beyond --keep go. A reader only ever sees complete checkpoints (rundir.RunDir.latest_checkpoint)."""
+    """The trainable weights and the optimizer's tensors (DCP, every rank its shards, rundir.CheckpointWriter: no
+    pickle), the optimizer's hyperparameters, the counters and the schedule (trainer.json); the oldest beyond
+    --keep go. A reader only ever sees complete checkpoints (rundir.RunDir.latest_checkpoint)."""
     run, rank = RunDir(trainer.args.out), trainer.rank
     final = run.checkpoint(trainer.counters["step"])
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that was interrupted
     barrier()
-    dcp.save(state_dicts(trainer), checkpoint_id=tmp)
+    state = state_dicts(trainer)
+    param_groups = state["optimizer"].pop("param_groups")  # DCP would pickle its non-tensor values
+    dcp.save(state, storage_writer=CheckpointWriter(tmp))
     if rank == 0:
-        (tmp / CHECKPOINT_META).write_text(json.dumps({**trainer.counters,
+        (tmp / CHECKPOINT_META).write_text(json.dumps({**trainer.counters, "param_groups": param_groups,
                                                        "scheduler": trainer.scheduler.state_dict()}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -712,15 +716,22 @@ def state_dicts(trainer):
 
 
 def load_checkpoint(path, trainer):
-    """Restores what save_checkpoint saved into the placed trainer, whatever placement saved it."""
-    state = state_dicts(trainer)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(trainer.policy, state["model"], options=LOAD_OPTIONS)
-    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=LOAD_OPTIONS)
+    """Restores what save_checkpoint saved into the placed trainer, whatever placement saved it. Tensors only
+    (rundir.TensorsOnly): nothing in the checkpoint is unpickled."""
     saved = json.loads((path / CHECKPOINT_META).read_text())
-    if "pairs_read" not in saved:
+    if "pairs_read" not in saved or "param_groups" not in saved:
         raise ValueError(f"{path}: a checkpoint of an older layout (its data position counted in micro-batches, "
                          f"which another number of ranks reads otherwise); start the run again")
+    state = state_dicts(trainer)
+    state["optimizer"].pop("param_groups")
+    try:
+        dcp.load(state, storage_reader=CheckpointReader(path), planner=TensorsOnly())
+    except dcp.api.CheckpointException as error:  # what failed on each rank, gathered: the first rank's, in a line
+        first = next(iter(error.failures.values()))
+        raise ValueError(f"{path}: cannot be resumed: {str(first).strip().splitlines()[-1]}") from None
+    state["optimizer"]["param_groups"] = saved.pop("param_groups")
+    set_model_state_dict(trainer.policy, state["model"], options=LOAD_OPTIONS)
+    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=LOAD_OPTIONS)
     trainer.scheduler.load_state_dict(saved.pop("scheduler"))
     trainer.counters = {**new_counters(), **saved}
 

@@ -598,9 +598,10 @@ def gpu_worker_run(record, train_argv, inject_inf):
                *map(str, train_argv)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     if done.returncode:
-        lines = [line for line in done.stderr.splitlines() if line.startswith("error:") or
-                 re.match(r"^[\w.]*(Error|Exception)\b", line)] or ["failed: " + done.stderr.strip()[-300:]]
-        raise RuntimeError(lines[-1])
+        lines = [re.sub(r"^\[rank\d+\]: ", "", line) for line in done.stderr.splitlines()]  # torchrun's prefix
+        said = [line for line in lines if line.startswith("error:")] or \
+            [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line) and "ChildFailedError" not in line]
+        raise RuntimeError((said or ["failed: " + done.stderr.strip()[-300:]])[0])
     return json.loads(Path(record).read_text())
 
 

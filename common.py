@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -55,8 +56,27 @@ def check_numbers(args, valid_ranges):
     """Raises ValueError naming the first numeric flag outside its valid range (NaN and inf never are in one)."""
     for flag, valid in valid_ranges.items():
         value = getattr(args, flag, None)
-        if value is not None and not (math.isfinite(value) and valid(value)):
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # a hand-edited args.json's "1e-4"
+            raise ValueError(f"--{flag.replace('_', '-')} {value!r}: must be a number")
+        if not (math.isfinite(value) and valid(value)):
             raise ValueError(f"--{flag.replace('_', '-')} {value}: must be {valid.__doc__}")
+
+
+def check_regular_file(path, what):
+    """`path` when it exists and is a regular file; else ValueError naming `what` and the path. A FIFO, a device or
+    a socket where a file is expected would block its reader forever (and the signal handlers waiting behind it)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ValueError(f"{what} {path}: {'does not exist' if not path.exists() else error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise ValueError(f"{what} {path}: is {kind}, not a regular file")
+    return path
 
 
 def add_size_flags(parser):

@@ -39,8 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, fail, leave,
-                    rank_and_world, setup_distributed, take_lock, write_text_atomically)
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, check_regular_file, fail,
+                    leave, rank_and_world, setup_distributed, take_lock, write_text_atomically)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -242,6 +242,8 @@ def _check_row(raw, path, where):
             exists = file.is_file()
         except OSError as error:  # a name too long for the filesystem, a path through a file, ...
             raise DataError(f"{where}: {key} path cannot be used ({error.strerror})") from None
+        if not exists and file.exists():  # a FIFO, a device, a folder: is_file() is False for them too
+            regular(file, f"{where}: {key} file")
         if not exists:
             raise DataError(f"{where}: {key} file {file} does not exist")
         if file.suffix.lower() not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
@@ -265,6 +267,14 @@ def _reason(error):
     return "bad input"
 
 
+def regular(path, what):
+    """common.check_regular_file as a DataError: `what` (a shard, a manifest, a row's file) is a regular file."""
+    try:
+        return check_regular_file(path, what)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
 def read_pairs(source, skip_bad=False, keep_ties=False):
     """The pairs in `source` (a manifest or Pick-a-Pic parquet) as a PairIndex, and a Summary of what was read and
     skipped. Rows are checked here as far as that needs no decoding; media are decoded when a pair is accessed."""
@@ -274,13 +284,11 @@ def read_pairs(source, skip_bad=False, keep_ties=False):
         shards = sorted(source.glob("*.parquet"))
         if not shards:
             raise DataError(f"{source}: no *.parquet shards and no {CACHE_INDEX} in this directory")
-        pairs = read_pickapic(shards, summary, keep_ties, skip_bad)
+        pairs = read_pickapic([regular(shard, "shard") for shard in shards], summary, keep_ties, skip_bad)
     elif source.suffix == ".parquet":
-        pairs = read_pickapic([source], summary, keep_ties, skip_bad)
+        pairs = read_pickapic([regular(source, "shard")], summary, keep_ties, skip_bad)
     elif source.suffix == ".jsonl":
-        if not source.is_file():
-            raise DataError(f"{source}: manifest does not exist")
-        pairs = read_manifest(source, summary, skip_bad)
+        pairs = read_manifest(regular(source, "manifest"), summary, skip_bad)
     else:
         raise DataError(f"{source}: expected a .jsonl manifest, .parquet shards or a cache directory")
     if not pairs:
@@ -318,6 +326,8 @@ def _resize_crop(image, height, width):
 def load_media(source, where, height, width, num_frames=0, frame_stride=1):
     """An image (3, H, W) or, for video backbones, a video (3, F, H, W), in [-1, 1]."""
     is_video = isinstance(source, Path) and source.suffix.lower() in VIDEO_SUFFIXES
+    if isinstance(source, Path):
+        regular(source, f"{where}:")
     try:
         if not is_video:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)

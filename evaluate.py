@@ -27,7 +27,8 @@ from tqdm import tqdm
 import data
 import models
 import sipo
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, valid_range
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, check_regular_file,
+                    valid_range)
 from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
@@ -277,9 +278,7 @@ def add_reward_model_flags(parser):
 
 def read_prompts(path, flag="--prompts"):
     """One prompt a line (UTF-8; an editor's byte-order mark is dropped); a line that is not text is named."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: does not exist")
+    path = check_regular_file(path, flag)
     prompts = []
     for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
         try:

@@ -237,7 +237,7 @@ def check_run_directory(args, world_size=1):
     if run.path.exists() and not run.path.is_dir():
         raise ValueError(f"--out {run}: is a file, not a directory")
     if not run.is_run():
-        if run.path.is_dir() and any(run.path.iterdir()):
+        if run.path.is_dir() and any(p != run.lock for p in run.path.iterdir()):  # the lock: this claim's own
             raise ValueError(f"--out {run}: holds files train.py did not write (no args.json); pass a new or empty "
                              f"directory")
         if args.resume:
@@ -293,17 +293,20 @@ def claim_run_directory(args, rank, cleanup):
     """Rank 0 alone (the other ranks would see the directory half-claimed) checks --out, creates it, takes its lock
     (held until this process ends; a second trainer, or an orphaned rank of a killed one, is refused in one line
     naming the holder) and, for a new run, writes args.json before any model is built; every rank raises its
-    refusal, or takes the settings a resume adopts from the run."""
+    refusal, or takes the settings a resume adopts from the run. The directory is checked again once the lock is
+    held, so that what another trainer left there while this one waited is seen."""
     outcome = [None, {}]  # the refusal, the adopted settings
     if rank == 0:
         try:
-            outcome[1] = check_run_directory(args, rank_and_world()[1])
+            check_run_directory(args, rank_and_world()[1])  # before anything is created
             run = RunDir(args.out)
             run.path.mkdir(parents=True, exist_ok=True)
             lock, holder = take_lock(run.lock, "train.py")
             if lock is None:
                 raise ValueError(f"--out {run} is in use by {holder}; wait for it to end, or pass another --out")
             cleanup.callback(lock.close)
+            # again under the lock: a trainer that held it until now may have finished a run here meanwhile
+            outcome[1] = check_run_directory(args, rank_and_world()[1])
             if not run.is_run():  # marks the directory as a run's; a run's own record is rewritten only once resumed
                 write_args(args, 1, "not read yet")
         except (ValueError, OSError) as error:

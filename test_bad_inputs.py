@@ -418,11 +418,11 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(pair
     import errno
     calls = []
 
-    def save(state, checkpoint_id):
-        calls.append(checkpoint_id)
+    def save(state, storage_writer):
+        calls.append(Path(storage_writer.path))
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint_id / "__0_0.distcp"))
-        return real(state, checkpoint_id=checkpoint_id)
+            raise OSError(errno.ENOSPC, "No space left on device", str(calls[-1] / "__0_0.distcp"))
+        return real(state, storage_writer=storage_writer)
     real = trainer.dcp.save
     monkeypatch.setattr(trainer.dcp, "save", save)
     out = tmp_path / "run"
@@ -660,3 +660,96 @@ def test_a_pickle_planted_in_a_run_directory_is_never_run(pairs, tmp_path):
     (latest / "metadata.json").write_text(json.dumps(metadata))
     one_line_error(train(*common, "--steps", 4, "--resume"), f"stores {key} as a pickled object, which is not read")
     assert not marker.exists()
+
+
+def test_a_run_finished_while_a_trainer_waited_for_the_lock_is_not_trained_over(pairs, tmp_path, monkeypatch):
+    """Class 2: --out is checked again once its lock is held. A finished run appears in the directory between
+    the first check and the lock (another trainer held it until then): the waiting trainer refuses, the run
+    unchanged."""
+    import rundir
+    finished = tmp_path / "finished"
+    assert train("--data", pairs, "--out", finished, "--steps", 1, "--no-export").returncode == 0
+    out = tmp_path / "run"
+    take_lock = rundir.take_lock
+
+    def lock_after_the_other_run_finished(path, holder):
+        shutil.copytree(finished, out, dirs_exist_ok=True)
+        return take_lock(path, holder)
+
+    monkeypatch.setattr(rundir, "take_lock", lock_after_the_other_run_finished)
+    before = snapshot(finished)
+    one_line_error(train("--data", pairs, "--out", out, "--steps", 1, "--no-export"), "already holds a run")
+    assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("edit,message", [({"beta": -1000}, "the run's recorded --beta -1000: must be a positive"),
+                                          ({"lr": "1e-4"}, "the run's recorded --lr '1e-4': must be a number")])
+def test_a_hand_edited_args_json_is_range_checked_on_resume(pairs, tmp_path, edit, message):
+    out = tmp_path / "run"
+    assert train("--data", pairs, "--out", out, "--steps", 1, "--checkpoint-every", 1, "--no-export").returncode == 0
+    recorded = json.loads((out / "args.json").read_text())
+    (out / "args.json").write_text(json.dumps({**recorded, **edit}))
+    one_line_error(train("--data", pairs, "--out", out, "--steps", 2, "--resume"), f"args.json: {message}")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "1e39", "--checkpoint-every", 1], "the weights are not finite after step 1 (the update overflowed"),
+    (["--beta", "1e38", "--max-nonfinite", 2], "2 non-finite steps in a row at step"),
+])
+def test_non_finite_steps_are_never_kept(pairs, tmp_path, flags, message):
+    """Class 3: an update that overflows the weights (finite gradients, an absurd --lr) is never checkpointed; an
+    infinite gradient norm (clipping would turn it into zeros) skips the step, and steps skipped in a row stop the
+    run: neither reports trained steps and exits 0."""
+    out = tmp_path / "run"
+    one_line_error(train("--data", pairs, "--out", out, "--steps", 3, "--warmup", 0, "--no-export", *flags), message)
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_a_fifo_where_a_file_is_expected_is_refused_in_one_line_not_waited_on(pairs, tmp_path):
+    """Class 4: a FIFO as --data, among a folder's parquet shards, as a row's image or as --eval-prompts would
+    block its reader forever; each is refused in one line before anything is read from it."""
+    import os
+    fifo = tmp_path / "pairs.jsonl"
+    os.mkfifo(fifo)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    os.mkfifo(shards / "train-0000.parquet")
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    os.mkfifo(rows / "w0.png")
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(rows / "l0.png")
+    (rows / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "w0.png", "rejected": "l0.png"}))
+    cases = [(["--data", fifo], f"--data {fifo}: is a FIFO, not a regular file"),
+             (["--data", shards], f"shard {shards / 'train-0000.parquet'}: is a FIFO, not a regular file"),
+             (["--data", rows / "pairs.jsonl"], f"{rows / 'w0.png'}: is a FIFO, not a regular file"),
+             (["--data", pairs, "--eval-prompts", fifo], f"--eval-prompts {fifo}: is a FIFO, not a regular file")]
+    for number, (flags, message) in enumerate(cases):
+        one_line_error(train(*flags, "--out", tmp_path / f"run{number}", "--steps", 1, "--no-export"), message)
+    one_line_error(evaluate("compare", "--model", "toy", "--base", "toy", "--tuned", "toy", "--prompts", fifo,
+                            "--reward", "named_colour", "--out", tmp_path / "eval"),
+                   f"--prompts {fifo}: is a FIFO, not a regular file")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tau", 1], "--tau 1: masks every pair"),
+    (["--weight-sampler-steps", 1], "--weight-sampler-steps 1: must be between 2 and 1000"),
+    (["--weight-sampler-steps", 5000], "--weight-sampler-steps 5000: must be between 2 and 1000"),
+    (["--global-batch-size", 4, "--grad-accum", 3], "--global-batch-size 4 sets --grad-accum: give one of them"),
+    (["--random-weights", "--pretrained", "."], "--random-weights and --pretrained .: give one"),
+    (["--model", "tiny-wan2.1-1.3b", "--frames", 4], "--frames 4: tiny-wan2.1-1.3b's VAE takes 4k + 1 frames"),
+    (["--model", "tiny-sd1.5", "--resolution", "30"], "--resolution 30x30: tiny-sd1.5 needs sides in multiples of"),
+])
+def test_flags_that_would_train_nothing_or_something_else_are_refused_before_anything_is_written(
+        pairs, tmp_path, flags, message):
+    """Class 6: every flag and combination that cannot mean what it says, before a model is built or --out made."""
+    out = tmp_path / "run"
+    one_line_error(in_process(trainer.main, ["--model", "toy", "--data", pairs, "--out", out, *flags]), message)
+    assert not out.exists()
+
+
+def test_flip_on_a_latent_cache_is_refused(pairs, tmp_path):
+    assert cache("--data", pairs, "--out", tmp_path / "cache").returncode == 0
+    one_line_error(train("--data", tmp_path / "cache", "--out", tmp_path / "run", "--flip"),
+                   "--flip: --data " + str(tmp_path / "cache") + " is a latent cache, encoded already")
+    assert not (tmp_path / "run").exists()

@@ -39,7 +39,7 @@ import models
 import online
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
-                    barrier, check_numbers, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
+                    barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
                     valid_range, write_atomically)
 from rundir import (CHECKPOINT_META, CheckpointReader, CheckpointWriter, RunDir, TensorsOnly, claim_run_directory,
                     comparable, truncate_log, write_args)
@@ -160,7 +160,7 @@ def parse_args(argv=None):
 
 # Every numeric flag and its valid range (common.py says why one outside is refused before any model is built)
 NUMERIC_FLAGS = {
-    **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "replicate", "weight_sampler_steps",
+    **dict.fromkeys(("steps", "batch_size", "grad_accum", "global_batch_size", "replicate",
                      "path_draws", "checkpoint_every", "keep", "eval_every", "eval_sample_steps", "frame_stride",
                      "max_nonfinite", "refresh_every", "online_sample_steps"), AT_LEAST_1),
     **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance", "flux_guidance",
@@ -168,12 +168,18 @@ NUMERIC_FLAGS = {
     "samples_per_prompt": valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": UNIT_INTERVAL,
+    # n = 1 makes every step the sampler's last (weight 0: every pair masked); n > T = 1000 a stride of 0 timesteps
+    # (weight 1: Diffusion-DPO under another name)
+    "weight_sampler_steps": valid_range("between 2 and 1000", lambda v: 2 <= v <= 1000),
     "eps": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 
 def check_args(args, world_size):
-    """Every flag error that can be found before a model is built; raises ValueError with one line."""
+    """Every flag error that can be found before a model is built, and every combination of flags that cannot mean
+    what it says; raises ValueError with one line."""
+    if args.global_batch_size is not None and "grad_accum" in args.given:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} sets --grad-accum: give one of them")
     if args.global_batch_size is not None:
         per_step = args.batch_size * world_size
         if args.global_batch_size % per_step:
@@ -183,21 +189,42 @@ def check_args(args, world_size):
     if args.replicate is not None and args.replicate >= 1 and world_size % args.replicate:
         raise ValueError(f"--replicate {args.replicate} does not divide the {world_size} ranks")
     check_numbers(args, NUMERIC_FLAGS)
+    if args.tau >= 1 and args.loss in ("sipo", "dpo-cm") and args.normalise == "after-mask":
+        raise ValueError(f"--tau {args.tau:g}: masks every pair (the step weight never exceeds 1; with --normalise "
+                         f"before-mask relative weights can)")
+    if args.random_weights and args.pretrained:
+        raise ValueError(f"--random-weights and --pretrained {args.pretrained}: give one (random weights would "
+                         f"replace the pretrained ones)")
     if args.fsdp and not dist.is_initialized():
         raise ValueError("--fsdp shards over a process group: run it under torchrun (--nproc_per_node 1 for one rank)")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     for flag in ("data", "eval_data", "eval_prompts"):
         path = getattr(args, flag)
-        if path is not None and not os.path.exists(path):
-            raise ValueError(f"--{flag.replace('_', '-')} {path}: does not exist")
+        if path is not None and not os.path.isdir(path):  # a cache or a folder of shards, or a file
+            check_regular_file(path, f"--{flag.replace('_', '-')}")
     cache = data.read_cache_index(args.data)
+    for flag, given in (("flip", args.flip), ("frame_stride", args.frame_stride != 1)):  # how pixels are read:
+        if cache is not None and given:                                                 # a cache holds latents
+            raise ValueError(f"--{flag.replace('_', '-')}: --data {args.data} is a latent cache, encoded already; "
+                             f"it applies to raw pairs only")
+    if args.resolution or args.frames:  # what the architecture can take, before anything is built or written
+        models.load_backbone(args.model, device="meta", random_weights=True).resize(args.resolution, args.frames)
     if args.pairs == "online" and (cache is not None or args.loss == "sft"):
         raise ValueError("--pairs online: " + ("trains a preference loss, not --loss sft" if args.loss == "sft" else
                                                f"--data {args.data} is a latent cache, not a prompt file"))
     if cache is not None and cache.get("model") != args.model:
         raise ValueError(f"--data {args.data}: cache was made with model={cache.get('model')!r}, "
                          f"not --model {args.model}")
+
+
+def check_adopted(args):
+    """A resume adopts the run's recorded settings from args.json: they pass the command line's range checks, or
+    the file is named (a hand-edited `"beta": -1000` would train with an inverted preference)."""
+    try:
+        check_numbers(args, NUMERIC_FLAGS)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{RunDir(args.out).args_file}: the run's recorded {error}") from None
 
 
 def default_beta(args, backbone):
@@ -687,9 +714,15 @@ LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 def save_checkpoint(trainer):
     """The trainable weights and the optimizer's tensors (DCP, every rank its shards, rundir.CheckpointWriter: no
     pickle), the optimizer's hyperparameters, the counters and the schedule (trainer.json); the oldest beyond
-    --keep go. A reader only ever sees complete checkpoints (rundir.RunDir.latest_checkpoint)."""
-    run, rank = RunDir(trainer.args.out), trainer.rank
-    final = run.checkpoint(trainer.counters["step"])
+    --keep go. A reader only ever sees complete checkpoints (rundir.RunDir.latest_checkpoint), and no checkpoint
+    holds non-finite weights: an update that overflowed them is refused here (optimizer_step skips non-finite
+    gradients; finite ones times an absurd --lr can still overflow)."""
+    run, rank, step = RunDir(trainer.args.out), trainer.rank, trainer.counters["step"]
+    local = [getattr(p, "to_local", lambda p=p: p)().detach() for p in trainer.trainable]
+    if all_reduce(torch.stack([t.isfinite().all() for t in local]).all().float(), dist.ReduceOp.MIN).item() < 1:
+        raise ValueError(f"the weights are not finite after step {step} (the update overflowed: lower --lr); "
+                         f"step {step} is not saved")
+    final = run.checkpoint(step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that was interrupted
@@ -788,6 +821,7 @@ def open_run(args, cleanup):
     try:
         check_args(args, world_size)
         claim_run_directory(args, rank, cleanup)
+        check_adopted(args)
         if args.precision is None:
             args.precision = "bf16" if device.type == "cuda" else "fp32"
         trainer = make_trainer(load_backbone(args), args, device, rank, world_size)

@@ -40,7 +40,8 @@ import data
 import models
 import train
 from rundir import RunDir
-from common import ArgumentParser, cpu_name, peak_memory_gb, rank_and_world, setup_distributed, write_text_atomically
+from common import (ArgumentParser, check_output, cpu_name, peak_memory_gb, rank_and_world, setup_distributed,
+                    write_text_atomically)
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -1162,11 +1163,17 @@ def main(argv=None):
     if args.what == "reading-worker":
         return reading_worker(args.data)
     results = {"machine": machine()}
+    if args.what == "gpu" and args.out == "results/bench.json":  # the check's figures go in a file of their own
+        args.out = f"results/gpu-check{'-tiny' if args.tiny else ''}.json"
+    try:  # before any work: the planner alone is minutes
+        check_output(args.out, folder=False)
+        check_output(args.workdir, "--workdir")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     if args.what == "gpu":
         if not (args.tiny or torch.cuda.is_available()):
             sys.exit("error: bench.py gpu: no GPU here; --tiny runs the same check at tiny size on this machine")
-        out = Path(args.out if args.out != "results/bench.json" else
-                   f"results/gpu-check{'-tiny' if args.tiny else ''}.json")
+        out = Path(args.out)
         print(f"GPU check ({machine().get('gpu', cpu_name())}, commit {commit()}): torchrun, 1 rank, FSDP2, bf16; "
               f"JSON in {out}")
         return gpu_check(out, args.tiny, args.workdir.with_name("bench-gpu"))

@@ -4,6 +4,7 @@ It imports torch and the standard library only, so that models.py, data.py, eval
 it without importing one another upwards.
 """
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -79,11 +80,42 @@ def check_regular_file(path, what):
     return path
 
 
+def check_output(path, flag="--out", folder=True):
+    """`path` as Path when it can be written: a folder (folder=True) or a file, where nothing on the way is a file
+    and the nearest existing folder is writable; else ValueError naming `flag`. Asked before any work, so that a
+    bad --out costs nothing."""
+    text, path = str(path), Path(path)
+    if not folder and (text.endswith("/") or path.is_dir()):
+        raise ValueError(f"{flag} {text}: is a directory; name the file to write ({path / 'NAME'})")
+    for above in (path if folder else path.parent, *(path if folder else path.parent).parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{flag} {text}: {above} is a file, not a directory")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {text}: {above} is not writable")
+            break
+    return path
+
+
 def add_size_flags(parser):
     """--resolution and --frames, which data.py cache and train.py share (a cache is read at the size it was made)."""
     parser.add_argument("--resolution", type=resolution, metavar="HxW",
                         help="height x width in pixels, or one side for a square (default: the backbone's native)")
     parser.add_argument("--frames", type=int, help="video frames, 4k + 1 (default: the backbone's native count)")
+
+
+def torch_device(text):
+    """--device as an argparse type: a device torch knows and this machine has ("cuda:3" on a 2-GPU host is
+    refused here, not by the first tensor moved there)."""
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N)") from None
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if chosen.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return chosen
 
 
 def resolution(text):
@@ -151,12 +183,40 @@ def nodes():
 # Files: atomic swaps and locks
 # ---------------------------------------------------------------------------------------------------------
 
+FULL_BELOW = 64 * 2 ** 20  # free bytes under which a failed write is put down to a full disk
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around a library's write into `path`: its own way of failing (torch's "unexpected pos", safetensors' error,
+    DCP's gathered CheckpointException) becomes the one-line OSError of a full disk when the disk is (nearly) full,
+    else a ValueError naming `path` and the library's first line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 -- libraries raise their own types for a failed write
+        if free_bytes(path) < FULL_BELOW:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise ValueError(f"{path}: could not be written ({(str(error).strip().splitlines() or ['?'])[0][:160]})") \
+            from None
+
+
+def free_bytes(path):
+    """Free bytes on the file system of `path` (or of its nearest existing folder)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def write_atomically(folder, write):
     """write(tmp) into folder.tmp, then swap it in for `folder`: a reader never sees a half-written one."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    with writing(tmp):
+        write(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

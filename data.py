@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 import models
 from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, check_regular_file, fail,
-                    leave, rank_and_world, setup_distributed, take_lock, write_text_atomically)
+                    leave, rank_and_world, setup_distributed, take_lock, torch_device, write_text_atomically,
+                    writing)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -517,7 +518,8 @@ def write_cache(backbone, dataset, out, pretrained=None, batch_size=8, shard_siz
                 except DataError as error:
                     raise ShardError(str(error)) from None
             name = shard_file(kind, number)
-            save_file(tensors, tmp / f"{name}.partial", {**metadata, "cache": cache_id, "file": name})
+            with writing(tmp / f"{name}.partial"):
+                save_file(tensors, tmp / f"{name}.partial", {**metadata, "cache": cache_id, "file": name})
             os.replace(tmp / f"{name}.partial", tmp / name)  # a shard that exists is complete
     if dist.is_initialized():
         dist.barrier()
@@ -893,7 +895,7 @@ def main(argv=None):
     cache.add_argument("--latent-dtype", choices=("fp32", "bf16"),
                        help="dtype of the stored latents and prompt embeddings (default bf16 on GPU, fp32 on CPU)")
     cache.add_argument("--workers", type=int, help="DataLoader workers decoding media (default 4 on GPU, 0 on CPU)")
-    cache.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    cache.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                        help="one process; under torchrun each rank takes its own GPU")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))  # torchrun's; one process is rank 0

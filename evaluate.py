@@ -9,6 +9,7 @@ timesteps writes timesteps.csv and timesteps.png; curves writes curves.png. Same
 """
 import argparse
 import codecs
+import contextlib
 import io
 import json
 import re
@@ -27,8 +28,8 @@ from tqdm import tqdm
 import data
 import models
 import sipo
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, check_regular_file,
-                    valid_range)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, check_output,
+                    check_regular_file, take_lock, torch_device, valid_range)
 from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
@@ -394,8 +395,6 @@ def compare(args):
     prompts = read_prompts(args.prompts)
     rewards = load_rewards(args.reward, args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file, not a directory")
     lora = check_tuned(args)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -639,6 +638,7 @@ def dispatch(args):
     """The command's result; a refusal is one line and exit 1."""
     try:
         check_numbers(args, NUMERIC_FLAGS)
+        check_output(args.out, folder=args.command != "curves")
         if args.command == "timesteps":
             # a cache records the weights its VAE and text encoders came from; a run directory's are its base's
             source = RunDir(args.pretrained) if args.pretrained else None
@@ -646,7 +646,15 @@ def dispatch(args):
                 args.pretrained
             args.pretrained = model_dir(args.pretrained) if args.pretrained else None
         torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
-        return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
+        with contextlib.ExitStack() as held:
+            if args.command != "curves":  # one writer a folder: a second report would silently replace the first
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                lock, holder = take_lock(Path(args.out) / ".lock", f"evaluate.py {args.command}")
+                if lock is None:
+                    raise ValueError(f"--out {args.out} is in use by {holder}; wait for it to end, or pass another "
+                                     f"--out")
+                held.callback(lock.close)
+            return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
     except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
         sys.exit(f"error: {error}")
 
@@ -670,7 +678,7 @@ def parse_args(argv=None):
     c.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (memory: one batch)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
     add_reward_model_flags(c)
-    c.add_argument("--device", default=device)
+    c.add_argument("--device", type=torch_device, default=device)
     c.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 
     t = commands.add_parser("timesteps", help="importance weights, masking and gradient variance over the schedule")
@@ -687,7 +695,7 @@ def parse_args(argv=None):
     t.add_argument("--temperature", type=float, default=1.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/timesteps", help="output directory (default runs/timesteps)")
-    t.add_argument("--device", default=device)
+    t.add_argument("--device", type=torch_device, default=device)
     t.add_argument("--precision", choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
 
     k = commands.add_parser("curves", help="loss, accuracy, mask fraction, errors, held-out metrics per step")
@@ -696,7 +704,7 @@ def parse_args(argv=None):
     k.add_argument("--out", default="runs/curves.png", help="the plot (default runs/curves.png)")
     args = parser.parse_args(argv)
     if getattr(args, "precision", "") is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+        args.precision = "bf16" if args.device.type == "cuda" else "fp32"
     return args
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from common import writing
 from rundir import RunDir
 
 
@@ -79,12 +80,21 @@ def save_pairs(out, pairs):
     path = RunDir(out).online_pairs(pairs.step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({key: value.contiguous() for key, value in pairs.tensors.items()}, tmp)
+    with writing(tmp):
+        save_file({key: value.contiguous() for key, value in pairs.tensors.items()}, tmp)
     os.replace(tmp, path)
 
 
 def load_pairs(out, step):
-    return OnlinePairs(load_file(RunDir(out).online_pairs(step)), step)
+    """The pairs stored at refresh `step`; ValueError naming the file when it is missing or damaged."""
+    path = RunDir(out).online_pairs(step)
+    try:
+        tensors = load_file(path)
+        OnlinePairs(tensors, step)[0]  # the keys and shapes a refresh stores
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own types for a damaged file
+        raise ValueError(f"{path}: the stored pairs of the refresh at step {step} cannot be read "
+                         f"({(str(error).strip().splitlines() or ['?'])[0][:120]}); start the run again") from None
+    return OnlinePairs(tensors, step)
 
 
 def prune(out, oldest_kept):

@@ -107,7 +107,8 @@ def intact(path):
     """trainer.json parses and every shard the metadata names is there at full length (JSON only: a checkpoint is
     judged without unpickling anything)."""
     try:
-        json.loads((path / CHECKPOINT_META).read_text())["step"]
+        if not isinstance(json.loads((path / CHECKPOINT_META).read_text())["step"], int):
+            return False
         storage = json.loads((path / DCP_METADATA).read_text())["storage_data"]["__items__"]
         ends = {}
         for _, info in storage:

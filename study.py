@@ -34,7 +34,8 @@ import models
 import sipo
 import toy
 import train
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, cpu_name, valid_range
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, cpu_name,
+                    valid_range)
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -205,6 +206,8 @@ def main(argv=None):
                              "timestep_buckets", "timing_repeats", "online_steps", "online_seeds", "refresh_every"),
                             AT_LEAST_1), "samples_per_prompt": valid_range("at least 2", lambda v: v >= 2),
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
+        check_output(args.out)
+        check_output(args.results, "--results")
     except ValueError as error:
         sys.exit(f"error: {error}")
     for flag, chosen, known in (("--off-configs", args.off_configs, OFF_CONFIGS),

@@ -753,3 +753,95 @@ def test_flip_on_a_latent_cache_is_refused(pairs, tmp_path):
     one_line_error(train("--data", tmp_path / "cache", "--out", tmp_path / "run", "--flip"),
                    "--flip: --data " + str(tmp_path / "cache") + " is a latent cache, encoded already")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_whose_counters_are_not_numbers_is_passed_over_or_named(pairs, tmp_path):
+    """Class 5: trainer.json with a string step is a damaged checkpoint (the intact one before it is resumed);
+    another counter that is not a whole number is one line naming the file."""
+    out = tmp_path / "run"
+    common = ["--data", pairs, "--out", out, "--batch-size", 2, "--checkpoint-every", 1, "--no-export"]
+    assert train(*common, "--steps", 2).returncode == 0
+    meta = out / "checkpoints" / "step-000002" / "trainer.json"
+    saved = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**saved, "step": "2"}))
+    resumed = train(*common, "--steps", 2, "--resume")
+    assert resumed.returncode == 0 and "resuming from step-000001" in resumed.stdout, resumed.stderr[-2000:]
+    meta = out / "checkpoints" / "step-000002" / "trainer.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "pairs_read": "8"}))
+    one_line_error(train(*common, "--steps", 3, "--resume"), f"{meta}: pairs_read is '8', not a whole number")
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "export"])
+def test_a_library_that_fails_to_write_on_a_full_disk_is_one_line_saying_so(pairs, tmp_path, monkeypatch, where):
+    """Class 5: torch's own failure inside DCP ("unexpected pos") and safetensors' inside an export are not
+    OSErrors; on a full disk they are the full disk's one line, and the previous checkpoint stays."""
+    import common
+    from diffusers import DiffusionPipeline
+    from safetensors import SafetensorError
+
+    def fails(*args, **kwargs):
+        monkeypatch.setattr(common, "free_bytes", lambda path: 0)
+        if where == "checkpoint":
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1152")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28 })")
+
+    if where == "checkpoint":
+        real = trainer.dcp.save
+        monkeypatch.setattr(trainer.dcp, "save", lambda state, storage_writer: (
+            fails() if "000002" in str(storage_writer.path) else real(state, storage_writer=storage_writer)))
+    else:
+        monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fails)
+    out = tmp_path / "run"
+    result = train("--data", pairs, "--out", out, "--steps", 2, "--batch-size", 4, "--checkpoint-every", 1)
+    one_line_error(result, "the disk is full: ")
+    assert (out / "checkpoints" / "step-000001").is_dir() and not (out / "model").exists()
+
+
+def test_damaged_stored_online_pairs_are_one_line_naming_the_file(tmp_path):
+    import online
+    from rundir import RunDir
+    path = RunDir(tmp_path).online_pairs(5)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=f"{path}: the stored pairs of the refresh at step 5 cannot be read"):
+        online.load_pairs(tmp_path, 5)
+
+
+@pytest.mark.parametrize("program", ["evaluate", "toy", "study", "bench"])
+def test_an_out_under_a_file_is_one_line_before_any_work(pairs, tmp_path, program):
+    """Class 5: --out below a path that is a file, for every program that writes one, refused before any work."""
+    import bench
+    import study
+    import toy
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "out"
+    argv = {"evaluate": ["compare", "--model", "toy", "--base", "toy", "--tuned", "toy", "--prompts", pairs,
+                         "--reward", "named_colour", "--out", out],
+            "toy": ["--out", out], "study": ["--out", out], "bench": ["planner", "--out", out / "bench.json"]}
+    main = {"evaluate": lambda a: __import__("evaluate").main(a), "toy": toy.main, "study": study.main,
+            "bench": bench.main}[program]
+    one_line_error(in_process(main, argv[program]), f"{tmp_path / 'file'} is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_second_evaluation_into_a_folder_in_use_is_refused_and_curves_need_a_file(pairs, tmp_path):
+    """Class 7: one writer a folder for compare and timesteps (the lock names its holder); curves --out DIR/ is
+    refused instead of writing beside the folder."""
+    from common import take_lock
+    out = tmp_path / "eval"
+    out.mkdir()
+    held, _ = take_lock(out / ".lock", "evaluate.py compare")
+    try:
+        one_line_error(evaluate("compare", "--model", "toy", "--base", "toy", "--tuned", "toy", "--prompts", pairs,
+                                "--reward", "named_colour", "--out", out), "is in use by evaluate.py compare pid")
+    finally:
+        held.close()
+    one_line_error(evaluate("curves", str(tmp_path), "--out", f"{out}/"), f"--out {out}/: is a directory")
+
+
+@pytest.mark.parametrize("value,message", [("bogus", "'bogus' is not a device (cpu, cuda, cuda:N)"),
+                                           ("cuda:7", "cuda:7: this machine has")])
+def test_an_unknown_device_or_a_gpu_that_is_not_there_is_one_line(pairs, tmp_path, value, message):
+    one_line_error(cache("--data", pairs, "--out", tmp_path / "cache", "--device", value), message)
+    one_line_error(evaluate("timesteps", "--model", "toy", "--data", pairs, "--device", value), message)
+    assert not (tmp_path / "cache").exists()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import evaluate
 import launcher
 import models
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, write_text_atomically
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, write_text_atomically
 from rundir import RunDir
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
@@ -228,6 +228,7 @@ def main(argv=None):
         counts = ("ranks", "base_steps", "pairs_per_prompt", "heldout_per_prompt", "steps", "samples")
         check_numbers(args, {**dict.fromkeys(counts, AT_LEAST_1), "beta": POSITIVE, "lr": POSITIVE,
                              "seed": NON_NEGATIVE})
+        check_output(args.out)
     except ValueError as error:
         sys.exit(f"error: {error}")
     out = Path(args.out)

@@ -40,7 +40,7 @@ import online
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
                     barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
-                    valid_range, write_atomically)
+                    valid_range, write_atomically, writing)
 from rundir import (CHECKPOINT_META, CheckpointReader, CheckpointWriter, RunDir, TensorsOnly, claim_run_directory,
                     comparable, truncate_log, write_args)
 
@@ -729,7 +729,8 @@ def save_checkpoint(trainer):
     barrier()
     state = state_dicts(trainer)
     param_groups = state["optimizer"].pop("param_groups")  # DCP would pickle its non-tensor values
-    dcp.save(state, storage_writer=CheckpointWriter(tmp))
+    with writing(tmp):
+        dcp.save(state, storage_writer=CheckpointWriter(tmp))
     if rank == 0:
         (tmp / CHECKPOINT_META).write_text(json.dumps({**trainer.counters, "param_groups": param_groups,
                                                        "scheduler": trainer.scheduler.state_dict()}))
@@ -755,6 +756,9 @@ def load_checkpoint(path, trainer):
     if "pairs_read" not in saved or "param_groups" not in saved:
         raise ValueError(f"{path}: a checkpoint of an older layout (its data position counted in micro-batches, "
                          f"which another number of ranks reads otherwise); start the run again")
+    wrong = next((key for key in new_counters() if not isinstance(saved.get(key, 0), int)), None)
+    if wrong:
+        raise ValueError(f"{path / CHECKPOINT_META}: {wrong} is {saved[wrong]!r}, not a whole number")
     state = state_dicts(trainer)
     state["optimizer"].pop("param_groups")
     try:

@@ -40,7 +40,7 @@ import data
 import models
 import train
 from rundir import RunDir
-from common import (ArgumentParser, check_output, cpu_name, peak_memory_gb, rank_and_world, setup_distributed,
+from common import (ArgumentParser, check_output, cpu_name, fail, peak_memory_gb, rank_and_world, setup_distributed,
                     write_text_atomically)
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
@@ -274,7 +274,7 @@ def random_cache(backbone, folder, pairs, native=False, pretrained=None):
     of the right shapes, so that no text encoder or VAE runs."""
     from safetensors.torch import save_file
     if native:
-        shape = native_latent_shape(backbone)
+        shape = backbone.latent_shape()
         cond = {k: torch.randn(v) for k, v in backbone.conditioning_shapes(pairs).items()}
     else:
         frames = (backbone.num_frames,) if backbone.is_video else ()
@@ -310,7 +310,7 @@ def saved_bytes(backbone, batch, checkpointing, dtype=torch.bfloat16):
     else:
         denoiser.disable_gradient_checkpointing()
     with torch.device("meta"):
-        latents = torch.zeros(batch, *native_latent_shape(backbone), dtype=dtype)
+        latents = torch.zeros(batch, *backbone.latent_shape(), dtype=dtype)
         cond = {k: torch.zeros(shape, dtype=dtype) for k, shape in backbone.conditioning_shapes(batch).items()}
         levels = torch.full((batch,), 500, dtype=torch.long)
     from torch.multiprocessing.reductions import StorageWeakRef
@@ -466,7 +466,7 @@ def cache_plan(jobs=(("sd1.5", PICKAPIC_PAIRS, PICKAPIC_PROMPTS), ("sdxl", PICKA
     table = {}
     for name, pairs, prompts in jobs:
         backbone = models.load_backbone(name, device="meta", random_weights=True)
-        latent = 2 * math.prod(native_latent_shape(backbone))
+        latent = 2 * math.prod(backbone.latent_shape())
         conditioning = sum(math.prod(shape) for shape in backbone.conditioning_shapes(1).values())
         pair_flops, prompt_flops = encode_flops(backbone)
         table[name] = {
@@ -696,26 +696,13 @@ class InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-def native_latent_shape(backbone):
-    """One sample's latent shape at the backbone's native resolution and frame count (VAEs: x8 space, x4 time)."""
-    height, width = backbone.resolution
-    channels, frames = backbone.denoiser.config.in_channels, (backbone.num_frames - 1) // 4 + 1
-    if backbone.family == "wan":
-        return (channels, frames, height // 8, width // 8)
-    if backbone.family == "cogvideox":
-        return (frames, channels, height // 8, width // 8)
-    if backbone.family == "flux":  # the transformer takes 2x2 patches of 16 channels: 64 in, 16 in the latents
-        return (channels // 4, height // 8, width // 8)
-    return (channels, height // 8, width // 8)
-
-
 def training_flops(backbone, pairs):
     """Model FLOPs of one SIPO step: policy forward + backward (3x) and reference forward (1x) on 2 x pairs
     samples, the forward counted on the meta device with torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         meta = models.load_backbone(backbone.name, device="meta", random_weights=True)
-        latents = torch.zeros(2 * pairs, *native_latent_shape(backbone))
+        latents = torch.zeros(2 * pairs, *backbone.latent_shape())
         cond = {k: torch.zeros(v) for k, v in backbone.conditioning_shapes(2 * pairs).items()}
         levels = torch.full((2 * pairs,), 500)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -1169,7 +1156,8 @@ def main(argv=None):
         check_output(args.out, folder=False)
         check_output(args.workdir, "--workdir")
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        fail(error)
+        sys.exit(1)
     if args.what == "gpu":
         if not (args.tiny or torch.cuda.is_available()):
             sys.exit("error: bench.py gpu: no GPU here; --tiny runs the same check at tiny size on this machine")

@@ -21,11 +21,18 @@ import torch.distributed as dist
 
 
 def fail(error, suffix=""):
-    """One line for an error; a DataLoader worker's re-raised traceback is cut to its message; a full disk says so."""
+    """One line for an error: a message that holds a line break (a file name with one) keeps all of it, the break
+    written as \\n; a DataLoader worker's re-raised traceback is cut to its exception's message; a full disk says
+    so."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         error = f"the disk is full: {error.filename or 'no space left on device'} could not be written"
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    print(f"error: {re.sub(r'^([A-Za-z_]+[.])*[A-Za-z_]*Error: ', '', lines[-1])}{suffix}", file=sys.stderr)
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback (most recent call last):" in text:  # the worker's message starts at its exception line
+        lines = text.splitlines()
+        start = max(i for i, line in enumerate(lines) if re.match(r"^([A-Za-z_]+[.])*[A-Za-z_]*(Error|Exception)\b",
+                                                                   line) or i == 0)
+        text = re.sub(r"^([A-Za-z_]+[.])*[A-Za-z_]*(Error|Exception): ", "", "\n".join(lines[start:]))
+    print(f"error: {text.replace(chr(10), chr(92) + 'n').replace(chr(13), chr(92) + 'r')}{suffix}", file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -85,6 +92,8 @@ def check_output(path, flag="--out", folder=True):
     and the nearest existing folder is writable; else ValueError naming `flag`. Asked before any work, so that a
     bad --out costs nothing."""
     text, path = str(path), Path(path)
+    if os.path.lexists(path) and not path.exists():
+        raise ValueError(f"{flag} {text}: is a link to nowhere (broken, or a loop)")
     if not folder and (text.endswith("/") or path.is_dir()):
         raise ValueError(f"{flag} {text}: is a directory; name the file to write ({path / 'NAME'})")
     for above in (path if folder else path.parent, *(path if folder else path.parent).parents):

@@ -39,9 +39,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, check_regular_file, fail,
-                    leave, rank_and_world, setup_distributed, take_lock, torch_device, write_text_atomically,
-                    writing)
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, add_size_flags, check_numbers, check_output,
+                    check_regular_file, fail, leave, rank_and_world, setup_distributed, take_lock, torch_device,
+                    write_text_atomically, writing)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".webm", ".gif"}
@@ -697,6 +697,12 @@ class CachedPairs(torch.utils.data.Dataset):
         self.offsets = np.cumsum([0] + [shard["pairs"] for shard in self.index["shards"]])
         self.handles = {}
         self.epoch = 0
+        if backbone is not None and self.files:  # the index's size against what its shards hold
+            stored = tuple(self.handle(self.files[0]).get_slice("latents_w").get_shape()[1:])
+            if stored != tuple(backbone.latent_shape()):
+                raise DataError(f"{self.directory / CACHE_INDEX}: says {self.index.get('resolution')} pixels and "
+                                f"{self.index.get('num_frames')} frames, but its latents are {list(stored)}, not "
+                                f"{list(backbone.latent_shape())} (an edited or damaged index); rebuild the cache")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -905,14 +911,15 @@ def main(argv=None):
     try:
         check_numbers(args, {"frame_stride": AT_LEAST_1, "batch_size": AT_LEAST_1, "shard_size": AT_LEAST_1,
                              "workers": NON_NEGATIVE})
+        check_output(args.out)  # before every pair is encoded
+        if read_cache_index(args.data) is not None:
+            raise DataError(f"--data {args.data}: is a latent cache already; data.py cache reads pairs (a .jsonl "
+                            f"manifest or Pick-a-Pic .parquet shards)")
         device = setup_distributed(timeout=datetime.timedelta(hours=4))[0] if "RANK" in os.environ \
             else torch.device(args.device)
         gpu = device.type == "cuda"
         latent_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.latent_dtype or ("bf16" if gpu else "fp32")]
         pairs, summary = read_pairs(args.data, args.skip_bad)
-        # random weights (a tiny backbone, or --random-weights) from one seed: every rank and every resumed run of a
-        # cache encodes with the same encoders, as train.py's runs on raw pairs do for their --seed
-        torch.manual_seed(0)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision or ("bf16" if gpu else "fp32")]
         backbone = models.load_backbone(args.model, args.pretrained, device=device, dtype=dtype,
                                         random_weights=args.random_weights, only="frozen")

@@ -29,7 +29,7 @@ import data
 import models
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, check_output,
-                    check_regular_file, take_lock, torch_device, valid_range)
+                    check_regular_file, fail, take_lock, torch_device, valid_range)
 from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
@@ -380,6 +380,7 @@ def check_tuned(args):
     if not (tuned / "model_index.json").is_file():
         raise ValueError(f"--tuned {args.tuned}: neither a run directory with model/, a diffusers directory, nor a "
                          f"LoRA folder ({LORA_FILE})")
+    models.check_layout(args.model, tuned)  # another backbone's pipeline: refused before the base is sampled
     return False
 
 
@@ -604,7 +605,8 @@ def curves(args):
 
 
 NUMERIC_FLAGS = {
-    **dict.fromkeys(("samples", "steps", "pairs", "buckets", "weight_sampler_steps", "smooth"), AT_LEAST_1),
+    **dict.fromkeys(("samples", "steps", "pairs", "buckets", "weight_sampler_steps", "smooth", "batch_size"),
+                    AT_LEAST_1),
     **dict.fromkeys(("guidance", "seed"), NON_NEGATIVE), "temperature": POSITIVE, "tau": UNIT_INTERVAL,
     "draws": valid_range("at least 2 (a variance needs two draws)", lambda v: v >= 2)}
 
@@ -656,7 +658,8 @@ def dispatch(args):
                 held.callback(lock.close)
             return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
     except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
-        sys.exit(f"error: {error}")
+        fail(error)
+        sys.exit(1)
 
 
 def parse_args(argv=None):

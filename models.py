@@ -162,6 +162,22 @@ class Backbone:
                                             device=device)
         return {"prompt_embeds": embeds}
 
+    def latent_shape(self):
+        """One sample's latents at this size, in the denoiser's layout: what encode_pixels gives, from the configs
+        alone (the planners' meta-device models; a cache's shards are checked against it)."""
+        height, width = self.resolution
+        channels = self.denoiser.config.in_channels
+        if self.family == "pixel":
+            return channels, height, width
+        spatial = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
+        height, width = height // spatial, width // spatial
+        if self.family == "flux":  # the transformer takes 2x2 patches of the VAE's 16 channels
+            return channels // 4, height, width
+        if not self.is_video:
+            return channels, height, width
+        frames = (self.num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
+        return (channels, frames, height, width) if self.family == "wan" else (frames, channels, height, width)
+
     def conditioning_shapes(self, batch):
         """The shapes encode_prompts returns, from the configs alone (for meta-device planning)."""
         length = self.pipe.tokenizer.model_max_length
@@ -528,25 +544,32 @@ def denoiser_part(family):
     return "unet" if family in ("sd", "sdxl", "pixel") else "transformer"
 
 
+def check_layout(name, path):
+    """The local diffusers directory `path` holds the pipeline `name` (with or without tiny-) needs; ModelError
+    naming what it holds otherwise. Reads model_index.json alone: asked before any work."""
+    family, _, pipeline_cls, _, _ = SPECS[name.removeprefix("tiny-")]
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"{path}: not a diffusers layout (no model_index.json)")
+    try:
+        layout = json.loads(index.read_text())
+        found, vae = layout.get("_class_name"), (layout.get("vae") or [None])[-1]
+    except (ValueError, AttributeError, TypeError):
+        raise ModelError(f"{index}: not valid JSON (a damaged download?)") from None
+    if found != pipeline_cls.__name__:
+        raise ModelError(f"{path}: holds a {found}, but --model {name} needs a {pipeline_cls.__name__}")
+    if (vae is None) != (family == "pixel"):  # the toy and SD1.5 share a pipeline class; only the toy has no VAE
+        raise ModelError(f"{path}: holds a {'pixel-space model (no VAE)' if vae is None else 'latent model'}, "
+                         f"which is not --model {name}")
+
+
 def _load_pretrained(name, path, dtype, denoiser_dtype=None, skip=()):
     """The pipeline at `path` with its parts in `dtype` (the denoiser in `denoiser_dtype`, FP32_PARTS in fp32), read
     once in their dtype; the parts named in `skip` are not read at all (None)."""
     family, _, pipeline_cls, _, _ = SPECS[name]
     local = Path(path)
     if local.exists():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise ModelError(f"{path}: not a diffusers layout (no model_index.json)")
-        try:
-            layout = json.loads(index.read_text())
-            found, vae = layout.get("_class_name"), (layout.get("vae") or [None])[-1]
-        except (ValueError, AttributeError, TypeError):
-            raise ModelError(f"{index}: not valid JSON (a damaged download?)") from None
-        if found != pipeline_cls.__name__:
-            raise ModelError(f"{path}: holds a {found}, but --model {name} needs a {pipeline_cls.__name__}")
-        if (vae is None) != (family == "pixel"):  # the toy and SD1.5 share a pipeline class; only the toy has no VAE
-            raise ModelError(f"{path}: holds a {'pixel-space model (no VAE)' if vae is None else 'latent model'}, "
-                             f"which is not --model {name}")
+        check_layout(name, local)
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}
     if family == "pixel":
         kwargs["vae"] = None
@@ -586,13 +609,17 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     if not built:
         pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype, denoiser_dtype,
                                 skip=FROZEN_PARTS if only == "denoiser" else ())
-    elif name == "toy":
-        with building(device, dtype):
-            pipe = _build_toy()
-    else:
-        pipe = _build_pipeline(base, name.startswith("tiny-"),
-                               lambda: building("meta" if only == "denoiser" else device, dtype),
-                               lambda: building("meta" if only == "frozen" else device, denoiser_dtype or dtype))
+    else:  # random weights from one seed, whatever the caller's: a cache and a run of any --seed share encoders
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if name == "toy":
+                with building(device, dtype):
+                    pipe = _build_toy()
+            else:
+                pipe = _build_pipeline(base, name.startswith("tiny-"),
+                                       lambda: building("meta" if only == "denoiser" else device, dtype),
+                                       lambda: building("meta" if only == "frozen" else device,
+                                                        denoiser_dtype or dtype))
     pipe.set_progress_bar_config(disable=True)
     backbone = _backbone(name, pipe)
     if built:

@@ -64,6 +64,10 @@ def sample_pairs(backbone, prompts, cond, reward, args, step, rank, world_size, 
         dist.all_gather(every[1], scores.contiguous())
         latents, scores = (torch.stack([part[p % world_size][p // world_size] for p in range(len(prompts))])
                            for part in every)
+    if not torch.isfinite(scores).all():  # it would rank nothing: not a margin problem
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f"--reward {args.reward}: scored {bad} of {scores.numel()} samples NaN or inf at the "
+                         f"refresh of step {step}")
     best, worst = scores.argmax(1), scores.argmin(1)
     kept = torch.nonzero(scores.max(1).values - scores.min(1).values > args.online_margin).flatten()
     record = {"refresh_reward_mean": scores.mean().item(), "refresh_reward_std": scores.std().item(),

@@ -35,7 +35,7 @@ import sipo
 import toy
 import train
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, cpu_name,
-                    valid_range)
+                    fail, valid_range)
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -209,7 +209,8 @@ def main(argv=None):
         check_output(args.out)
         check_output(args.results, "--results")
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        fail(error)
+        sys.exit(1)
     for flag, chosen, known in (("--off-configs", args.off_configs, OFF_CONFIGS),
                                 ("--off-sources", args.off_sources, SOURCES)):
         unknown = sorted(set(chosen.split(",")) - set(known))

@@ -845,3 +845,66 @@ def test_an_unknown_device_or_a_gpu_that_is_not_there_is_one_line(pairs, tmp_pat
     one_line_error(cache("--data", pairs, "--out", tmp_path / "cache", "--device", value), message)
     one_line_error(evaluate("timesteps", "--model", "toy", "--data", pairs, "--device", value), message)
     assert not (tmp_path / "cache").exists()
+
+
+def test_messages_name_what_is_wrong(pairs, tmp_path):
+    """Class 8: a file name holding a line break keeps the manifest, the row and the whole name on the one line;
+    --data that is a cache already, a looping --out, a --tuned of another backbone (before the base is
+    sampled), --batch-size 0 of evaluate.py, each named as what they are."""
+    import os
+    import models
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a", "chosen": "line\nbreak.png", "rejected": "l0.png"}))
+    one_line_error(train("--data", rows, "--out", tmp_path / "run"), f"{rows} row 1: chosen file")
+    assert "line\\nbreak.png does not exist" in train("--data", rows, "--out", tmp_path / "run").stderr
+    assert cache("--data", pairs, "--out", tmp_path / "cache").returncode == 0
+    one_line_error(cache("--data", tmp_path / "cache", "--out", tmp_path / "again"),
+                   f"--data {tmp_path / 'cache'}: is a latent cache already")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    one_line_error(cache("--data", pairs, "--out", tmp_path / "loop"), "is a link to nowhere (broken, or a loop)")
+    models.load_backbone("tiny-sd1.5").pipe.save_pretrained(tmp_path / "latent")
+    result = evaluate("compare", "--model", "toy", "--base", Path(__file__).parent / "toy-base", "--tuned",
+                      tmp_path / "latent", "--prompts", pairs, "--reward", "named_colour", "--out", tmp_path / "eval")
+    one_line_error(result, f"{tmp_path / 'latent'}: holds a latent model, which is not --model toy")
+    assert not list((tmp_path / "eval").glob("*.png")), "refused before the base was sampled"
+    one_line_error(evaluate("compare", "--model", "toy", "--base", "toy", "--tuned", "toy", "--prompts", pairs,
+                            "--reward", "named_colour", "--batch-size", 0), "--batch-size 0: must be at least 1")
+
+
+def test_an_edited_cache_index_is_refused_against_what_its_shards_hold(pairs, tmp_path):
+    assert cache("--data", pairs, "--out", tmp_path / "cache").returncode == 0
+    index = tmp_path / "cache" / "cache.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "resolution": [8, 8]}))
+    one_line_error(train("--data", tmp_path / "cache", "--out", tmp_path / "run"),
+                   "(an edited or damaged index); rebuild the cache")
+
+
+def test_random_weights_are_the_same_whatever_the_callers_seed():
+    """Class 8: a tiny backbone's cache and a run on raw pairs with another --seed encode with the same random
+    VAE and text encoder; the caller's random stream is left as it was."""
+    import torch
+    import models
+    torch.manual_seed(5)
+    first = models.load_backbone("tiny-sd1.5").pipe.vae.state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    models.load_backbone("tiny-sd1.5")
+    assert torch.equal(torch.rand(1), after), "the caller's stream is untouched"
+    torch.manual_seed(6)
+    second = models.load_backbone("tiny-sd1.5").pipe.vae.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_reward_that_scores_nan_is_named_not_blamed_on_the_margin(tmp_path):
+    import contextlib
+    import torch
+    import models
+    import online
+    backbone = models.load_backbone("toy")
+    args = trainer.parse_args(["--model", "toy", "--data", "p.txt", "--pairs", "online", "--online-sample-steps", "1"])
+    prompts = ["a red circle", "a blue square"]
+    with pytest.raises(ValueError, match="--reward named_colour: scored 8 of 8 samples NaN or inf at the refresh of "
+                                         "step 0"):
+        online.sample_pairs(backbone, prompts, backbone.encode_prompts(prompts),
+                            lambda images, texts: torch.full((len(images),), float("nan")), args, 0, 0, 1,
+                            contextlib.nullcontext)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 import evaluate
 import launcher
 import models
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, write_text_atomically
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, fail,
+                    write_text_atomically)
 from rundir import RunDir
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
@@ -230,7 +231,8 @@ def main(argv=None):
                              "seed": NON_NEGATIVE})
         check_output(args.out)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        fail(error)
+        sys.exit(1)
     out = Path(args.out)
     base = RunDir(out / "base").model if args.train_base else BASE
     made_from = out / "base.txt"  # pairs and runs in OUT belong to one base

@@ -39,8 +39,8 @@ import models
 import online
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
-                    barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb, rank_and_world, setup_distributed,
-                    valid_range, write_atomically, writing)
+                    barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb, rank_and_world,
+                    setup_distributed, valid_range, write_atomically, writing)
 from rundir import (CHECKPOINT_META, CheckpointReader, CheckpointWriter, RunDir, TensorsOnly, claim_run_directory,
                     comparable, truncate_log, write_args)
 
@@ -342,8 +342,8 @@ def load_backbone(args):
     at --resolution and --frames (default: a cache's own size, else the native one), on the host. Each rank reads
     what the run holds and no more, in the dtype it is held in: the VAE and text encoders in the compute dtype, and
     none of them for a run on latent caches without held-out prompts (random weights: nothing to export; pretrained:
-    the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in the compute dtype."""
-    torch.manual_seed(args.seed)
+    the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in the compute dtype.
+    Random weights are models.load_backbone's, from its own seed."""
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
     only = "denoiser" if not encoders else None
@@ -415,8 +415,9 @@ def prepare(backbone, args, device):
 
 def pair_noise(backbone, indices, epochs, shape, args, device):
     """One noise level and one noise tensor per pair, seeded by (seed, epoch, pair) (`epochs` one for all or one a
-    pair): independent of ranks and resumes, so 1 and N ranks, and straight and resumed runs, draw the same. With --weight path, also each pair's
-    K later sampler steps and their noise (docs/method.md §8), drawn after the rest so that t and eps do not change."""
+    pair): independent of ranks and resumes, so 1 and N ranks, and straight and resumed runs, draw the same. With
+    --weight path, also each pair's K later sampler steps and their noise (docs/method.md §8), drawn after the rest
+    so that t and eps do not change."""
     draws = args.path_draws if args.weight == "path" and args.loss in ("sipo", "dpo-cm") else 0
     stride, top = backbone.sampler_grid(args.weight_sampler_steps)
     levels, noises, n_later, later, later_noises = [], [], [], [], []

@@ -40,8 +40,8 @@ import data
 import models
 import train
 from rundir import RunDir
-from common import (ArgumentParser, check_output, cpu_name, fail, peak_memory_gb, rank_and_world, setup_distributed,
-                    write_text_atomically)
+from common import (ArgumentParser, check_output, cpu_name, error_line, peak_memory_gb, rank_and_world,
+                    setup_distributed, write_text_atomically)
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,
@@ -1156,8 +1156,7 @@ def main(argv=None):
         check_output(args.out, folder=False)
         check_output(args.workdir, "--workdir")
     except ValueError as error:
-        fail(error)
-        sys.exit(1)
+        sys.exit(error_line(error))
     if args.what == "gpu":
         if not (args.tiny or torch.cuda.is_available()):
             sys.exit("error: bench.py gpu: no GPU here; --tiny runs the same check at tiny size on this machine")

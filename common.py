@@ -21,6 +21,11 @@ import torch.distributed as dist
 
 
 def fail(error, suffix=""):
+    """error_line(error, suffix) on stderr."""
+    print(error_line(error, suffix), file=sys.stderr)
+
+
+def error_line(error, suffix=""):
     """One line for an error: a message that holds a line break (a file name with one) keeps all of it, the break
     written as \\n; a DataLoader worker's re-raised traceback is cut to its exception's message; a full disk says
     so."""
@@ -32,7 +37,7 @@ def fail(error, suffix=""):
         start = max(i for i, line in enumerate(lines) if re.match(r"^([A-Za-z_]+[.])*[A-Za-z_]*(Error|Exception)\b",
                                                                    line) or i == 0)
         text = re.sub(r"^([A-Za-z_]+[.])*[A-Za-z_]*(Error|Exception): ", "", "\n".join(lines[start:]))
-    print(f"error: {text.replace(chr(10), chr(92) + 'n').replace(chr(13), chr(92) + 'r')}{suffix}", file=sys.stderr)
+    return f"error: {text.replace(chr(10), chr(92) + 'n').replace(chr(13), chr(92) + 'r')}{suffix}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,7 +104,8 @@ def check_output(path, flag="--out", folder=True):
     for above in (path if folder else path.parent, *(path if folder else path.parent).parents):
         if above.exists():
             if not above.is_dir():
-                raise ValueError(f"{flag} {text}: {above} is a file, not a directory")
+                raise ValueError(f"{flag} {text}: " + ("is" if above == path else f"{above} is") +
+                                 " a file, not a directory")
             if not os.access(above, os.W_OK | os.X_OK):
                 raise ValueError(f"{flag} {text}: {above} is not writable")
             break

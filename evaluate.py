@@ -29,7 +29,7 @@ import data
 import models
 import sipo
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, check_numbers, check_output,
-                    check_regular_file, fail, take_lock, torch_device, valid_range)
+                    check_regular_file, error_line, take_lock, torch_device, valid_range)
 from rundir import LORA_FILE, RunDir, model_dir
 
 matplotlib.use("Agg")
@@ -362,6 +362,18 @@ def save_side_by_side(path, base, tuned, prompts, count=4):
     iio.imwrite(path, np.stack(frames), duration=125, loop=0)
 
 
+def claim_folder(args):
+    """--out made and locked for this command, once its inputs are checked: one writer a folder (a second report
+    into it would silently replace the first); the lock goes when dispatch returns."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock, holder = take_lock(out / ".lock", f"evaluate.py {args.command}")
+    if lock is None:
+        raise ValueError(f"--out {out} is in use by {holder}; wait for it to end, or pass another --out")
+    args.held.callback(lock.close)
+    return out
+
+
 def check_tuned(args):
     """Before any sampling: --tuned is a pipeline or a LoRA in diffusers' format (safetensors only: never a pickle),
     and, where it comes from a run of train.py, a run of --model."""
@@ -395,9 +407,8 @@ def check_rewards_fit(rewards, backbone, prompts):
 def compare(args):
     prompts = read_prompts(args.prompts)
     rewards = load_rewards(args.reward, args)
-    out = Path(args.out)
     lora = check_tuned(args)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(args)
     results = {}
     for label, path in (("base", args.base), ("tuned", model_dir(args.tuned))):
         backbone = load(args, args.base if label == "tuned" and lora else path)
@@ -465,6 +476,7 @@ def timestep_analysis(args):
     if args.reference:
         reference = models.freeze(load(args, model_dir(args.reference)).denoiser)
     batch = fixed_batch(backbone, args.data, args.pairs, args.cache_pretrained)
+    out = claim_folder(args)  # before the analysis: a second one into this folder is refused, not replaced
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]])
     cond = {k: torch.cat([v, v]) for k, v in data.conditioning(batch).items()}
     pairs = len(batch["latents_w"])
@@ -518,8 +530,6 @@ def timestep_analysis(args):
         if margins:
             row["margin_per_beta"] = torch.cat(margins).mean().item()
         rows.append(row)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "timesteps.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n")
         for row in rows:
@@ -648,18 +658,10 @@ def dispatch(args):
                 args.pretrained
             args.pretrained = model_dir(args.pretrained) if args.pretrained else None
         torch.manual_seed(args.seed if hasattr(args, "seed") else 0)
-        with contextlib.ExitStack() as held:
-            if args.command != "curves":  # one writer a folder: a second report would silently replace the first
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                lock, holder = take_lock(Path(args.out) / ".lock", f"evaluate.py {args.command}")
-                if lock is None:
-                    raise ValueError(f"--out {args.out} is in use by {holder}; wait for it to end, or pass another "
-                                     f"--out")
-                held.callback(lock.close)
+        with contextlib.ExitStack() as args.held:  # claim_folder's lock, until the command returns
             return {"compare": compare, "timesteps": timestep_analysis, "curves": curves}[args.command](args)
     except ValueError as error:  # models.ModelError and data.DataError are ValueErrors
-        fail(error)
-        sys.exit(1)
+        sys.exit(error_line(error))
 
 
 def parse_args(argv=None):

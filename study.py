@@ -35,7 +35,7 @@ import sipo
 import toy
 import train
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, cpu_name,
-                    fail, valid_range)
+                    error_line, valid_range)
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -209,8 +209,7 @@ def main(argv=None):
         check_output(args.out)
         check_output(args.results, "--results")
     except ValueError as error:
-        fail(error)
-        sys.exit(1)
+        sys.exit(error_line(error))
     for flag, chosen, known in (("--off-configs", args.off_configs, OFF_CONFIGS),
                                 ("--off-sources", args.off_sources, SOURCES)):
         unknown = sorted(set(chosen.split(",")) - set(known))

@@ -170,7 +170,7 @@ def cache(*args):
 @pytest.mark.parametrize("name,setup,message", [
     ("cache.tmp", lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "was not made by data.py cache"),
     ("cache.old", lambda d: (d.mkdir(), (d / "notes.txt").write_text("mine")), "is not a cache of ours"),
-    ("cache", lambda d: d.write_text("a file"), "exists and is not a latent cache"),
+    ("cache", lambda d: d.write_text("a file"), "cache: is a file, not a directory"),
 ])
 def test_cache_never_deletes_what_it_did_not_write(pairs, tmp_path, name, setup, message):
     setup(tmp_path / name)
@@ -831,8 +831,9 @@ def test_a_second_evaluation_into_a_folder_in_use_is_refused_and_curves_need_a_f
     out = tmp_path / "eval"
     out.mkdir()
     held, _ = take_lock(out / ".lock", "evaluate.py compare")
+    base = Path(__file__).parent / "toy-base"
     try:
-        one_line_error(evaluate("compare", "--model", "toy", "--base", "toy", "--tuned", "toy", "--prompts", pairs,
+        one_line_error(evaluate("compare", "--model", "toy", "--base", base, "--tuned", base, "--prompts", pairs,
                                 "--reward", "named_colour", "--out", out), "is in use by evaluate.py compare pid")
     finally:
         held.close()
@@ -908,3 +909,15 @@ def test_a_reward_that_scores_nan_is_named_not_blamed_on_the_margin(tmp_path):
         online.sample_pairs(backbone, prompts, backbone.encode_prompts(prompts),
                             lambda images, texts: torch.full((len(images),), float("nan")), args, 0, 0, 1,
                             contextlib.nullcontext)
+
+
+def test_a_lora_checkpoint_under_a_full_fine_tuning_run_is_one_line(pairs, tmp_path):
+    common = ["--data", pairs, "--steps", 1, "--checkpoint-every", 1, "--no-export"]
+    assert train(*common, "--out", tmp_path / "lora", "--lora", 4).returncode == 0
+    assert train(*common, "--out", tmp_path / "full").returncode == 0
+    checkpoint = tmp_path / "full" / "checkpoints" / "step-000001"
+    shutil.rmtree(checkpoint)
+    shutil.copytree(tmp_path / "lora" / "checkpoints" / "step-000001", checkpoint)
+    result = train(*common[:2], "--steps", 2, "--out", tmp_path / "full", "--resume")
+    one_line_error(result, "cannot be resumed by this run (Missing key in checkpoint state_dict")
+    assert "continue with --resume" not in result.stderr

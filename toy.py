@@ -27,7 +27,7 @@ from tqdm import tqdm
 import evaluate
 import launcher
 import models
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, fail,
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, error_line,
                     write_text_atomically)
 from rundir import RunDir
 
@@ -231,8 +231,7 @@ def main(argv=None):
                              "seed": NON_NEGATIVE})
         check_output(args.out)
     except ValueError as error:
-        fail(error)
-        sys.exit(1)
+        sys.exit(error_line(error))
     out = Path(args.out)
     base = RunDir(out / "base").model if args.train_base else BASE
     made_from = out / "base.txt"  # pairs and runs in OUT belong to one base

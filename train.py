@@ -750,23 +750,30 @@ def state_dicts(trainer):
             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=STATE_OPTIONS)}
 
 
+class UnusableCheckpoint(ValueError):
+    """A checkpoint this run cannot resume from (its layout, its counters, its tensors): said without the note that
+    --resume continues, which would only meet it again."""
+
+
 def load_checkpoint(path, trainer):
     """Restores what save_checkpoint saved into the placed trainer, whatever placement saved it. Tensors only
     (rundir.TensorsOnly): nothing in the checkpoint is unpickled."""
     saved = json.loads((path / CHECKPOINT_META).read_text())
     if "pairs_read" not in saved or "param_groups" not in saved:
-        raise ValueError(f"{path}: a checkpoint of an older layout (its data position counted in micro-batches, "
-                         f"which another number of ranks reads otherwise); start the run again")
+        raise UnusableCheckpoint(f"{path}: a checkpoint of an older layout (its data position counted in "
+                                 f"micro-batches, which another number of ranks reads otherwise); start the run again")
     wrong = next((key for key in new_counters() if not isinstance(saved.get(key, 0), int)), None)
     if wrong:
-        raise ValueError(f"{path / CHECKPOINT_META}: {wrong} is {saved[wrong]!r}, not a whole number")
+        raise UnusableCheckpoint(f"{path / CHECKPOINT_META}: {wrong} is {saved[wrong]!r}, not a whole number")
     state = state_dicts(trainer)
     state["optimizer"].pop("param_groups")
     try:
         dcp.load(state, storage_reader=CheckpointReader(path), planner=TensorsOnly())
     except dcp.api.CheckpointException as error:  # what failed on each rank, gathered: the first rank's, in a line
-        first = next(iter(error.failures.values()))
-        raise ValueError(f"{path}: cannot be resumed: {str(first).strip().splitlines()[-1]}") from None
+        first = next(iter(error.failures.values()))  # (exception, its traceback's frames)
+        first = first[0] if isinstance(first, tuple) else first
+        raise UnusableCheckpoint(f"{path}: cannot be resumed by this run ({str(first).strip().splitlines()[-1]}; a "
+                                 f"checkpoint of another run, LoRA against full fine-tuning or another model?)") from None
     state["optimizer"]["param_groups"] = saved.pop("param_groups")
     set_model_state_dict(trainer.policy, state["model"], options=LOAD_OPTIONS)
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=LOAD_OPTIONS)
@@ -1023,7 +1030,8 @@ def main(argv=None):
         except (ValueError, OSError, KeyboardInterrupt) as error:  # Ctrl-C before the first step: nothing to save
             kept = RunDir(args.out).latest_checkpoint()
             error = "interrupted" if isinstance(error, KeyboardInterrupt) else error
-            fail(error, f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
+            fail(error, "" if isinstance(error, UnusableCheckpoint) else
+                 f" ({args.out} keeps {kept.name}: continue with --resume)" if kept else
                  f" ({args.out} has no checkpoint yet: a rerun starts again)")
             sys.stderr.flush()
             if dist.is_initialized() and dist.get_world_size() > 1:

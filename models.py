@@ -537,7 +537,9 @@ def _build_toy():
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2")
+# What a run on latent caches does not read of a pretrained pipeline: the text encoders (T5-XXL, UMT5-XXL: 10 to
+# 11 GB in bf16 a rank). The VAE is read: small, and its config sets the latents' size (Backbone.latent_shape).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 def denoiser_part(family):
@@ -600,15 +602,15 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     `dtype` is every part's but FP32_PARTS' and the denoiser's, `denoiser_dtype` (default `dtype`); each part is
     read or made in its dtype, never in fp32 first; from_pretrained also keeps the modules a model marks fp32. With
     `only` ("denoiser", or "frozen": the VAE and text encoders) the other parts are not held, where a run does not
-    need them (training on a latent cache, or making one): random weights put them on the meta device; pretrained
-    ones are not read for only="denoiser" (None: frozen_pipeline reads them for the export)."""
+    need them (training on a latent cache, or making one): random weights put them on the meta device; of
+    pretrained ones only="denoiser" reads no text encoder (None: frozen_pipeline reads them for the export)."""
     if name not in NAMES:
         raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(NAMES)}")
     base = name.removeprefix("tiny-")
     built = pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights)
     if not built:
         pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype, denoiser_dtype,
-                                skip=FROZEN_PARTS if only == "denoiser" else ())
+                                skip=TEXT_ENCODERS if only == "denoiser" else ())
     else:  # random weights from one seed, whatever the caller's: a cache and a run of any --seed share encoders
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

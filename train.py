@@ -341,8 +341,9 @@ def load_backbone(args):
     """The backbone --model names, from --pretrained (or its hub id), or with random weights the same on every rank,
     at --resolution and --frames (default: a cache's own size, else the native one), on the host. Each rank reads
     what the run holds and no more, in the dtype it is held in: the VAE and text encoders in the compute dtype, and
-    none of them for a run on latent caches without held-out prompts (random weights: nothing to export; pretrained:
-    the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in the compute dtype.
+    for a run on latent caches without held-out prompts no text encoder (random weights: no VAE either, and nothing
+    to export; pretrained: the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in
+    the compute dtype.
     Random weights are models.load_backbone's, from its own seed."""
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
@@ -771,9 +772,9 @@ def load_checkpoint(path, trainer):
         dcp.load(state, storage_reader=CheckpointReader(path), planner=TensorsOnly())
     except dcp.api.CheckpointException as error:  # what failed on each rank, gathered: the first rank's, in a line
         first = next(iter(error.failures.values()))  # (exception, its traceback's frames)
-        first = first[0] if isinstance(first, tuple) else first
-        raise UnusableCheckpoint(f"{path}: cannot be resumed by this run ({str(first).strip().splitlines()[-1]}; a "
-                                 f"checkpoint of another run, LoRA against full fine-tuning or another model?)") from None
+        reason = str(first[0] if isinstance(first, tuple) else first).strip().splitlines()[-1]
+        raise UnusableCheckpoint(f"{path}: cannot be resumed by this run ({reason}; a checkpoint of another run, "
+                                 f"LoRA against full fine-tuning or another model?)") from None
     state["optimizer"]["param_groups"] = saved.pop("param_groups")
     set_model_state_dict(trainer.policy, state["model"], options=LOAD_OPTIONS)
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=LOAD_OPTIONS)
@@ -785,7 +786,7 @@ def export(out, backbone, policy, lora_rank, rank, pretrained=None, frozen_dtype
     """The final pipeline in the diffusers layout (safetensors): `from_pretrained(RUN/model)` loads it. With LoRA,
     model/ holds the merged weights and lora/ the adapter in diffusers' own format, written by the pipeline class's
     save_lora_weights: `pipe.load_lora_weights(RUN/lora)` on the base pipeline loads it. A run on caches did not
-    read the VAE and text encoders: they are read from `pretrained` now, in `frozen_dtype`.
+    read the text encoders: the pipeline is read from `pretrained` now, in `frozen_dtype`.
     Every rank takes part in gathering the weights to rank 0's CPU; rank 0 then writes alone and the others leave
     without waiting for it (torchrun waits for every rank): a barrier would time out the others' collectives while
     a large pipeline is written. The denoiser that takes the weights is made on the meta device: no random init,
@@ -812,7 +813,7 @@ def export(out, backbone, policy, lora_rank, rank, pretrained=None, frozen_dtype
         else:
             denoiser.load_state_dict(full, assign=True)
         pipe = backbone.pipe
-        if backbone.family != "pixel" and pipe.vae is None:  # trained on caches: the parts it did not read
+        if pipe.text_encoder is None:  # trained on caches: the text encoders it did not read
             pipe = models.frozen_pipeline(backbone.name, pretrained, frozen_dtype)
         sharded = getattr(pipe, name)
         pipe.register_modules(**{name: denoiser})

@@ -208,12 +208,15 @@ class Backbone:
         return latents.permute(0, 2, 1, 3, 4).contiguous() if self.family == "cogvideox" else latents
 
     # -- noising (sipo.py math) -----------------------------------------------------------------------------
-    def sample_noise_levels(self, n, generator=None, device="cpu"):
-        """Uniform t in 0..T-1 (DDPM) or Wan's shifted uniform sigma (flow), one per pair."""
+    def sample_noise_levels(self, n, generator=None, device="cpu", lowest=0.0):
+        """Uniform t in 0..T-1 (DDPM) or the shifted uniform sigma (flow), one per pair. `lowest` (train.py's
+        --min-noise) cuts off the cleanest fraction of the uniform coordinate: t >= ceil(lowest T), or sigma =
+        shift(u) with u ~ U(lowest, 1), for DDPM and flow alike; 0 draws exactly what it always drew."""
         if self.prediction == "flow":
             sigma = torch.rand(n, generator=generator, device=device)
-            return sipo.shift_sigma(sigma, self.flow_shift)
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
+            return sipo.shift_sigma(lowest + (1 - lowest) * sigma if lowest else sigma, self.flow_shift)
+        return torch.randint(math.ceil(lowest * self.num_train_timesteps), self.num_train_timesteps, (n,),
+                             generator=generator, device=device)
 
     def coefficients(self, levels, sample_steps=50):
         """(a_t, s_t) at the noise level and (a_s, s_s) one sampler stride (T / sample_steps) earlier. FLUX samples on

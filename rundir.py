@@ -223,10 +223,10 @@ def model_dir(path):
 # value for each of them that its command line does not give, and refuses one that differs (and the pairs a step:
 # check_pairs_per_step).
 RUN_SETTINGS = ("pretrained", "random_weights", "data", "loss", "beta", "tau", "eps", "weight", "normalise",
-                "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup", "max_grad_norm",
-                "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance", "resolution", "frames",
-                "pairs", "reward", "refresh_every", "samples_per_prompt", "online_margin", "online_sample_steps",
-                "online_guidance")
+                "min_noise", "path_draws", "weight_sampler_steps", "temperature", "lr", "weight_decay", "warmup",
+                "max_grad_norm", "lora", "seed", "flip", "frame_stride", "precision", "flux_guidance", "resolution",
+                "frames", "pairs", "reward", "refresh_every", "samples_per_prompt", "online_margin",
+                "online_sample_steps", "online_guidance")
 
 
 def check_run_directory(args, world_size=1):

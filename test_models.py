@@ -237,3 +237,22 @@ def test_every_vae_encodes_one_sample_at_a_time():
     sliced = backbone.encode_pixels(pixels)
     backbone.pipe.vae.disable_slicing()
     assert torch.allclose(sliced, backbone.encode_pixels(pixels), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-wan2.1-1.3b", "tiny-flux.1-dev"])
+def test_min_noise_cuts_off_the_cleanest_fraction_of_the_schedule_for_ddpm_and_flow(name):
+    """train.py --min-noise F: DDPM's t uniform on ceil(F T)..T-1; flow's sigma = shift(u), u uniform on [F, 1)
+    (checked by its quartiles against the inverse shift); F = 0 draws bit for bit what the default draws."""
+    backbone = models.load_backbone(name)
+    default = backbone.sample_noise_levels(5000, torch.Generator().manual_seed(1))
+    assert torch.equal(backbone.sample_noise_levels(5000, torch.Generator().manual_seed(1), lowest=0.0), default)
+    drawn = backbone.sample_noise_levels(20_000, torch.Generator().manual_seed(0), lowest=0.3)
+    if backbone.prediction != "flow":
+        assert drawn.min().item() == 300 and drawn.max().item() == 999
+        assert drawn.float().mean().item() == pytest.approx((300 + 999) / 2, abs=5)
+        return
+    k = backbone.flow_shift
+    uniform = drawn / (k - (k - 1) * drawn)  # models.unshift_sigma, written out
+    assert uniform.min().item() >= 0.3 - 1e-6 and uniform.max().item() <= 1
+    for q in (0.25, 0.5, 0.75):
+        assert torch.quantile(uniform, q).item() == pytest.approx(0.3 + 0.7 * q, abs=0.01)

@@ -105,6 +105,9 @@ def parse_args(argv=None):
                    help="self-normalise the weights over the unmasked pairs (after-mask) or over the whole global "
                         "batch before masking relative weights below tau (before-mask; ours, docs/method.md)")
     p.add_argument("--path-draws", type=int, default=2, help="K, later sampler steps drawn per pair for --weight path")
+    p.add_argument("--min-noise", type=float, default=0.0,
+                   help="draw no training noise level below this fraction of the schedule: t >= ceil(F T) for DDPM, "
+                        "sigma = shift(u) with u >= F for flow (default 0: the whole schedule)")
     p.add_argument("--weight-sampler-steps", type=int, default=50,
                    help="n: the weight is that of one reverse step of an n-step sampler, stride T/n (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="lambda (ours), the scale of the log weight")
@@ -168,6 +171,7 @@ NUMERIC_FLAGS = {
     "samples_per_prompt": valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": UNIT_INTERVAL,
+    "min_noise": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
     # n = 1 makes every step the sampler's last (weight 0: every pair masked); n > T = 1000 a stride of 0 timesteps
     # (weight 1: Diffusion-DPO under another name)
     "weight_sampler_steps": valid_range("between 2 and 1000", lambda v: 2 <= v <= 1000),
@@ -425,7 +429,7 @@ def pair_noise(backbone, indices, epochs, shape, args, device):
     epochs = epochs.tolist() if torch.is_tensor(epochs) else [epochs] * len(indices)
     for index, epoch in zip(indices.tolist(), epochs):
         generator = torch.Generator(device).manual_seed(hash((args.seed, epoch, index)) % 2 ** 62)
-        levels.append(backbone.sample_noise_levels(1, generator, device))
+        levels.append(backbone.sample_noise_levels(1, generator, device, args.min_noise))
         noises.append(torch.randn(shape, generator=generator, device=device))
         if draws:
             n, k = sipo.later_steps(levels[-1], stride, top, draws, generator)

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -117,6 +118,50 @@ def difference_test(a, b):
     return {"difference": float(a.mean() - b.mean()), "p": exact_permutation_p(a, b)}
 
 
+# Paired statistics: every method at a given seed shares the pairs, their order, t and noise (train.pair_noise),
+# so runs are compared seed against seed. Student's t at 97.5% for the intervals (a table: no scipy here); a df
+# between rows takes the row below, which is wider.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+EQUIVALENCE_MARGIN = 0.005  # named_colour: a twelfth of what SIPO gains over the base on the toy (+0.06)
+
+
+def paired_test(a, b):
+    """b - a paired by seed: the mean difference, its sd, a 95% t interval, the two-sided sign-flip p (exact over
+    the 2^n sign patterns of the differences up to n = 16, else from 100,000 of them), and how many differences are
+    positive."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n, mean = len(d), float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    half = float(T_975[max(k for k in T_975 if k <= max(n - 1, 1))] * sd / np.sqrt(n))
+    if n <= 16:  # every sign pattern
+        flips = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        p = float(np.mean(np.abs((flips * d).mean(1)) >= abs(mean) - 1e-12))
+    else:  # 2^n is too many: 100,000 random patterns, the observed one counted in
+        flips = np.random.default_rng(0).choice((1.0, -1.0), size=(100_000, n))
+        p = float((np.sum(np.abs((flips * d).mean(1)) >= abs(mean) - 1e-12) + 1) / 100_001)
+    return {"difference": mean, "sd": sd, "ci": [mean - half, mean + half], "p": p, "n": n,
+            "positive": int((d > 0).sum())}
+
+
+def sign_test(differences):
+    """Two-sided exact binomial p that positive and negative differences are equally likely (zeros dropped)."""
+    signs = [x > 0 for x in differences if x != 0]
+    m, k = len(signs), sum(signs)
+    tail = sum(math.comb(m, i) for i in range(min(k, m - k) + 1)) / 2 ** m if m else 1.0
+    return min(1.0, 2 * tail)
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values, in the order given: the family-wise error over all of them."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def summarise(results, base_mean, collapse_margin):
     """Per configuration: final reward and win rate over the base (mean and sd over seeds), collapse fraction,
     roughness, late degradation."""
@@ -162,10 +207,11 @@ def plot_beta(path, table, betas, base_mean):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", default="all", choices=("all", *PARTS),
+    parser.add_argument("--part", default="all", choices=("all", *PARTS, "paired"),
                         help="onpolicy: the beta grid and ablations on the base's own pairs; offpolicy: the four "
                              "pair sources and weight readings of docs/method.md; online: offline pairs against "
-                             "pairs from the policy (default: all). Finished runs are reused.")
+                             "pairs from the policy (default: all). Finished runs are reused. paired: no runs, the "
+                             "paired re-analysis of the parts in --results (paired.json)")
     parser.add_argument("--out", default="runs/study", help="the runs (train.py directories)")
     parser.add_argument("--results", default="results", help="RESULTS.md, study.json and the plots")
     parser.add_argument("--base", default=str(toy.BASE), help=f"the base model (default toy.py's, {toy.BASE.name}/)")
@@ -222,6 +268,11 @@ def main(argv=None):
         sys.exit(f"error: --base {base}: not a model directory (no model_index.json)")
     out.mkdir(parents=True, exist_ok=True)
     report.mkdir(parents=True, exist_ok=True)
+    if args.part == "paired":
+        summary = paired_part(report)
+        write_results(report, base)
+        print(f"paired re-analysis written: {report / 'paired.json'}, {report / 'RESULTS.md'}")
+        return {"paired": summary}
 
     heldout = toy.make_preference_pairs(out / "data" / f"heldout-{args.heldout_pairs}", base, args.heldout_pairs,
                                         20_000, SAMPLE_STEPS, GUIDANCE)
@@ -235,6 +286,7 @@ def main(argv=None):
         summaries["offpolicy"] = offpolicy(args, out, report, base, heldout)
     if args.part in ("all", "online"):
         summaries["online"] = online_part(args, out, report, base, heldout)
+    summaries["paired"] = paired_part(report)
     write_results(report, base)
     print(f"study written: {report / 'RESULTS.md'}")
     return summaries
@@ -546,6 +598,119 @@ def online_part(args, out, report, base, heldout):
     return summary
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The paired re-analysis (--part paired): every verdict of parts 1 and 2 again, seed against seed
+# ---------------------------------------------------------------------------------------------------------
+
+def seed_test(summary, config, versus, metric="final"):
+    """paired_test of `config` against `versus` over the seeds both finished, on the runs' `metric`, with the
+    seed differences themselves."""
+    mine, other = ({r["seed"]: r[metric] for r in summary["runs"][c] if r["final"] is not None}
+                   for c in (config, versus))
+    seeds = sorted(set(mine) & set(other))
+    return {**paired_test([other[k] for k in seeds], [mine[k] for k in seeds]),
+            "differences": [mine[k] - other[k] for k in seeds]}
+
+
+def corrected(rows):
+    """Holm's correction over `rows` (one part's family of tests), into each row as p_holm."""
+    for row, adjusted in zip(rows, holm([row["p"] for row in rows])):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def paired_part(report):
+    """Parts 1 and 2 (study.json, offpolicy.json in `report`) re-analysed seed against seed: per condition paired
+    tests, Holm-corrected within each part; DPO-C&M against Diffusion-DPO over every condition (sign test over
+    conditions, the pooled paired difference); each SIPO reading against DPO-C&M as an equivalence within
+    EQUIVALENCE_MARGIN. Written to paired.json; no runs."""
+    parts = {name: json.loads((report / name).read_text()) for name in ("study.json", "offpolicy.json")
+             if (report / name).exists()}
+    if not parts:  # the online part alone: nothing to re-analyse
+        return None
+    rows = {"onpolicy": [], "offpolicy": []}
+    if "study.json" in parts:
+        onpolicy_summary = parts["study.json"]
+        for beta in onpolicy_summary["betas"]:
+            for config, versus in (("dpo-cm", "dpo"), ("sipo", "dpo"), ("sipo", "dpo-cm")):
+                rows["onpolicy"].append({"condition": f"beta {beta:g}", "comparison": f"{config} - {versus}",
+                                         "metric": "final reward", **seed_test(
+                                             onpolicy_summary, f"{config} beta={beta:g}", f"{versus} beta={beta:g}")})
+    if "offpolicy.json" in parts:
+        offpolicy_summary = parts["offpolicy.json"]
+        configs = offpolicy_summary["configs"]
+        baseline = "dpo-cm" if "dpo-cm" in configs else "dpo"  # each SIPO reading against the strongest present
+        comparisons = [*((("dpo-cm", "dpo"),) if {"dpo", "dpo-cm"} <= set(configs) else ()),
+                       *((reading, baseline) for reading in configs if reading.startswith("sipo"))]
+        for source in offpolicy_summary["sources"]:
+            for config, versus in comparisons:
+                for metric, name in (("final", "final reward"), *((f"final_{d}", d) for d in DRIFTS.values())):
+                    rows["offpolicy"].append({"condition": source, "comparison": f"{config} - {versus}",
+                                              "metric": name, **seed_test(offpolicy_summary, f"off {source} {config}",
+                                                                          f"off {source} {versus}", metric)})
+    for family in rows.values():
+        corrected(family)
+    masking = [row for family in rows.values() for row in family
+               if row["comparison"] == "dpo-cm - dpo" and row["metric"] == "final reward"]
+    differences = [d for row in masking for d in row["differences"]]
+    pooled = paired_test(np.zeros(len(differences)), differences) if differences else None
+    equivalence = {}
+    for family in rows.values():
+        for row in family:
+            if row["comparison"].startswith("sipo") and row["comparison"].endswith("dpo-cm") and \
+                    row["metric"] == "final reward":
+                equivalence.setdefault(row["comparison"], []).append(row)
+    equivalence = {name: {"conditions": len(found), "within_margin": sum(
+        -EQUIVALENCE_MARGIN < r["ci"][0] and r["ci"][1] < EQUIVALENCE_MARGIN for r in found)}
+        for name, found in equivalence.items()}
+    summary = {"base": next(iter(parts.values()))["base"], "margin": EQUIVALENCE_MARGIN,
+               "tests": rows, "masking": {"conditions": len(masking),
+                                          "ahead": sum(row["difference"] > 0 for row in masking),
+                                          "sign_test_p": sign_test([row["difference"] for row in masking]),
+                                          "seed_pairs": len(differences),
+                                          "seed_pairs_ahead": sum(d > 0 for d in differences), "pooled": pooled},
+               "equivalence": equivalence}
+    (report / "paired.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def paired_lines(summary):
+    masking, margin = summary["masking"], summary["margin"]
+    pooled = masking["pooled"]
+    lines = ["## Paired re-analysis (`python study.py --part paired`: no runs)", "",
+             "Every method at a given seed shares its pairs, their order, t and noise, so each test compares runs "
+             "seed against seed: the mean paired difference, a 95% t interval, and the exact sign-flip p over every "
+             "sign pattern; p (Holm) is Holm's correction over the part's whole family of tests. With 5 seeds no "
+             "single condition can reach a p below 2/32 = 0.0625, however consistent: until a part runs more seeds "
+             "the verdicts rest on the pooled and sign tests. Part 1's `sipo` is its default reading, step "
+             "after-mask.", ""]
+    if pooled:
+        lines += [f"DPO-C&M against Diffusion-DPO on the final reward: ahead in {masking['ahead']} of "
+                  f"{masking['conditions']} conditions (sign test over conditions p = {masking['sign_test_p']:.3f}), "
+                  f"in {masking['seed_pairs_ahead']} of {masking['seed_pairs']} seed pairs; pooled paired difference "
+                  f"{pooled['difference']:+.4f} (95% CI {pooled['ci'][0]:+.4f} to {pooled['ci'][1]:+.4f}, the "
+                  "seed pairs of every condition pooled).", ""]
+    if summary["equivalence"]:
+        lines += [f"Equivalence of SIPO's readings to DPO-C&M, a margin of ±{margin} in final reward: a condition "
+                  "counts when its 95% interval lies inside the margin.", "", "| reading | conditions inside the "
+                  "margin |", "|---|---|"]
+        lines += [f"| {name} | {found['within_margin']} of {found['conditions']} |"
+                  for name, found in summary["equivalence"].items()]
+        lines.append("")
+    for part, family in summary["tests"].items():
+        if not family:
+            continue
+        lines += [f"### {'Part 1, on-policy' if part == 'onpolicy' else 'Part 2, off-policy'}: {len(family)} "
+                  "tests, Holm-corrected together", "",
+                  "| condition | comparison | metric | paired difference [95% CI] | positive | p | p (Holm) |",
+                  "|---" * 7 + "|"]
+        lines += [f"| {r['condition']} | {r['comparison']} | {r['metric']} | {r['difference']:+.5f} "
+                  f"[{r['ci'][0]:+.5f}, {r['ci'][1]:+.5f}] | {r['positive']} of {r['n']} | {r['p']:.3f} | "
+                  f"{r['p_holm']:.3f} |" for r in family]
+        lines.append("")
+    return lines
+
+
 def base_identity(base):
     """The base a part was measured on: the SHA-256 of its weights' files, and the commit of this checkout."""
     digest = hashlib.sha256()
@@ -621,16 +786,17 @@ def write_results(report, base):
     """RESULTS.md from whichever parts have run (study.json, offpolicy.json, online.json), each marked stale where
     it was measured on another base than `base` (or before the base's checksum was recorded)."""
     lines = ["# Results: Diffusion-DPO, DPO-C&M and SIPO on the toy task", "",
-             f"Written by `python study.py` on {os.cpu_count()} CPU cores ({cpu_name()}). "
+             f"Written by `python study.py` on {os.cpu_count()} CPU cores ({cpu_name()}); each part names the "
+             "machine that measured it. "
              "`python study.py --part onpolicy`, `--part offpolicy` or `--part online` re-runs one part; finished "
              "runs are reused.", ""]
     current = base_identity(base)["sha256"]
     for name, part, write in (("study.json", "onpolicy", onpolicy_lines), ("offpolicy.json", "offpolicy",
                                                                           offpolicy_lines),
-                              ("online.json", "online", online_lines)):
+                              ("online.json", "online", online_lines), ("paired.json", "paired", paired_lines)):
         if (report / name).exists():
             summary = json.loads((report / name).read_text())
-            if summary.get("base", {}).get("sha256") != current:  # its tables would speak for another model
+            if (summary.get("base") or {}).get("sha256") != current:  # its tables would speak for another model
                 lines += [f"**Stale**: `{name}` was measured on another base than {Path(base).name}/ (no checksum of "
                           f"it recorded, or another one), so its tables are left out; `python study.py --part {part}` "
                           "measures it again.", ""]

@@ -26,6 +26,21 @@ def test_exact_permutation_p_against_hand_counts():
     assert study.exact_permutation_p(np.arange(5.0), np.arange(5.0) + 100) == pytest.approx(2 / 252)
 
 
+def test_paired_statistics_against_hand_values():
+    """study.paired_test: d = (1, 2, 0.5): mean 7/6, sd sqrt(7/12), t(2) = 4.303; of the 8 sign patterns only the
+    two of one sign reach |mean| 7/6. sign_test: 3 of 4 positive, 2 (1 + 4) / 16. holm: 3 x 0.01, then 2 x 0.03,
+    then max(0.06, 1 x 0.04)."""
+    test = study.paired_test([1.0, 2.0, 3.0], [2.0, 4.0, 3.5])
+    half = 4.303 * (7 / 12) ** 0.5 / 3 ** 0.5
+    assert test["difference"] == pytest.approx(7 / 6) and test["sd"] == pytest.approx((7 / 12) ** 0.5)
+    assert test["ci"] == pytest.approx([7 / 6 - half, 7 / 6 + half]) and test["p"] == pytest.approx(2 / 8)
+    assert test["positive"] == 3 and test["n"] == 3
+    assert study.sign_test([1, 2, -1, 3, 0]) == pytest.approx(2 * 5 / 16)
+    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    many = np.random.default_rng(1).normal(0.5, 1, 40)  # n > 16: sampled sign patterns, against the exact tail
+    assert study.paired_test(np.zeros(40), many)["p"] < 0.05 < study.paired_test(np.zeros(40), many - 0.5)["p"]
+
+
 def test_named_shape_recognises_the_drawings_and_not_noise():
     generator = torch.Generator().manual_seed(5)
     prompts = toy.PROMPTS * 50
@@ -176,8 +191,11 @@ def test_miniature_offpolicy_study_writes_its_tables(study_runs, tmp_path):
                for row in summary["table"].values())
     assert set(summary["tests"]) == {f"{s}: sipo path before-mask vs dpo" for s in sources}
     assert set(summary["step_time_ms"]) == set(configs)
+    paired = json.loads((tmp_path / "paired.json").read_text())["tests"]["offpolicy"]
+    assert len(paired) == len(sources) * 3 and all(r["n"] == 1 and "p_holm" in r for r in paired)
     text = (tmp_path / "RESULTS.md").read_text()
     assert "## Part 2: off-policy pairs" in text and "| foreign | sipo path before-mask |" in text
+    assert "## Paired re-analysis" in text
     assert "| hard | 0-100 |" in text or "| hard | 100-200 |" in text  # the per-bucket table
     for figure in ("offpolicy.png", "weights-by-source.png"):
         assert (tmp_path / figure).stat().st_size > 10_000, figure

@@ -39,9 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import data
 import models
 import train
-from rundir import RunDir
 from common import (ArgumentParser, check_output, cpu_name, error_line, peak_memory_gb, rank_and_world,
                     setup_distributed, write_text_atomically)
+from rundir import RunDir
 
 # a medium CPU model: an SD1.5-shaped UNet, 3 levels, 2 layers per block (17.6M parameters) on 16x16 latents
 MEDIUM_UNET = dict(models.TINY_UNET, sample_size=16, block_out_channels=(64, 128, 256), layers_per_block=2,

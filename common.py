@@ -63,6 +63,7 @@ AT_LEAST_1 = valid_range("at least 1", lambda v: v >= 1)
 NON_NEGATIVE = valid_range("at least 0", lambda v: v >= 0)
 POSITIVE = valid_range("a positive number", lambda v: v > 0)
 UNIT_INTERVAL = valid_range("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_ONE = valid_range("in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def check_numbers(args, valid_ranges):
@@ -101,7 +102,8 @@ def check_output(path, flag="--out", folder=True):
         raise ValueError(f"{flag} {text}: is a link to nowhere (broken, or a loop)")
     if not folder and (text.endswith("/") or path.is_dir()):
         raise ValueError(f"{flag} {text}: is a directory; name the file to write ({path / 'NAME'})")
-    for above in (path if folder else path.parent, *(path if folder else path.parent).parents):
+    start = path if folder else path.parent
+    for above in (start, *start.parents):
         if above.exists():
             if not above.is_dir():
                 raise ValueError(f"{flag} {text}: " + ("is" if above == path else f"{above} is") +

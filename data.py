@@ -327,8 +327,6 @@ def _resize_crop(image, height, width):
 def load_media(source, where, height, width, num_frames=0, frame_stride=1):
     """An image (3, H, W) or, for video backbones, a video (3, F, H, W), in [-1, 1]."""
     is_video = isinstance(source, Path) and source.suffix.lower() in VIDEO_SUFFIXES
-    if isinstance(source, Path):
-        regular(source, f"{where}:")
     try:
         if not is_video:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)

@@ -637,9 +637,8 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
 def frozen_pipeline(name, pretrained, dtype):
     """The pretrained pipeline of `name` without its denoiser (None): the parts an export adds to a trained denoiser
     when the run did not hold them."""
-    family = SPECS[name.removeprefix("tiny-")][0]
-    return _load_pretrained(name.removeprefix("tiny-"), pretrained or HUB_IDS[name.removeprefix("tiny-")], dtype,
-                            skip=(denoiser_part(family),))
+    base = name.removeprefix("tiny-")
+    return _load_pretrained(base, pretrained or HUB_IDS[base], dtype, skip=(denoiser_part(SPECS[base][0]),))
 
 
 def _backbone(name, pipe):

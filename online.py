@@ -93,12 +93,12 @@ def load_pairs(out, step):
     """The pairs stored at refresh `step`; ValueError naming the file when it is missing or damaged."""
     path = RunDir(out).online_pairs(step)
     try:
-        tensors = load_file(path)
-        OnlinePairs(tensors, step)[0]  # the keys and shapes a refresh stores
+        pairs = OnlinePairs(load_file(path), step)
+        pairs[0]  # the keys and shapes a refresh stores
     except Exception as error:  # noqa: BLE001 -- safetensors raises its own types for a damaged file
         raise ValueError(f"{path}: the stored pairs of the refresh at step {step} cannot be read "
                          f"({(str(error).strip().splitlines() or ['?'])[0][:120]}); start the run again") from None
-    return OnlinePairs(tensors, step)
+    return pairs
 
 
 def prune(out, oldest_kept):

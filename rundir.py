@@ -15,6 +15,7 @@ claims a directory (its own runs only, one writer at a time) and what a resume m
 process group, DCP) and the standard library.
 """
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -153,6 +154,7 @@ class TensorsOnly(dcp.DefaultLoadPlanner):
         raise ValueError(f"the checkpoint stores {read_item.dest_index.fqn} as a pickled object, which is not read")
 
 
+@functools.cache
 def storage_classes():
     """DCP's metadata classes, the only ones from_json makes (the storage record's moved between torch versions)."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -188,8 +190,8 @@ def to_json(value):
 
 def from_json(value):
     """to_json undone; only DCP's metadata classes and torch's dtypes, layouts and memory formats are made."""
-    if not isinstance(value, dict):
-        return [from_json(item) for item in value] if isinstance(value, list) else value
+    if not isinstance(value, dict):  # a number, a string, None: to_json tags every list
+        return value
     if "__class__" in value:
         cls = storage_classes()[value["__class__"]]
         names = {f.name for f in dataclasses.fields(cls)}  # another torch's extra fields are dropped

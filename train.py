@@ -38,9 +38,9 @@ import evaluate
 import models
 import online
 import sipo
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags, all_reduce,
-                    barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb, rank_and_world,
-                    setup_distributed, valid_range, write_atomically, writing)
+from common import (AT_LEAST_1, BELOW_ONE, NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, ArgumentParser, add_size_flags,
+                    all_reduce, barrier, check_numbers, check_regular_file, fail, leave, nodes, peak_memory_gb,
+                    rank_and_world, setup_distributed, valid_range, write_atomically, writing)
 from rundir import (CHECKPOINT_META, CheckpointReader, CheckpointWriter, RunDir, TensorsOnly, claim_run_directory,
                     comparable, truncate_log, write_args)
 
@@ -171,11 +171,11 @@ NUMERIC_FLAGS = {
     "samples_per_prompt": valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2),
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": UNIT_INTERVAL,
-    "min_noise": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
+    "min_noise": BELOW_ONE,
     # n = 1 makes every step the sampler's last (weight 0: every pair masked); n > T = 1000 a stride of 0 timesteps
     # (weight 1: Diffusion-DPO under another name)
     "weight_sampler_steps": valid_range("between 2 and 1000", lambda v: 2 <= v <= 1000),
-    "eps": valid_range("in [0, 1)", lambda v: 0 <= v < 1),
+    "eps": BELOW_ONE,
 }
 
 

@@ -238,6 +238,13 @@ def main(argv=None):
     parser.add_argument("--online-seeds", type=int, default=5)
     parser.add_argument("--refresh-every", type=int, default=5, help="online part: steps between refreshes")
     parser.add_argument("--samples-per-prompt", type=int, default=8, help="online part: samples a prompt a refresh")
+    parser.add_argument("--gradient-batches", type=int, default=16,
+                        help="gradient part: batches of --off-batch pairs over which each setting's movement is taken")
+    parser.add_argument("--control-seeds", type=int, default=8, help="control part: seeds per configuration")
+    parser.add_argument("--degrade-lrs", default="1e-3,3e-3", help="degrade part: the sweep's learning rates")
+    parser.add_argument("--degrade-betas", default="1000,10000", help="degrade part: the sweep's betas")
+    parser.add_argument("--degrade-steps", type=int, default=60)
+    parser.add_argument("--degrade-seeds", type=int, default=8)
     parser.add_argument("--collapse-margin", type=float, default=0.02, help="reward drop below base = collapse")
     parser.add_argument("--concurrent-runs", type=int, default=2, help="training runs at a time, 1 thread each")
     parser.add_argument("--timing-repeats", type=int, default=10, help="interleaved steps per method when timing")
@@ -249,7 +256,8 @@ def main(argv=None):
         check_numbers(args, {
             **dict.fromkeys(("seeds", "steps", "samples", "pairs", "ablation_seeds", "off_seeds", "off_steps",
                              "off_batch", "off_pairs", "concurrent_runs", "heldout_pairs", "timestep_pairs",
-                             "timestep_buckets", "timing_repeats", "online_steps", "online_seeds", "refresh_every"),
+                             "timestep_buckets", "timing_repeats", "online_steps", "online_seeds", "refresh_every",
+                             "gradient_batches", "control_seeds", "degrade_steps", "degrade_seeds"),
                             AT_LEAST_1), "samples_per_prompt": valid_range("at least 2", lambda v: v >= 2),
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
         check_output(args.out)
@@ -286,6 +294,12 @@ def main(argv=None):
         summaries["offpolicy"] = offpolicy(args, out, report, base, heldout)
     if args.part in ("all", "online"):
         summaries["online"] = online_part(args, out, report, base, heldout)
+    if args.part in ("all", "gradient"):
+        summaries["gradient"] = gradient_part(args, out, report, base)
+    if args.part in ("all", "control"):
+        summaries["control"] = control_part(args, out, report, base, heldout)
+    if args.part in ("all", "degrade"):
+        summaries["degrade"] = degrade_part(args, out, report, base, heldout)
     summaries["paired"] = paired_part(report)
     write_results(report, base)
     print(f"study written: {report / 'RESULTS.md'}")
@@ -377,7 +391,7 @@ def onpolicy(args, out, report, base, pairs, heldout):
 # The off-policy part (docs/method.md): pair sources x weight readings
 # ---------------------------------------------------------------------------------------------------------
 
-PARTS = ("onpolicy", "offpolicy", "online")
+PARTS = ("onpolicy", "offpolicy", "online", "gradient", "control", "degrade")
 READINGS = [f"{weight} {normalise}" for weight in sipo.WEIGHTS for normalise in sipo.NORMALISATIONS]
 OFF_CONFIGS = {"dpo": ["--loss", "dpo"], "dpo-cm": ["--loss", "dpo-cm"],
                **{f"sipo {r}": ["--loss", "sipo", "--weight", r.split()[0], "--normalise", r.split()[1]]
@@ -476,10 +490,7 @@ def offpolicy(args, out, report, base, heldout):
     base_drift = {name: float(base_scores[name].mean()) for name in DRIFTS.values()}
     results = {}
     for source, manifest in manifests.items():
-        common = ["--model", "toy", "--pretrained", base, "--data", manifest, "--steps", args.off_steps,
-                  "--batch-size", args.off_batch, "--lr", args.lr, "--beta", args.off_beta, "--warmup", 10,
-                  "--checkpoint-every", 10_000, "--eval-data", heldout, "--eval-every", max(1, args.off_steps // 6),
-                  "--no-gradient-checkpointing"]
+        common = off_common(args, manifest, heldout, base, args.off_steps)
         jobs = [(f"off {source} {config}", OFF_CONFIGS[config], seed) for config in configs
                 for seed in range(args.off_seeds)]
         results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
@@ -535,6 +546,183 @@ def offpolicy(args, out, report, base, heldout):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# How far re-weighting can move the gradient (--part gradient): SIPO against DPO-C&M at the same mask and clip
+# ---------------------------------------------------------------------------------------------------------
+
+GRADIENT_SOURCES = ("on", "foreign", "hard")
+GRADIENT_GRID = {"eps": (0.1, 0.3, 0.5), "temperature": (1.0, 3.0, 10.0)}
+STRONG_ENOUGH = 0.05  # a reading that moves the gradient by less than this is not worth a training comparison
+
+
+def flat_gradient(loss, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+
+def gradient_movement(base, manifest, batches, batch=8):
+    """Under the base as policy and reference, batch by batch as training draws them (`batch` pairs, epoch 0): for
+    each weight, normalisation, eps and temperature, ||g_SIPO - g_DPO-C&M|| / ||g_DPO-C&M|| (the two losses at the
+    same weights, mask and clip: what re-weighting alone changes) and the mask fraction, medians over `batches`
+    batches; and, for scale, how far DPO-C&M's gradient moves when the same pairs draw another t and noise
+    (epoch 1 against 0, default settings)."""
+    import copy
+    backbone = models.load_backbone("toy", pretrained=str(base))
+    policy = backbone.denoiser
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    dataset, _ = data.open_dataset(manifest, backbone)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [order[i * batch:(i + 1) * batch] for i in range(min(batches, len(dataset) // batch))]
+    moved, redraw = {}, []
+    for weight in sipo.WEIGHTS:
+        for temperature in GRADIENT_GRID["temperature"]:
+            args = train.parse_args(["--model", "toy", "--data", str(manifest), "--loss", "sipo", "--weight", weight,
+                                     "--temperature", str(temperature), "--beta", "1000"])
+            for chosen in batches:
+                e, r, log_w = train.pair_errors(backbone, policy, reference, data.collate([dataset[i] for i in chosen]),
+                                                0, args, True)
+                terms = (*e.chunk(2), *r.chunk(2), *log_w.chunk(2), args.beta, args.tau)
+                for normalise in sipo.NORMALISATIONS:
+                    for eps in GRADIENT_GRID["eps"]:
+                        cm, stats = sipo.dpo_cm_loss(*terms, eps, normalise)
+                        g_cm = flat_gradient(cm, params)
+                        g_sipo = flat_gradient(sipo.sipo_loss(*terms, eps, normalise)[0], params)
+                        key = f"{weight} {normalise} eps={eps:g} temperature={temperature:g}"
+                        moved.setdefault(key, []).append(
+                            ((g_sipo - g_cm).norm() / g_cm.norm().clamp_min(1e-30)).item())
+                        moved.setdefault(key + " masked", []).append(stats["mask_fraction"].item())
+    args = train.parse_args(["--model", "toy", "--data", str(manifest), "--loss", "dpo-cm", "--beta", "1000"])
+    for chosen in batches:
+        g = []
+        for epoch in (0, 1):
+            e, r, log_w = train.pair_errors(backbone, policy, reference, data.collate([dataset[i] for i in chosen]),
+                                            epoch, args, True)
+            loss, _ = sipo.dpo_cm_loss(*e.chunk(2), *r.chunk(2), *log_w.chunk(2), args.beta, args.tau, args.eps,
+                                       args.normalise)
+            g.append(flat_gradient(loss, params))
+        redraw.append(((g[1] - g[0]).norm() / g[0].norm()).item())
+    settings = sorted({key for key in moved if not key.endswith(" masked")})
+    return {"batches": len(batches), "batch": batch, "redraw": float(np.median(redraw)),
+            "settings": {key: {"movement": float(np.median(moved[key])), "max": float(np.max(moved[key])),
+                               "mask_fraction": float(np.mean(moved[key + " masked"]))} for key in settings}}
+
+
+def gradient_part(args, out, report, base):
+    """gradient_movement on each of GRADIENT_SOURCES, and the strongest setting over them; writes gradient.json."""
+    started = time.time()
+    manifests = source_pairs(out / "data", base, args.off_pairs, GRADIENT_SOURCES)
+    by_source = {}
+    for source, manifest in manifests.items():
+        print(f"gradient movement on {source} pairs ...", flush=True)
+        by_source[source] = gradient_movement(base, manifest, args.gradient_batches)
+    settings = by_source[GRADIENT_SOURCES[0]]["settings"]
+    mean_movement = {key: float(np.mean([s["settings"][key]["movement"] for s in by_source.values()]))
+                     for key in settings}
+    strongest = max(mean_movement, key=mean_movement.get)
+    summary = {"base": base_identity(base), "cpu": cpu_name(), "sources": by_source, "mean_movement": mean_movement,
+               "strongest": strongest, "strong_enough": mean_movement[strongest] >= STRONG_ENOUGH,
+               "threshold": STRONG_ENOUGH, "minutes": (time.time() - started) / 60}
+    (report / "gradient.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cutoff control (--part control): is DPO-C&M's gain the weight's, or that of cutting off clean timesteps?
+# ---------------------------------------------------------------------------------------------------------
+
+def reading_flags(setting):
+    """train.py flags of a gradient.json setting, "WEIGHT NORMALISE eps=E temperature=T"."""
+    weight, normalise, *pairs = setting.split()
+    values = dict(pair.split("=") for pair in pairs)
+    return ["--weight", weight, "--normalise", normalise, "--eps", values["eps"], "--temperature",
+            values["temperature"]]
+
+
+def off_common(args, manifest, heldout, base, steps):
+    """The off-policy part's training settings: every run of parts 2, control and degrade starts from these."""
+    return ["--model", "toy", "--pretrained", base, "--data", manifest, "--steps", steps, "--batch-size",
+            args.off_batch, "--lr", args.lr, "--beta", args.off_beta, "--warmup", 10, "--checkpoint-every", 10_000,
+            "--eval-data", heldout, "--eval-every", max(1, steps // 6), "--no-gradient-checkpointing"]
+
+
+def control_part(args, out, report, base, heldout):
+    """Per source of GRADIENT_SOURCES, over --control-seeds seeds at the off-policy part's settings: Diffusion-DPO;
+    DPO-C&M; Diffusion-DPO with t drawn above the fraction of the schedule that DPO-C&M's runs masked (--min-noise,
+    matched per source); and SIPO in gradient.json's strongest reading beside DPO-C&M at the same settings (what
+    re-weighting alone changes). Paired tests, Holm-corrected over the part; writes control.json."""
+    started = time.time()
+    gradient = json.loads((report / "gradient.json").read_text())
+    strong = reading_flags(gradient["strongest"])
+    manifests = source_pairs(out / "data", base, args.off_pairs, GRADIENT_SOURCES)
+    rewards = ("named_colour", *DRIFTS.values())
+    base_scores, _ = final_scores(base, args.samples, rewards)
+    base_mean = float(base_scores["named_colour"].mean())
+    seeds, results, cutoffs = range(args.control_seeds), {}, {}
+    for source, manifest in manifests.items():
+        common = off_common(args, manifest, heldout, base, args.off_steps)
+        jobs = [(f"off {source} {m}", ["--loss", m], seed) for m in ("dpo", "dpo-cm") for seed in seeds]
+        results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
+        masked = [r["mask_fraction"] for r in results[f"off {source} dpo-cm"] if r["final"] is not None]
+        cutoffs[source] = round(float(np.mean(masked)), 3)
+        jobs = [(f"off {source} dpo cutoff", ["--loss", "dpo", "--min-noise", cutoffs[source]], seed)
+                for seed in seeds]
+        jobs += [(f"off {source} {m} strongest", ["--loss", m, *strong], seed) for m in ("sipo", "dpo-cm")
+                 for seed in seeds]
+        results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
+    table = summarise(results, base_mean, args.collapse_margin)
+    summary = {"runs": results}
+    tests = []
+    for source in manifests:
+        for config, versus in (("dpo-cm", "dpo"), ("dpo cutoff", "dpo"), ("dpo-cm", "dpo cutoff"),
+                               ("sipo strongest", "dpo-cm strongest"), ("sipo strongest", "dpo-cm")):
+            tests.append({"condition": source, "comparison": f"{config} - {versus}", "metric": "final reward",
+                          **seed_test(summary, f"off {source} {config}", f"off {source} {versus}")})
+    summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean, "cutoffs": cutoffs,
+               "strongest": gradient["strongest"], "table": table, "tests": corrected(tests), "runs": results,
+               "minutes": (time.time() - started) / 60, "args": {k: str(v) for k, v in vars(args).items()}}
+    (report / "control.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where Diffusion-DPO degrades (--part degrade): the paper's stability claim where something is unstable
+# ---------------------------------------------------------------------------------------------------------
+
+def degrade_part(args, out, report, base, heldout):
+    """A sweep of Diffusion-DPO (seed 0) over --degrade-lrs x --degrade-betas on the base's own pairs; the first
+    setting, in that order, whose final reward falls below the base is the regime, where Diffusion-DPO, DPO-C&M and
+    SIPO then train over --degrade-seeds seeds: how often each ends below the base, collapses (below it by
+    --collapse-margin) or ends below its own best held-out accuracy. Writes degrade.json."""
+    started = time.time()
+    manifest = source_pairs(out / "data", base, args.off_pairs, ("on",))["on"]
+    base_scores, _ = final_scores(base, args.samples)
+    base_mean = float(base_scores["named_colour"].mean())
+    common = off_common(args, manifest, heldout, base, args.degrade_steps)
+    grid = [(float(lr), float(beta)) for lr in args.degrade_lrs.split(",") for beta in args.degrade_betas.split(",")]
+    name = "degrade {} lr={:g} beta={:g}".format
+    sweep = run_jobs([(name("dpo", lr, beta), ["--loss", "dpo", "--lr", lr, "--beta", beta], 0) for lr, beta in grid],
+                     common, out, args, ("named_colour",), base_scores)
+    below = [(lr, beta) for lr, beta in grid if (sweep[name("dpo", lr, beta)][0]["final"] or -1.0) < base_mean]
+    lr, beta = below[0] if below else grid[-1]
+    jobs = [(name(m, lr, beta), ["--loss", m, "--lr", lr, "--beta", beta], seed) for m in METHODS
+            for seed in range(args.degrade_seeds)]
+    results = run_jobs(jobs, common, out, args, ("named_colour",), base_scores)
+    table = summarise(results, base_mean, args.collapse_margin)
+    for config, runs in results.items():
+        finals = [r["final"] for r in runs]
+        table[config]["below_base"] = sum(f is None or f < base_mean for f in finals) / len(finals)
+    summary = {"runs": results}
+    tests = corrected([{"condition": f"lr {lr:g}, beta {beta:g}", "comparison": f"{m} - dpo", "metric": "final reward",
+                        **seed_test(summary, name(m, lr, beta), name("dpo", lr, beta))} for m in ("dpo-cm", "sipo")])
+    summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean,
+               "sweep": {f"lr={l:g} beta={b:g}": sweep[name("dpo", l, b)][0]["final"] for l, b in grid},
+               "regime": {"lr": lr, "beta": beta, "degrades": bool(below)}, "table": table, "tests": tests,
+               "runs": results, "minutes": (time.time() - started) / 60,
+               "args": {k: str(v) for k, v in vars(args).items()}}
+    (report / "degrade.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The online part (train.py --pairs online): pairs from the current policy against the importance correction
 # ---------------------------------------------------------------------------------------------------------
 
@@ -554,10 +742,7 @@ def online_part(args, out, report, base, heldout):
     rewards = ("named_colour", DRIFT)
     base_scores, _ = final_scores(base, args.samples, rewards)
     base_mean, base_drift = float(base_scores["named_colour"].mean()), float(base_scores[DRIFT].mean())
-    common = ["--model", "toy", "--pretrained", base, "--data", pairs, "--steps", args.online_steps,
-              "--batch-size", args.off_batch, "--lr", args.lr, "--beta", args.off_beta, "--warmup", 10,
-              "--checkpoint-every", 10_000, "--eval-data", heldout, "--eval-every", max(1, args.online_steps // 6),
-              "--no-gradient-checkpointing"]
+    common = off_common(args, pairs, heldout, base, args.online_steps)
     online = ["--data", prompts, "--pairs", "online", "--reward", "named_colour", "--refresh-every",
               args.refresh_every, "--samples-per-prompt", args.samples_per_prompt, "--online-sample-steps",
               SAMPLE_STEPS, "--online-guidance", GUIDANCE]

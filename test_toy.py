@@ -61,12 +61,15 @@ def test_the_shipped_base_draws_what_it_is_asked_for():
     assert quality == pytest.approx(recipe["named_shape"], abs=0.05), "the shipped recipe.json describes this base"
 
 
+MINI = ["--train-base", "--base-steps", "5", "--pairs-per-prompt", "2", "--heldout-per-prompt", "2", "--steps", "2",
+        "--samples", "2"]
+MINI_RUN = "sipo-pairs-per-prompt2-steps2"  # the loss, then each training flag that is not toy.py's default
+
+
 @pytest.fixture(scope="module")
 def mini_toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    report = toy.main(["--out", str(out), "--train-base", "--base-steps", "5", "--pairs-per-prompt", "2",
-                       "--heldout-per-prompt", "2", "--steps", "2", "--samples", "2"])
-    return out, report
+    return out, toy.main(["--out", str(out), *MINI])
 
 
 def test_the_base_recipe_still_makes_the_shipped_base(mini_toy):
@@ -81,20 +84,37 @@ def test_the_base_recipe_still_makes_the_shipped_base(mini_toy):
 def test_toy_runs_end_to_end_and_reuses_what_exists(mini_toy):
     out, report = mini_toy
     assert set(report["rewards"]) == {"named_colour", "named_shape"}
-    for path in ("base/model/model_index.json", "base/model/recipe.json", "sipo/model/model_index.json",
-                 "eval/report.md", "eval/grid.png", "eval/curves.png", "data/pairs/pairs.jsonl",
-                 "data/heldout/pairs.jsonl", "sipo/samples/step-000002/grid.png"):
+    for path in ("base/model/model_index.json", "base/model/recipe.json", f"{MINI_RUN}/model/model_index.json",
+                 f"eval/{MINI_RUN}/report.md", f"eval/{MINI_RUN}/grid.png", f"eval/{MINI_RUN}/curves.png",
+                 "data/pairs-2/pairs.jsonl", "data/heldout-2/pairs.jsonl", f"{MINI_RUN}/samples/step-000002/grid.png"):
         assert (out / path).exists(), path
-    rows = [json.loads(line) for line in (out / "data" / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "data" / "pairs-2" / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(r["score_chosen"] >= r["score_rejected"] for r in rows)
-    log = [json.loads(line) for line in (out / "sipo" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / MINI_RUN / "log.jsonl").read_text().splitlines()]
     assert "heldout_accuracy" in log[-1] and "heldout_reward" in log[-1]
-    assert "| a yellow square |" in (out / "eval" / "report.md").read_text(), "the report's table by prompt"
-    stamp = (out / "sipo" / "model" / "model_index.json").stat().st_mtime
-    assert toy.main(["--out", str(out), "--train-base", "--samples", "2"]) == report, "a rerun reuses models, seeds"
-    assert (out / "sipo" / "model" / "model_index.json").stat().st_mtime == stamp
+    assert "| a yellow square |" in (out / "eval" / MINI_RUN / "report.md").read_text(), "the report's table by prompt"
+    stamp = (out / MINI_RUN / "model" / "model_index.json").stat().st_mtime
+    assert toy.main(["--out", str(out), *MINI]) == report, "a rerun with the same flags reuses models and seeds"
+    assert (out / MINI_RUN / "model" / "model_index.json").stat().st_mtime == stamp
     with pytest.raises(SystemExit, match="made from the base .* pass another --out"):
         toy.main(["--out", str(out)])  # the shipped base: its pairs and runs would be mixed with these
+
+
+def test_a_rerun_with_other_flags_trains_its_own_model_and_evaluation(mini_toy, capsys):
+    """After a run, --steps 3 (or another loss) trains a model of its own, reported under its own name; the first
+    run's model and evaluation are untouched. A reused directory whose args.json says other flags is refused."""
+    out, _ = mini_toy
+    first = (out / "eval" / MINI_RUN / "report.json").read_text()
+    toy.main(["--out", str(out), *MINI, "--steps", "3"])
+    assert "sipo-pairs-per-prompt2-steps3 (trained now)" in capsys.readouterr().out
+    assert len((out / "sipo-pairs-per-prompt2-steps3" / "log.jsonl").read_text().splitlines()) == 3
+    toy.main(["--out", str(out), *MINI, "--loss", "dpo"])
+    assert (out / "eval" / "dpo-pairs-per-prompt2-steps2" / "report.md").exists()
+    assert (out / "eval" / MINI_RUN / "report.json").read_text() == first, "each loss's evaluation apart"
+    args = out / MINI_RUN / "args.json"
+    args.write_text(json.dumps({**json.loads(args.read_text()), "steps": 7}))
+    with pytest.raises(SystemExit, match=f"{MINI_RUN} was trained with --steps 7 \\(not 2\\)"):
+        toy.main(["--out", str(out), *MINI])
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ BASE = Path(__file__).with_name("toy-base")  # the shipped base; `python toy.py 
 BASE_RECIPE = {"images": 4096, "steps": 3200, "batch": 64, "lr": 1e-3, "warmup": 20}
 SAMPLE_STEPS, GUIDANCE = 20, 1.0  # no classifier-free guidance: the base never saw an empty prompt
 PHASES = {"pairs": "sample {pairs} training and {heldout} held-out pairs from the base, label them by named_colour",
-          "align": "align the base with {loss}, {steps} steps on {ranks} rank(s)",
+          "align": "align the base with {loss}, {steps} steps on {ranks} rank(s), into {out}/{label}/",
           "compare": "compare tuned and base on 8 prompts x {samples} held-out seeds"}
 
 
@@ -207,6 +207,30 @@ def base_quality(base, per_prompt=8, seed=3_000_000):
     return float(evaluate.named_shape(images, prompts).mean())
 
 
+TRAINING_FLAGS = ("pairs_per_prompt", "steps", "beta", "lr", "seed", "ranks")
+
+
+def run_label(args, parser):
+    """The aligned run's name, under --out: the loss, then each flag that changes training and is not its default
+    (sipo, dpo-cm-steps150-lr0.0003, ...). A rerun with the same flags reuses the model; with others it trains its
+    own, so a model is never reported under flags it was not trained with, and each has its own evaluation."""
+    changed = [f"{name.replace('_', '-')}{getattr(args, name):g}" for name in TRAINING_FLAGS
+               if getattr(args, name) != parser.get_default(name)]
+    return "-".join([args.loss, *changed])
+
+
+def check_trained_as(run, args, pairs):
+    """A reused model was trained with this loss, these steps, lr, seed and pairs (and beta where given): else one
+    line, rather than a report of another model (a directory trained by hand, or by an older toy.py)."""
+    trained = run.read_args()
+    wanted = {"loss": args.loss, "steps": args.steps, "lr": args.lr, "seed": args.seed, "data": str(pairs),
+              **({"beta": args.beta} if args.beta is not None else {})}
+    differ = [f"--{key} {trained.get(key)} (not {value})" for key, value in wanted.items()
+              if str(trained.get(key)) != str(value) and trained.get(key) != value]
+    if differ:
+        sys.exit(f"error: {run.path} was trained with {', '.join(differ)}; pass another --out or remove it")
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy", help="where everything goes (default runs/toy)")
@@ -232,7 +256,7 @@ def main(argv=None):
         check_output(args.out)
     except ValueError as error:
         sys.exit(error_line(error))
-    out = Path(args.out)
+    out, label = Path(args.out), run_label(args, parser)
     base = RunDir(out / "base").model if args.train_base else BASE
     made_from = out / "base.txt"  # pairs and runs in OUT belong to one base
     if made_from.exists() and made_from.read_text().strip() != str(base.resolve()):
@@ -246,7 +270,7 @@ def main(argv=None):
           f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
           f" ({base})\n" +
-          "".join(f"  {i}. {text.format(**sizes, **vars(args))}\n" for i, text in enumerate(PHASES.values(), 1)) +
+          "".join(f"  {i}. {text.format(**sizes, **vars(args), label=label)}\n" for i, text in enumerate(PHASES.values(), 1)) +
           "  (a rerun reuses what exists)", flush=True)
     seconds = {}
 
@@ -254,14 +278,17 @@ def main(argv=None):
         with timed(seconds, "base"):
             train_base(out, args.base_steps, args.ranks, args.seed)
     with timed(seconds, "pairs"):
-        pairs = make_preference_pairs(out / "data" / "pairs", base, args.pairs_per_prompt, 10_000, SAMPLE_STEPS,
-                                      GUIDANCE)
-        heldout = make_preference_pairs(out / "data" / "heldout", base, args.heldout_per_prompt, 20_000, SAMPLE_STEPS,
-                                        GUIDANCE)
+        pairs = make_preference_pairs(out / "data" / f"pairs-{args.pairs_per_prompt}", base, args.pairs_per_prompt,
+                                      10_000, SAMPLE_STEPS, GUIDANCE)
+        heldout = make_preference_pairs(out / "data" / f"heldout-{args.heldout_per_prompt}", base,
+                                        args.heldout_per_prompt, 20_000, SAMPLE_STEPS, GUIDANCE)
 
-    run = RunDir(out / args.loss)
+    run = RunDir(out / label)
     with timed(seconds, "align"):
-        if not run.has_model():
+        trained = not run.has_model()
+        if not trained:
+            check_trained_as(run, args, pairs)
+        else:  # none, or one killed before its model: this label's flags, from the start
             shutil.rmtree(run.path, ignore_errors=True)
             beta = [] if args.beta is None else ["--beta", args.beta]
             train(["--model", "toy", "--pretrained", base, "--data", pairs, "--loss", args.loss, "--out", run,
@@ -273,13 +300,13 @@ def main(argv=None):
         report = evaluate.run(["compare", "--model", "toy", "--base", str(base), "--tuned", str(run), "--prompts",
                                 str(out / "prompts.txt"), "--reward", "named_colour,named_shape", "--samples",
                                 str(args.samples), "--steps", str(SAMPLE_STEPS), "--guidance", str(GUIDANCE),
-                                "--seed", "1000000", "--out", str(out / "eval")])
-        evaluate.run(["curves", str(run), "--out", str(out / "eval" / "curves.png")])
-    print(result_block(report, args, out, seconds))
+                                "--seed", "1000000", "--out", str(out / "eval" / label)])
+        evaluate.run(["curves", str(run), "--out", str(out / "eval" / label / "curves.png")])
+    print(result_block(report, args, out / "eval" / label, seconds, label, trained))
     return report
 
 
-def result_block(report, args, out, seconds):
+def result_block(report, args, evaluation, seconds, label, trained):
     reward, shape = report["rewards"]["named_colour"], report["rewards"]["named_shape"]
 
     def interval(bounds, sign=""):
@@ -287,7 +314,8 @@ def result_block(report, args, out, seconds):
 
     by_prompt = ", ".join(f"{p.removeprefix('a ')} {g:+.3f}" for p, g in zip(PROMPTS, reward["improvement_by_prompt"]))
     took = ", ".join(f"{phase} {s:.0f} s" for phase, s in seconds.items())
-    return (f"\n{args.loss} on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same "
+    origin = "trained now" if trained else "trained by an earlier run with these flags, reused"
+    return (f"\n{label} ({origin}) on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same "
             f"seeds for both models:\n"
             f"  named_colour   base  {reward['base_mean']:.4f} {interval(reward['base_ci'])}   "
             f"tuned {reward['tuned_mean']:.4f} {interval(reward['tuned_ci'])}\n"
@@ -297,8 +325,8 @@ def result_block(report, args, out, seconds):
             f"  by prompt      {by_prompt}\n"
             f"  draws what it is asked for (named_shape: colour and shape recognised): base "
             f"{shape['base_mean']:.0%}, tuned {shape['tuned_mean']:.0%}\n"
-            f"  grid    {out / 'eval' / 'grid.png'} (base above tuned, 3 seeds)\n"
-            f"  report  {out / 'eval' / 'report.md'}; training curves {out / 'eval' / 'curves.png'}\n"
+            f"  grid    {evaluation / 'grid.png'} (base above tuned, 3 seeds)\n"
+            f"  report  {evaluation / 'report.md'}; training curves {evaluation / 'curves.png'}\n"
             f"  took    {took}")
 
 

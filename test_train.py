@@ -825,3 +825,55 @@ def test_a_run_on_caches_reads_no_text_encoder_and_its_export_reads_them(pairs, 
     exported = models.load_backbone("tiny-sd1.5", pretrained=str(tmp_path / "run" / "model"))
     assert set(exported.frozen_parts()) == {"vae", "text_encoder"}
     assert torch.isfinite(exported.sample(["colour 1"], steps=2)).all()
+
+
+def test_the_recipes_page_states_every_value_of_every_recipe_and_the_beta_mapping():
+    """docs/recipes.md is checked against train.RECIPES, section by section (a stale row fails), and its beta
+    table against train.PAPER_BETA x PAPER_BETA_UNIT."""
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    sections = page.split("\n## ")
+    for model, recipe in train.RECIPES.items():
+        section = next(s for s in sections if f"--model {model} --recipe paper" in s)
+        rows = [line for line in section.splitlines() if line.startswith("| `--")]
+        assert rows == [f"| `--{flag.replace('_', '-')} {value}` | {source} |" for flag, (value, source)
+                        in recipe.items()], model
+    unit = train.PAPER_BETA_UNIT
+    for modality, label in (("image", "images"), ("video", "video")):
+        dpo, sipo = (train.PAPER_BETA[(modality, loss)] for loss in ("dpo", "sipo"))
+        assert f"| {label} (the paper) | {dpo:g} | {sipo:g} |" in page
+        assert f"| {label} (`--beta`) | {dpo * unit:g} | {sipo * unit:g} |" in page
+
+
+@pytest.mark.parametrize("model", models.FULL)
+def test_each_recipe_parses_and_plans_on_8_gpus_and_flags_given_win(model, pairs):
+    recipe = {flag: value for flag, (value, _) in train.RECIPES[model].items()}
+    args = train.parse_args(["--model", model, "--recipe", "paper", "--data", str(pairs)])
+    train.check_args(args, 8)
+    assert args.grad_accum * args.batch_size * 8 == recipe["global_batch_size"]
+    assert (args.lr, args.steps, args.warmup, args.lora) == (recipe["lr"], recipe["steps"], recipe["warmup"],
+                                                             recipe.get("lora", 0))
+    mine = train.parse_args(["--model", model, "--recipe", "paper", "--data", str(pairs), "--steps", "7",
+                             "--grad-accum", "3"])
+    train.check_args(mine, 8)
+    assert (mine.steps, mine.grad_accum, mine.lr) == (7, 3, recipe["lr"]), "given flags win; no batch to divide"
+    backbone = models.load_backbone(model, device="meta", random_weights=True)
+    video = "video" if backbone.is_video else "image"
+    assert train.default_beta(args, backbone) == train.PAPER_BETA[(video, "sipo")] * train.PAPER_BETA_UNIT
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1.5", "tiny-wan2.1-1.3b"])
+def test_a_recipes_commands_run_at_tiny_size(name, pairs, video_pairs, tmp_path):
+    """docs/recipes.md's cache, train and evaluate commands, as written, on a tiny backbone of the same recipe (its
+    batch and steps cut to a CPU's)."""
+    source = video_pairs if "wan" in name else pairs
+    cached = in_process(data.main, ["cache", "--model", name, "--data", source, "--out", tmp_path / "cache"])
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    run(0, "--model", name, "--recipe", "paper", "--data", tmp_path / "cache", "--out", tmp_path / "run",
+        "--global-batch-size", 2, "--steps", 2, "--warmup", 1)
+    recorded = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert (recorded["lr"], recorded["recipe"]) == (train.RECIPES[name.removeprefix("tiny-")]["lr"][0], "paper")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    compared = in_process(evaluate.main, ["compare", "--model", name, "--base", tmp_path / "run" / "model", "--tuned",
+                                          tmp_path / "run", "--prompts", tmp_path / "prompts.txt", "--reward",
+                                          "named_colour", "--samples", 1, "--steps", 2, "--out", tmp_path / "eval"])
+    assert compared.returncode == 0, compared.stderr[-2000:]

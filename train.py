@@ -59,10 +59,30 @@ for message in SILENCED:
     warnings.filterwarnings("ignore", message=message)
 
 LOSSES = ("sipo", "dpo-cm", "dpo", "sft")
-# beta in the convention of docs/method.md (the 1/2 included). Diffusion-DPO's 5000 for images [baseline]; DPO-C&M
-# and SIPO use 1/5 of it for images and 1/100 for video [paper, Table A1's ratio], applied to the same base.
-DPO_BETA = 5000.0
-RATIO = {"image": 0.2, "video": 0.01}
+# beta in the convention of docs/method.md (the 1/2 included). The paper's Table A1 states it in units of 1000 of
+# ours: its image Diffusion-DPO 5 is Diffusion-DPO's own 5000 on SD1.5 and SDXL [baseline, launchers/sd15.sh].
+PAPER_BETA_UNIT = 1000.0
+PAPER_BETA = {("image", "dpo"): 5.0, ("image", "sipo"): 1.0, ("video", "dpo"): 2.0, ("video", "sipo"): 0.02}
+
+# --recipe paper: per backbone, each value with its source (docs/recipes.md); every recipe trains at the backbone's
+# native size (the default). Flags given on the command line win. Diffusion-DPO's launchers: 2048 pairs a step, lr
+# 1e-8 scaled by them (--scale_lr), constant after warm-up.
+NO_SOURCE = "ours: no published value"
+
+
+def image_recipe(launcher, warmup):
+    source = f"Diffusion-DPO, launchers/{launcher}.sh"
+    return {"global_batch_size": (2048, source), "lr": (2.048e-5, source), "steps": (2000, source),
+            "warmup": (warmup, source), "max_grad_norm": (1.0, source)}
+
+
+VIDEO_RECIPE = {"global_batch_size": (64, NO_SOURCE), "lr": (5e-6, NO_SOURCE), "steps": (1000, NO_SOURCE),
+                "warmup": (100, NO_SOURCE), "max_grad_norm": (1.0, NO_SOURCE)}
+RECIPES = {"sd1.5": image_recipe("sd15", 500), "sdxl": image_recipe("sdxl", 200),
+           "flux.1-dev": {"lora": (64, NO_SOURCE), "lr": (1e-4, "diffusers' FLUX LoRA examples"),
+                          "global_batch_size": (64, NO_SOURCE), "steps": (1000, NO_SOURCE), "warmup": (100, NO_SOURCE),
+                          "max_grad_norm": (1.0, NO_SOURCE)},
+           "cogvideox-2b": VIDEO_RECIPE, "cogvideox-5b": VIDEO_RECIPE, "wan2.1-1.3b": VIDEO_RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,9 +111,12 @@ def parse_args(argv=None):
     p.add_argument("--online-guidance", type=float, default=5.0, help="online: the sampler's guidance scale")
     p.add_argument("--out", help="run directory (default: runs/MODEL-LOSS)")
     p.add_argument("--loss", default="sipo", choices=LOSSES, help="objective (default: sipo)")
-    p.add_argument("--beta", type=float, help="the paper's beta, the DPO temperature, in docs/method.md's convention "
-                                              "(default: 5000 for dpo; 1000 for images and 50 for video with sipo "
-                                              "and dpo-cm)")
+    p.add_argument("--recipe", choices=("paper",),
+                   help="paper: the backbone's recipe of docs/recipes.md (pairs a step, lr, steps, warm-up); flags "
+                        "given win")
+    p.add_argument("--beta", type=float, help="the DPO temperature in docs/method.md's convention, 1000 times the "
+                                              "paper's (default, the paper's Table A1: dpo 5000 for images and 2000 "
+                                              "for video; sipo and dpo-cm 1000 and 20)")
     p.add_argument("--tau", type=float, default=0.9, help="the paper's mask threshold tau: a pair whose step weight "
                                                           "is below it is masked (default 0.9)")
     p.add_argument("--eps", type=float, default=0.1, help="the paper's clip range epsilon: weights are clipped to "
@@ -158,6 +181,8 @@ def parse_args(argv=None):
     for action in p._actions:  # parsed again without defaults: the flags this command line gives
         action.default = argparse.SUPPRESS
     args.given = sorted(vars(p.parse_args(argv)))
+    if args.recipe:
+        apply_recipe(args)
     return args
 
 
@@ -232,9 +257,23 @@ def check_adopted(args):
 
 
 def default_beta(args, backbone):
+    """--beta, else the paper's Table A1 value for the modality and loss (DPO-C&M takes SIPO's), in our units."""
     if args.beta is not None:
         return args.beta
-    return DPO_BETA if args.loss == "dpo" else DPO_BETA * RATIO["video" if backbone.is_video else "image"]
+    loss = "dpo" if args.loss == "dpo" else "sipo"
+    return PAPER_BETA[("video" if backbone.is_video else "image", loss)] * PAPER_BETA_UNIT
+
+
+def recipe_of(model):
+    """The recipe of a backbone (a tiny one's is its full-size model's): {flag: (value, source)}."""
+    return RECIPES.get(model.removeprefix("tiny-"), {})
+
+
+def apply_recipe(args):
+    """--recipe paper: each of the backbone's recipe values that the command line does not give."""
+    for flag, (value, _) in recipe_of(args.model).items():
+        if flag not in args.given and not (flag == "global_batch_size" and "grad_accum" in args.given):
+            setattr(args, flag, value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,12 +385,14 @@ def load_backbone(args):
     at --resolution and --frames (default: a cache's own size, else the native one), on the host. Each rank reads
     what the run holds and no more, in the dtype it is held in: the VAE and text encoders in the compute dtype, and
     for a run on latent caches without held-out prompts no text encoder (random weights: no VAE either, and nothing
-    to export; pretrained: the export reads them then); the denoiser in fp32 (the master weights), a LoRA base in
+    to export; pretrained: the export reads them then; a tiny model's random ones are built, for its export); the
+    denoiser in fp32 (the master weights), a LoRA base in
     the compute dtype.
     Random weights are models.load_backbone's, from its own seed."""
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
-    only = "denoiser" if not encoders else None
+    tiny_random = args.model.startswith("tiny-") and not args.pretrained
+    only = "denoiser" if not encoders and not tiny_random else None
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights,
                                     dtype=compute_dtype, denoiser_dtype=compute_dtype if args.lora else torch.float32,

@@ -257,12 +257,20 @@ def compare_scores(base, tuned, seed=0):
     (prompt, seed) samples are the paired units of the intervals and the test; the win rate is over prompts."""
     differences = (tuned - base).ravel()
     by_prompt = tuned.mean(1) - base.mean(1)
-    wins = (by_prompt > 0).astype(float) + 0.5 * (by_prompt == 0)
+    wins = (by_prompt > 0).astype(float) + 0.5 * (by_prompt == 0)  # the win rate counts a tie as half
     return {"base_mean": float(base.mean()), "base_ci": bootstrap_ci(base.ravel(), seed),
             "tuned_mean": float(tuned.mean()), "tuned_ci": bootstrap_ci(tuned.ravel(), seed),
             "improvement": float(differences.mean()), "improvement_ci": bootstrap_ci(differences, seed),
             "win_rate": float(wins.mean()), "p_value": paired_permutation_p(differences, seed),
-            "improvement_by_prompt": by_prompt.tolist()}
+            "improvement_by_prompt": by_prompt.tolist(), "prompts_better": int((by_prompt > 0).sum()),
+            "prompts_worse": int((by_prompt < 0).sum()), "prompts_tied": int((by_prompt == 0).sum())}
+
+
+def prompt_counts(result):
+    """"better on 6, worse on 1, tied on 1 of 8 prompts": the win rate's counts, ties apart."""
+    counts = f"better on {result['prompts_better']}, worse on {result['prompts_worse']}"
+    tied = f", tied on {result['prompts_tied']}" if result["prompts_tied"] else ""
+    return f"{counts}{tied} of {result['prompts_better'] + result['prompts_worse'] + result['prompts_tied']} prompts"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -629,7 +637,7 @@ def main(argv=None):
         for name, r in result["rewards"].items():
             print(f"{name}: base {r['base_mean']:.4f}, tuned {r['tuned_mean']:.4f}, improvement "
                   f"{r['improvement']:+.4f} [{r['improvement_ci'][0]:+.4f}, {r['improvement_ci'][1]:+.4f}] (95% CI), "
-                  f"paired p = {r['p_value']:.4f}, better on {r['win_rate']:.0%} of prompts")
+                  f"paired p = {r['p_value']:.4f}, {prompt_counts(r)}")
         picture = "side-by-side.gif" if result["video"] else "grid.png"
         print(f"report {Path(args.out) / 'report.md'}; samples {Path(args.out) / picture}")
     elif args.command == "timesteps":

@@ -568,13 +568,22 @@ def check_layout(name, path):
                          f"which is not --model {name}")
 
 
+def looks_like_a_path(text):
+    """A hub id is "owner/name"; what starts with /, ., ~ or a drive is meant as a directory."""
+    return str(text).startswith(("/", ".", "~")) or Path(str(text)).is_absolute()
+
+
 def _load_pretrained(name, path, dtype, denoiser_dtype=None, skip=()):
     """The pipeline at `path` with its parts in `dtype` (the denoiser in `denoiser_dtype`, FP32_PARTS in fp32), read
-    once in their dtype; the parts named in `skip` are not read at all (None)."""
-    family, _, pipeline_cls, _, _ = SPECS[name]
-    local = Path(path)
+    once in their dtype; the parts named in `skip` are not read at all (None). `name` is the model as the user gave
+    it (tiny- or not), for the messages."""
+    family, _, pipeline_cls, _, _ = SPECS[name.removeprefix("tiny-")]
+    local = Path(path).expanduser()
     if local.exists():
         check_layout(name, local)
+        path = local
+    elif looks_like_a_path(path):
+        raise ModelError(f"{path}: no such directory")
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if family in ("sd", "pixel") else {}
     if family == "pixel":
         kwargs["vae"] = None
@@ -591,7 +600,7 @@ def _load_pretrained(name, path, dtype, denoiser_dtype=None, skip=()):
         raise ModelError(f"{path}: cannot load as {name}: {str(error).splitlines()[0]}") from None
     if family == "cogvideox":
         rotary = pipe.transformer.config.use_rotary_positional_embeddings
-        if rotary != (name == "cogvideox-5b"):
+        if rotary != (name.removeprefix("tiny-") == "cogvideox-5b"):
             raise ModelError(f"{path}: a CogVideoX transformer {'with' if rotary else 'without'} rotary embeddings "
                              f"does not match --model {name}")
     return pipe
@@ -612,7 +621,7 @@ def load_backbone(name, pretrained=None, device="cpu", dtype=torch.float32, rand
     base = name.removeprefix("tiny-")
     built = pretrained is None and (name == "toy" or name.startswith("tiny-") or random_weights)
     if not built:
-        pipe = _load_pretrained(base, pretrained or HUB_IDS[base], dtype, denoiser_dtype,
+        pipe = _load_pretrained(name, pretrained or HUB_IDS[base], dtype, denoiser_dtype,
                                 skip=TEXT_ENCODERS if only == "denoiser" else ())
     else:  # random weights from one seed, whatever the caller's: a cache and a run of any --seed share encoders
         with torch.random.fork_rng(devices=[]):
@@ -638,7 +647,7 @@ def frozen_pipeline(name, pretrained, dtype):
     """The pretrained pipeline of `name` without its denoiser (None): the parts an export adds to a trained denoiser
     when the run did not hold them."""
     base = name.removeprefix("tiny-")
-    return _load_pretrained(base, pretrained or HUB_IDS[base], dtype, skip=(denoiser_part(SPECS[base][0]),))
+    return _load_pretrained(name, pretrained or HUB_IDS[base], dtype, skip=(denoiser_part(SPECS[base][0]),))
 
 
 def _backbone(name, pipe):

@@ -188,3 +188,12 @@ def test_reward_flags_fail_in_one_line(names, flags, message):
         setattr(Flags, key, value)
     with pytest.raises(ValueError, match=message):
         evaluate.load_rewards(names, Flags)
+
+
+def test_identical_models_tie_on_every_prompt_rather_than_win_half():
+    scores = np.arange(8.0).reshape(4, 2)
+    result = evaluate.compare_scores(scores, scores.copy())
+    assert (result["prompts_better"], result["prompts_worse"], result["prompts_tied"]) == (0, 0, 4)
+    assert evaluate.prompt_counts(result) == "better on 0, worse on 0, tied on 4 of 4 prompts"
+    better = evaluate.compare_scores(scores, scores + np.array([[1.0], [-1.0], [0.0], [2.0]]))
+    assert evaluate.prompt_counts(better) == "better on 2, worse on 1, tied on 1 of 4 prompts"

@@ -353,6 +353,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(pairs, tmp_path):
     (["--global-batch-size", "5", "--batch-size", "2"], "--global-batch-size 5 is not divisible by --batch-size 2 x 2"),
     (["--data", "nowhere.jsonl"], "--data nowhere.jsonl: does not exist"),
     (["--resume"], "holds no run"),
+    (["--lora", "0"], "--lora 0: a LoRA rank is at least 1; leave --lora out for full fine-tuning"),
 ])
 def test_bad_flags_fail_before_any_model_is_built(pairs, tmp_path, flags, message, capsys):
     argv = ["--model", "tiny-sd1.5", "--data", str(pairs), "--out", str(tmp_path / "r"), *flags]
@@ -877,3 +878,20 @@ def test_a_recipes_commands_run_at_tiny_size(name, pairs, video_pairs, tmp_path)
                                           tmp_path / "run", "--prompts", tmp_path / "prompts.txt", "--reward",
                                           "named_colour", "--samples", 1, "--steps", 2, "--out", tmp_path / "eval"])
     assert compared.returncode == 0, compared.stderr[-2000:]
+
+
+def test_a_path_that_is_not_there_is_no_hub_id_and_errors_name_the_model_as_given(tmp_path):
+    with pytest.raises(models.ModelError, match="^/nope/sd: no such directory$"):
+        models.load_backbone("tiny-sd1.5", pretrained="/nope/sd")
+    with pytest.raises(models.ModelError, match="^./nope: no such directory$"):
+        models.load_backbone("tiny-sd1.5", pretrained="./nope")
+    toy = models.load_backbone("toy")
+    toy.pipe.save_pretrained(tmp_path / "toy")
+    with pytest.raises(models.ModelError, match="is not --model tiny-sd1.5$"):
+        models.load_backbone("tiny-sd1.5", pretrained=str(tmp_path / "toy"))
+
+
+def test_a_warm_up_longer_than_the_run_is_said(pairs, tmp_path):
+    result = run(0, "--model", "tiny-sd1.5", "--data", pairs, "--out", tmp_path / "run", "--steps", 2, "--no-export")
+    assert "note: --warmup 100 is not shorter than --steps 2: the learning rate peaks at 1.98e-07, not --lr 1e-05" \
+        in result.stdout

@@ -218,6 +218,8 @@ def check_args(args, world_size):
     if args.replicate is not None and args.replicate >= 1 and world_size % args.replicate:
         raise ValueError(f"--replicate {args.replicate} does not divide the {world_size} ranks")
     check_numbers(args, NUMERIC_FLAGS)
+    if "lora" in args.given and args.lora == 0 and not (args.recipe and "lora" in recipe_of(args.model)):
+        raise ValueError("--lora 0: a LoRA rank is at least 1; leave --lora out for full fine-tuning")
     if args.tau >= 1 and args.loss in ("sipo", "dpo-cm") and args.normalise == "after-mask":
         raise ValueError(f"--tau {args.tau:g}: masks every pair (the step weight never exceeds 1; with --normalise "
                          f"before-mask relative weights can)")
@@ -878,6 +880,9 @@ def open_run(args, cleanup):
     cleanup.callback(leave)
     try:
         check_args(args, world_size)
+        if rank == 0 and args.warmup >= args.steps:
+            print(f"note: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate peaks at "
+                  f"{args.lr * args.steps / (args.warmup + 1):.3g}, not --lr {args.lr:g}")
         claim_run_directory(args, rank, cleanup)
         check_adopted(args)
         if args.precision is None:

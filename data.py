@@ -614,7 +614,8 @@ def finish_cache(tmp, final, settings, names, summary, run):
 def claim_cache_tmp(tmp, final, settings, resume, rebuild=False):
     """Makes DIR.tmp, marked as ours (written-by.json) and locked while this process writes: (lock, cache id). An
     interrupted run's DIR.tmp (ours, nobody holding its lock) is continued under `resume` if it was made with the
-    same settings, refused if it holds finished shards and `resume` is off, and otherwise replaced. DIR and DIR.old
+    same settings, refused if it holds finished shards and neither `resume` nor `rebuild` is on, and otherwise
+    replaced. DIR and DIR.old
     must be new, empty or caches of ours; a finished cache of the same settings in DIR is CacheComplete unless
     `rebuild`. Anything data.py cache did not write is refused in one line, never deleted."""
     if final.exists() and not final.is_dir():
@@ -638,17 +639,17 @@ def claim_cache_tmp(tmp, final, settings, resume, rebuild=False):
         if lock is None:
             raise DataError(f"--out {final}: being written by {holder}; wait for it to end")
         finished = list(tmp.glob("*.safetensors"))
-        if finished and not resume:
+        if finished and not resume and not rebuild:
             lock.close()
             raise DataError(f"--out {final}: {tmp} holds {len(finished)} finished shards of an interrupted run; "
-                            f"continue it with --resume, or remove {tmp} to start again")
-        if finished:
+                            f"continue it with --resume, or start again with --rebuild")
+        if finished and resume:
             made_with = json.loads((tmp / SETTINGS).read_text()) if (tmp / SETTINGS).is_file() else {}
             for key, value in settings.items():
                 if made_with.get(key) != value:
                     lock.close()
                     raise DataError(f"--resume: {tmp} was made with {key}={made_with.get(key)!r}, but this run has "
-                                    f"{key}={value!r}; rerun with its settings, or remove {tmp} to start again")
+                                    f"{key}={value!r}; rerun with its settings, or start again with --rebuild")
             for partial in tmp.glob("*.partial"):  # a shard the interrupted run was writing
                 partial.unlink()
             return lock, owner_record(tmp)

@@ -222,6 +222,9 @@ def test_cache_refuses_another_backbone_an_unfinished_cache_and_an_older_format(
     with pytest.raises(data.DataError, match="--resume: .*cache.tmp was made with source_pairs=3, but this run has "
                                              "source_pairs=2"):
         data.write_cache(sd, data.PairDataset(broken[:2], *sd.resolution), tmp_path / "cache", resume=True)
+    # the corrected pairs start again with --rebuild, which the interrupted run's shards no longer block
+    data.write_cache(sd, data.PairDataset(broken[:2], *sd.resolution), tmp_path / "cache", rebuild=True)
+    assert len(data.CachedPairs(tmp_path / "cache", sd)) == 2 and not (tmp_path / "cache.tmp").exists()
     with pytest.raises(data.DataError, match=f"--out {tmp_path}: exists and is not a latent cache"):
         data.write_cache(sd, data.PairDataset(broken[:2], *sd.resolution), tmp_path)
     # a cache of the format before prompt de-duplication is refused with the command that rebuilds it

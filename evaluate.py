@@ -498,7 +498,7 @@ def timestep_analysis(args):
         dtype = model.dtype  # a bf16 model takes bf16 inputs
         return backbone.predict(model, x_t.to(dtype), levels, {k: v.to(dtype) for k, v in cond.items()})
 
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in tqdm(list(zip(edges[:-1], edges[1:])), desc="timestep buckets", unit="bucket"):
         weights_w, weights_l, gaps, margins, grad_norms = [], [], [], [], []
         grad_mean, grad_m2 = 0.0, 0.0  # Welford over the draws: one parameter-sized vector, however many draws
         for draw in range(1, args.draws + 1):

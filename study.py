@@ -97,6 +97,7 @@ def log_metrics(run):
 def method_step_times(base, pairs, repeats=10, variants=None):
     """Wall-clock per step of each loss (or variant: name -> train.py flags) on the toy model and pairs,
     interleaved in this one process (1 thread): bench.py's figure 1 on the toy."""
+    print(f"timing a step of each method, {repeats} interleaved steps each ...", flush=True)
     backbone = models.load_backbone("toy", pretrained=str(base))
     dataset, _ = data.open_dataset(pairs, backbone)
     return bench.loss_overhead(bench.StepTimer(backbone, 8, torch.device("cpu"), data_path=pairs).use(dataset),
@@ -425,6 +426,8 @@ def weights_by_bucket(model, manifest, buckets=10, epochs=2, tau=0.9, batch=64):
     {weight: {"buckets": [per bucket: medians of winner and loser x0 error and w, the fraction of pairs whose
     winner's w is below the loser's, the median gap w_l - w_w, the fraction masked], "kept": the same over the
     buckets where the mask (min(w_w, w_l) < tau) keeps at least half the pairs, "all": over every pair}}."""
+    print(f"the weights by timestep bucket: {Path(manifest).parent.name} under {Path(model).parent.name}/"
+          f"{Path(model).name} ...", flush=True)
     backbone = models.load_backbone("toy", pretrained=str(model))
     dataset, _ = data.open_dataset(manifest, backbone)
     edges = evaluate.bucket_levels(backbone, buckets)

@@ -1118,10 +1118,42 @@ def commit():
     return found.stdout.strip() or None
 
 
+def flat(rows, prefix=""):
+    """A figure's nested results as "key / sub-key: value" lines, numbers to 4 significant digits."""
+    for key, value in rows.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flat(value, f"{name} / ")
+        else:
+            yield name, f"{value:.4g}" if isinstance(value, float) else value
+
+
 def print_table(title, rows):
     print(f"\n## {title}")
-    for key, value in rows.items():
+    for key, value in flat(rows):
         print(f"  {key:55s} {value}")
+
+
+# Each figure's targets (docs/performance.md): (figure, what, the value's keys in its results, the limit)
+TARGETS = [("1 loss overhead", "SIPO / DPO", ("sipo_over_dpo",), 1.02),
+           ("1 loss overhead", "DPO-C&M / DPO", ("dpo_cm_over_dpo",), 1.02),
+           ("2 distance to floor, medium", "step / floor", ("step_over_floor",), 1.10),
+           ("2 distance to floor, tiny", "step / floor", ("step_over_floor",), 1.10),
+           ("4 fsdp memory, medium", "2 ranks / 1 rank", ("two_over_one",), 0.6),
+           ("4 fsdp memory, tiny", "2 ranks / 1 rank", ("two_over_one",), 0.6),
+           ("8 data", "peak RSS reading 8 shards / 1", ("reading", "peak_rss_8_over_1"), 1.15)]
+
+
+def target_verdicts(results):
+    """A line per target whose figure this run measured: the value, the limit, met or MISSED."""
+    lines = []
+    for figure, what, keys, limit in TARGETS:
+        value = results.get(figure)
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            lines.append(f"  {figure}: {what} {value:.3f} <= {limit}: {'met' if value <= limit else 'MISSED'}")
+    return lines
 
 
 def main(argv=None):
@@ -1241,11 +1273,24 @@ def main(argv=None):
                      "size fp32 / de-duplicated": f"{row['gb_fp32']:.0f} GB / {row['gb_fp32_deduplicated']:.0f} GB",
                      "size bf16 / de-duplicated": f"{row['gb_bf16']:.0f} GB / {row['gb_bf16_deduplicated']:.0f} GB",
                      "GPU-hours": f"{row['gpu_hours']:.2f}"})
+    verdicts = target_verdicts(results)
+    if verdicts:
+        print("\n## targets\n" + "\n".join(verdicts))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(out.read_text()) if out.is_file() else {}  # a figure run alone keeps the others
-    write_text_atomically(out, json.dumps({**earlier, **results}, indent=1, default=str))
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    write_text_atomically(out, json.dumps(merge_figures(earlier, results, commit()), indent=1, default=str))
     return results
+
+
+def merge_figures(earlier, results, at_commit):
+    """bench.json: the figures of this run over those of earlier ones (a figure run alone keeps the others), and
+    under "measured_on" each figure's machine and commit."""
+    results = dict(results)
+    stamp = {**results.pop("machine"), "commit": at_commit}
+    earlier = dict(earlier)
+    measured_on = {**earlier.pop("measured_on", {}), **dict.fromkeys(results, stamp)}
+    return {"measured_on": measured_on, **earlier, **results}
 
 
 def machine():

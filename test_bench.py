@@ -126,3 +126,18 @@ def test_host_plan_terms_by_hand_for_a_tiny_backbone():
     cache = bench.host_plan(backbone, "cache", 0.5)
     vae, text = (sum(p.numel() for p in m.parameters()) for m in (backbone.pipe.vae, backbone.pipe.text_encoder))
     assert cache["encoders"] >= 2 * (vae + text) / 2 ** 30 and cache["encoding"] > 0
+
+
+def test_bench_json_names_each_figures_machine_and_says_which_targets_are_missed():
+    xeon, epyc = {"cpu": "Xeon"}, {"cpu": "EPYC"}
+    first = bench.merge_figures({}, {"machine": xeon, "1 loss overhead": {"sipo_over_dpo": 0.99}}, "aaa")
+    second = bench.merge_figures(first, {"machine": epyc, "10 native": {}}, "bbb")
+    assert second["measured_on"] == {"1 loss overhead": {"cpu": "Xeon", "commit": "aaa"},
+                                     "10 native": {"cpu": "EPYC", "commit": "bbb"}}
+    assert "machine" not in second and second["1 loss overhead"] == {"sipo_over_dpo": 0.99}
+    lines = bench.target_verdicts({"1 loss overhead": {"sipo_over_dpo": 0.99, "dpo_cm_over_dpo": 1.041},
+                                   "8 data": {"reading": {"peak_rss_8_over_1": 1.03}}})
+    assert lines == ["  1 loss overhead: SIPO / DPO 0.990 <= 1.02: met",
+                     "  1 loss overhead: DPO-C&M / DPO 1.041 <= 1.02: MISSED",
+                     "  8 data: peak RSS reading 8 shards / 1 1.030 <= 1.15: met"]
+    assert list(bench.flat({"a": {"b": 1.23456, "c": "x"}})) == [("a / b", "1.235"), ("a / c", "x")]

@@ -140,20 +140,81 @@ def named_shape(images, prompts, min_fit=0.6):
     return torch.tensor(scores)
 
 
+def load_weights(path):
+    """A weights file: safetensors, or a torch file read weights-only (tensors and containers, never code)."""
+    return load_file(path) if str(path).endswith(".safetensors") else \
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+# open_clip's CLIP (ViT towers) under transformers' CLIPModel names; the fused attention projection is split below
+OPEN_CLIP_NAMES = [(r"^visual\.conv1\.", "vision_model.embeddings.patch_embedding."),
+                   (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),
+                   (r"^visual\.positional_embedding$", "vision_model.embeddings.position_embedding.weight"),
+                   (r"^visual\.ln_pre\.", "vision_model.pre_layrnorm."),
+                   (r"^visual\.ln_post\.", "vision_model.post_layernorm."),
+                   (r"^visual\.transformer\.resblocks\.", "vision_model.encoder.layers."),
+                   (r"^transformer\.resblocks\.", "text_model.encoder.layers."),
+                   (r"^token_embedding\.", "text_model.embeddings.token_embedding."),
+                   (r"^positional_embedding$", "text_model.embeddings.position_embedding.weight"),
+                   (r"^ln_final\.", "text_model.final_layer_norm."), (r"^logit_scale$", "logit_scale"),
+                   (r"\.ln_1\.", ".layer_norm1."), (r"\.ln_2\.", ".layer_norm2."),
+                   (r"\.attn\.out_proj\.", ".self_attn.out_proj."), (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+                   (r"\.mlp\.c_proj\.", ".mlp.fc2.")]
+OPEN_CLIP_PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+
+
+def clip_state_from_open_clip(state):
+    """An open_clip CLIP's state dict (HPSv2's checkpoint: ViT-H-14) as transformers' CLIPModel's: the same tensors
+    renamed, each attention's fused in_proj split into q, k and v, and the two projections (x @ P in open_clip)
+    transposed into Linear weights. A key of another architecture is a ValueError naming it."""
+    converted = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("module.")  # saved from DistributedDataParallel
+        if key in OPEN_CLIP_PROJECTIONS:
+            converted[OPEN_CLIP_PROJECTIONS[key]] = tensor.t().contiguous()
+            continue
+        if key == "attn_mask":
+            continue
+        name, renamed = key, 0
+        for pattern, replacement in OPEN_CLIP_NAMES:
+            name, count = re.subn(pattern, replacement, name)
+            renamed += count
+        if not renamed:
+            raise ValueError(f"{key}: not a weight of open_clip's CLIP with ViT towers")
+        fused = re.match(r"(.*)\.attn\.in_proj_(weight|bias)$", name)
+        if fused:
+            for part, chunk in zip("qkv", tensor.chunk(3)):
+                converted[f"{fused[1]}.self_attn.{part}_proj.{fused[2]}"] = chunk.contiguous()
+        else:
+            converted[name] = tensor
+    return converted
+
+
 class ClipReward:
     """CLIP-based rewards from a local directory in the published layout (CLIPModel + CLIPProcessor):
-    PickScore (logit_scale x cosine, Kirstain et al. 2023), CLIP score (100 x cosine) or, with a head file,
-    the LAION aesthetic predictor (a chain of linear layers on the normalised image embedding)."""
+    PickScore (logit_scale x cosine, Kirstain et al. 2023), CLIP score (100 x cosine), with a head file the LAION
+    aesthetic predictor (a chain of linear layers on the normalised image embedding), or HPSv2 (Wu et al. 2023: the
+    cosine of an open_clip ViT-H-14 fine-tuned on human preferences, whose checkpoint `head` is converted onto the
+    directory's CLIPModel config)."""
 
     def __init__(self, kind, path, head=None):
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPConfig, CLIPModel, CLIPProcessor
         self.kind = kind
-        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
         self.processor = CLIPProcessor.from_pretrained(path)
         self.head = None
+        if kind == "hpsv2":
+            self.model = CLIPModel(CLIPConfig.from_pretrained(path)).eval()
+            checkpoint = load_weights(head)
+            state = clip_state_from_open_clip(checkpoint.get("state_dict", checkpoint))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("position_ids")]
+            if missing or unexpected:
+                raise ValueError(f"{head}: not an HPSv2 checkpoint for the CLIP of {path} (missing "
+                                 f"{(missing or ['nothing'])[0]}, unexpected {(unexpected or ['nothing'])[0]})")
+            return
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
         if head is not None:
-            state = load_file(head) if str(head).endswith(".safetensors") else \
-                torch.load(head, map_location="cpu", weights_only=True)
+            state = load_weights(head)
             weights = [k for k in state if k.endswith("weight")]
             layers = [torch.nn.Linear(state[k].shape[1], state[k].shape[0]) for k in weights]
             for layer, key in zip(layers, weights):
@@ -180,7 +241,88 @@ class ClipReward:
         text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         text = getattr(text, "pooler_output", text)
         cosine = (image * text / text.norm(dim=-1, keepdim=True)).sum(-1)
-        return cosine * (self.model.logit_scale.exp() if self.kind == "pickscore" else 100.0)
+        return cosine * {"pickscore": self.model.logit_scale.exp(), "clip": 100.0, "hpsv2": 1.0}[self.kind]
+
+
+# ImageReward (Xu et al. 2023, THUDM/ImageReward): BLIP's ViT and its BERT with cross-attention to the image; the
+# text's first token through a chain of linear layers, standardised by the training scores' mean and sd
+IMAGEREWARD_MEAN, IMAGEREWARD_SD = 0.16717362830052426, 1.0333394966054072
+# BLIP's timm-style ViT under transformers' BlipVisionModel names (transformers' convert_blip script's renames)
+BLIP_VISION_NAMES = [(r"^blocks\.", "encoder.layers."), (r"\.attn\.qkv\.", ".self_attn.qkv."),
+                     (r"\.attn\.proj\.", ".self_attn.projection."), (r"\.norm1\.", ".layer_norm1."),
+                     (r"\.norm2\.", ".layer_norm2."), (r"^norm\.", "post_layernorm."),
+                     (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+                     (r"^pos_embed$", "embeddings.position_embedding"), (r"^cls_token$", "embeddings.class_embedding")]
+
+
+def part_of(state, prefix):
+    """The entries of a state dict under `prefix`, the prefix removed (buffers of position ids left out)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+
+
+class ImageRewardModel:
+    """ImageReward from its published files: a directory with ImageReward.pt (read weights-only) and med_config.json
+    (the hub's THUDM/ImageReward), and BERT's tokenizer (google-bert/bert-base-uncased) with BLIP's two added tokens.
+    The towers are transformers' BlipVisionModel and BlipTextModel; images are resized and cropped as CLIP's are."""
+
+    def __init__(self, path, tokenizer_path):
+        from transformers import (BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel,
+                                  CLIPImageProcessorPil)
+        folder = Path(path)
+        med = json.loads((folder / "med_config.json").read_text())
+        state = load_weights(folder / "ImageReward.pt")
+        state = state.get("state_dict", state)
+        vision = {}
+        for key, tensor in part_of(state, "blip.visual_encoder.").items():
+            for pattern, replacement in BLIP_VISION_NAMES:
+                key = re.sub(pattern, replacement, key)
+            vision[key] = tensor
+        width, patch = vision["embeddings.patch_embedding.weight"].shape[0], vision["embeddings.patch_embedding.weight"].shape[-1]
+        side = patch * round((vision["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
+        layers = 1 + max(int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers."))
+        self.vision = BlipVisionModel(BlipVisionConfig(
+            hidden_size=width, intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_hidden_layers=layers, num_attention_heads=max(1, width // 64), image_size=side, patch_size=patch,
+            layer_norm_eps=1e-6)).eval()  # BLIP's ViT: heads of 64, LayerNorm eps 1e-6
+        self.text = BlipTextModel(BlipTextConfig(
+            vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], num_hidden_layers=med["num_hidden_layers"],
+            num_attention_heads=med["num_attention_heads"], intermediate_size=med["intermediate_size"],
+            max_position_embeddings=med["max_position_embeddings"], layer_norm_eps=med["layer_norm_eps"],
+            encoder_hidden_size=med["encoder_width"], is_decoder=True), add_pooling_layer=False).eval()
+        mlp = part_of(state, "mlp.layers.")
+        self.mlp = []
+        for index in sorted({int(k.split(".")[0]) for k in mlp}):  # Linear layers; the Dropouts between hold nothing
+            self.mlp.append((mlp[f"{index}.weight"].float(), mlp[f"{index}.bias"].float()))
+        for model, weights, name in ((self.vision, vision, "blip.visual_encoder"),
+                                     (self.text, part_of(state, "blip.text_encoder."), "blip.text_encoder")):
+            missing, _ = model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if not k.endswith("position_ids")]
+            if missing:
+                raise ValueError(f"{folder / 'ImageReward.pt'}: not an ImageReward checkpoint ({name}.{missing[0]} "
+                                 f"missing)")
+        self.tokenizer = BertTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's init_tokenizer
+        self.tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        if len(self.tokenizer) != med["vocab_size"]:
+            raise ValueError(f"{tokenizer_path}: {len(self.tokenizer)} tokens with BLIP's two, but med_config.json "
+                             f"says {med['vocab_size']}: not BERT's bert-base-uncased tokenizer")
+        self.processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        frames = _frames(images)
+        repeat = len(frames) // len(images)
+        prompts = [prompt for prompt in prompts for _ in range(repeat)]
+        pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
+        pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]
+        image = self.vision(pixel_values=pixels).last_hidden_state
+        text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        first = self.text(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                          encoder_hidden_states=image,
+                          encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long)).last_hidden_state[:, 0]
+        for weight, bias in self.mlp:
+            first = first.float() @ weight.T + bias
+        return ((first.squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_SD).view(len(images), repeat).mean(1)
 
 
 def horizontal_stripes(images, prompts):
@@ -205,7 +347,11 @@ def checker_texture(images, prompts):
 BUILTIN = {"jpeg_compressibility": jpeg_compressibility, "jpeg_incompressibility": jpeg_incompressibility,
            "temporal_flicker": temporal_flicker, "named_colour": named_colour, "named_shape": named_shape,
            "horizontal_stripes": horizontal_stripes, "checker_texture": checker_texture}
-MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model"}
+MODEL_BASED = {"pickscore": "--pickscore-model", "clip": "--clip-model", "aesthetic": "--aesthetic-model",
+               "hpsv2": "--hpsv2-model", "imagereward": "--imagereward-model"}
+HEADS = {"aesthetic": ("--aesthetic-head", "FILE", "the linear/MLP head weights"),
+         "hpsv2": ("--hpsv2-checkpoint", "FILE", "HPS_v2.1_compressed.pt of the hub's xswu/HPSv2"),
+         "imagereward": ("--imagereward-tokenizer", "DIR", "google-bert/bert-base-uncased's tokenizer")}
 
 
 def load_rewards(names, args):
@@ -218,15 +364,15 @@ def load_rewards(names, args):
             flag = MODEL_BASED[name]
             path = getattr(args, flag[2:].replace("-", "_"), None)
             if path is None or not Path(path).exists():
-                raise ValueError(f"reward {name} needs {flag} PATH (a local CLIP directory)" if path is None else
+                raise ValueError(f"reward {name} needs {flag} PATH (a local model directory)" if path is None else
                                  f"{flag} {path}: does not exist")
-            head = getattr(args, "aesthetic_head", None) if name == "aesthetic" else None
-            if name == "aesthetic" and (head is None or not Path(head).is_file()):
-                raise ValueError("reward aesthetic needs --aesthetic-head FILE (the linear/MLP head weights)")
-            rewards[name] = ClipReward(name, path, head)
-        elif name in ("hpsv2", "hpsv2.1"):
-            raise ValueError(f"reward {name} needs open_clip (its ViT-H-14 with the HPS checkpoint), which depends on "
-                             "torchvision; this project does not install it (docs/evaluation.md)")
+            head = None
+            if name in HEADS:
+                head_flag, kind, what = HEADS[name]
+                head = getattr(args, head_flag[2:].replace("-", "_"), None)
+                if head is None or not (Path(head).is_file() if kind == "FILE" else Path(head).is_dir()):
+                    raise ValueError(f"reward {name} needs {head_flag} {kind} ({what})")
+            rewards[name] = ImageRewardModel(path, head) if name == "imagereward" else ClipReward(name, path, head)
         else:
             raise ValueError(f"unknown reward {name!r}; choose from {', '.join([*BUILTIN, *MODEL_BASED])}")
     return rewards
@@ -283,6 +429,12 @@ def add_reward_model_flags(parser):
     parser.add_argument("--clip-model", help="local CLIP directory for the CLIP score")
     parser.add_argument("--aesthetic-model", help="local CLIP ViT-L/14 directory for the LAION aesthetic predictor")
     parser.add_argument("--aesthetic-head", help="the aesthetic predictor's head weights (.pth or .safetensors)")
+    parser.add_argument("--hpsv2-model", help="local laion/CLIP-ViT-H-14-laion2B-s32B-b79K directory (its config "
+                                              "and processor) for HPSv2")
+    parser.add_argument("--hpsv2-checkpoint", help="HPSv2's weights, HPS_v2.1_compressed.pt (hub: xswu/HPSv2)")
+    parser.add_argument("--imagereward-model", help="local THUDM/ImageReward directory (ImageReward.pt, "
+                                                    "med_config.json)")
+    parser.add_argument("--imagereward-tokenizer", help="local google-bert/bert-base-uncased directory (its tokenizer)")
 
 
 def read_prompts(path, flag="--prompts"):

@@ -1,6 +1,7 @@
 """evaluate.py: compare, timesteps and curves on tiny backbones; rewards on hand-made images; statistics."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -178,11 +179,12 @@ def test_model_based_rewards_load_from_local_paths(tiny_clip):
     ("pickscore", {}, "reward pickscore needs --pickscore-model PATH"),
     ("clip", {"clip_model": "/nowhere"}, "--clip-model /nowhere: does not exist"),
     ("sharpness", {}, "unknown reward 'sharpness'"),
-    ("hpsv2", {}, "reward hpsv2 needs open_clip"),
+    ("hpsv2", {}, "reward hpsv2 needs --hpsv2-model PATH"),
+    ("hpsv2", {"hpsv2_model": "."}, "reward hpsv2 needs --hpsv2-checkpoint FILE"),
 ])
 def test_reward_flags_fail_in_one_line(names, flags, message):
     class Flags:
-        pickscore_model = clip_model = aesthetic_model = aesthetic_head = None
+        pickscore_model = clip_model = aesthetic_model = aesthetic_head = hpsv2_model = hpsv2_checkpoint = None
 
     for key, value in flags.items():
         setattr(Flags, key, value)
@@ -197,3 +199,155 @@ def test_identical_models_tie_on_every_prompt_rather_than_win_half():
     assert evaluate.prompt_counts(result) == "better on 0, worse on 0, tied on 4 of 4 prompts"
     better = evaluate.compare_scores(scores, scores + np.array([[1.0], [-1.0], [0.0], [2.0]]))
     assert evaluate.prompt_counts(better) == "better on 2, worse on 1, tied on 1 of 4 prompts"
+
+
+def open_clip_layout(model):
+    """A CLIPModel's weights under open_clip's names (open_clip 3.3.0: transformer.py's VisionTransformer and
+    ResidualAttentionBlock, model.py's CLIP), written out here independently of evaluate's converter: q, k and v
+    fused into nn.MultiheadAttention's in_proj, the projections as the (width, embed) matrices open_clip multiplies
+    by."""
+    state, out = model.state_dict(), {}
+    for tower, prefix, config in (("vision_model", "visual.", model.config.vision_config),
+                                  ("text_model", "", model.config.text_config)):
+        for i in range(config.num_hidden_layers):
+            ours, theirs = f"{tower}.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+            for kind in ("weight", "bias"):
+                out[f"{theirs}attn.in_proj_{kind}"] = torch.cat([state[f"{ours}self_attn.{x}_proj.{kind}"]
+                                                                 for x in "qkv"])
+                for mine, other in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                                    ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    out[f"{theirs}{other}.{kind}"] = state[f"{ours}{mine}.{kind}"]
+    embeddings = "vision_model.embeddings."
+    out.update({"visual.conv1.weight": state[embeddings + "patch_embedding.weight"],
+                "visual.class_embedding": state[embeddings + "class_embedding"],
+                "visual.positional_embedding": state[embeddings + "position_embedding.weight"],
+                "visual.proj": state["visual_projection.weight"].t(),
+                "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+                "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+                "text_projection": state["text_projection.weight"].t(), "logit_scale": state["logit_scale"]})
+    for mine, other in (("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+                        ("text_model.final_layer_norm", "ln_final")):
+        for kind in ("weight", "bias"):
+            out[f"{other}.{kind}"] = state[f"{mine}.{kind}"]
+    return out
+
+
+def test_hpsv2_loads_an_open_clip_checkpoint_and_scores_the_cosine(tiny_clip, tmp_path):
+    """HPSv2's score is the cosine of the fine-tuned open_clip model's normalised image and text features (HPSv2's
+    score.py: the diagonal of image_features @ text_features.T). A checkpoint in open_clip's layout, as HPSv2 saves
+    it ({"state_dict": ...}), is read weights-only and scores what the CLIPModel it came from computes by hand."""
+    from transformers import CLIPModel, CLIPProcessor
+    torch.manual_seed(7)
+    fine_tuned = CLIPModel(CLIPModel.config_class.from_pretrained(tiny_clip)).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in open_clip_layout(fine_tuned).items()}, "epoch": 3},
+               tmp_path / "HPS_v2.1_compressed.pt")
+
+    class Flags:
+        hpsv2_model, hpsv2_checkpoint = str(tiny_clip), str(tmp_path / "HPS_v2.1_compressed.pt")
+
+    reward = evaluate.load_rewards("hpsv2", Flags)["hpsv2"]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "a cat"]
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    pil = [Image.fromarray((i.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in images]
+    inputs = processor(text=prompts, images=pil, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = fine_tuned(**inputs)
+    expected = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    torch.testing.assert_close(reward(images, prompts), expected, rtol=1e-5, atol=1e-6)
+    torch.save({"state_dict": {**open_clip_layout(fine_tuned), "visual.head.weight": torch.zeros(1)}},
+               tmp_path / "other.pt")
+    Flags.hpsv2_checkpoint = str(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="^visual.head.weight: not a weight of open_clip's CLIP with ViT towers$"):
+        evaluate.load_rewards("hpsv2", Flags)
+
+
+def write_imagereward(folder):
+    """ImageReward's published files, in BLIP's own names (vit.py's blocks.N.attn.qkv ..., med.py's BERT), from tiny
+    random towers, and BERT's tokenizer: returns the towers, the MLP and the tokenizer's folder."""
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "cat", "blue", "square"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder / "bert")
+    torch.manual_seed(11)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=1, image_size=32, patch_size=16,
+                                              layer_norm_eps=1e-6)).eval()
+    med = {"vocab_size": len(words) + 2, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 48, "max_position_embeddings": 40, "layer_norm_eps": 1e-12, "encoder_width": 64}
+    text = BlipTextModel(BlipTextConfig(**{k: v for k, v in med.items() if k != "encoder_width"},
+                                        encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False).eval()
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 8),
+                              torch.nn.Dropout(0.2), torch.nn.Linear(8, 4), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(4, 2), torch.nn.Linear(2, 1)).eval()
+    blip_names = [("embeddings.patch_embedding.", "patch_embed.proj."), ("embeddings.position_embedding", "pos_embed"),
+                  ("embeddings.class_embedding", "cls_token"), ("encoder.layers.", "blocks."),
+                  ("self_attn.qkv.", "attn.qkv."), ("self_attn.projection.", "attn.proj."),
+                  ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."), ("post_layernorm.", "norm.")]
+    state = {}
+    for key, tensor in vision.state_dict().items():
+        for ours, blips in blip_names:
+            key = key.replace(ours, blips)
+        state[f"blip.visual_encoder.{key}"] = tensor
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state.update({f"mlp.layers.{k}": v for k, v in mlp.state_dict().items()})
+    (folder / "ir").mkdir(exist_ok=True)
+    torch.save(state, folder / "ir" / "ImageReward.pt")
+    (folder / "ir" / "med_config.json").write_text(json.dumps(med))
+    return vision, text, mlp, state
+
+
+def test_imagereward_loads_its_published_files_and_scores_as_its_score_does(tmp_path):
+    """ImageReward's score (ImageReward.py): BLIP's text encoder over the prompt (BERT's tokens, padded to 35) with
+    cross-attention to the ViT's image tokens, its first token through the MLP's linear layers, minus
+    0.16717362830052426, over 1.0333394966054072; the expected score computed here from the towers written."""
+    from transformers import BertTokenizer, CLIPImageProcessorPil
+    vision, text, mlp, state = write_imagereward(tmp_path)
+
+    class Flags:
+        imagereward_model, imagereward_tokenizer = str(tmp_path / "ir"), str(tmp_path / "bert")
+
+    reward = evaluate.load_rewards("imagereward", Flags)["imagereward"]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    prompts = ["a red circle", "a blue cat"]
+    pil = [Image.fromarray((i.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for i in images]
+    pixels = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
+        images=pil, return_tensors="pt")["pixel_values"]
+    tokenizer = BertTokenizer.from_pretrained(tmp_path / "bert")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    tokens = tokenizer(prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        image = vision(pixel_values=pixels).last_hidden_state
+        first = text(**tokens, encoder_hidden_states=image).last_hidden_state[:, 0]
+        expected = (mlp(first).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(reward(images, prompts), expected, rtol=1e-4, atol=1e-5)
+    del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    torch.save(state, tmp_path / "ir" / "ImageReward.pt")
+    with pytest.raises(ValueError, match="ImageReward.pt: not an ImageReward checkpoint \\(blip.text_encoder.encoder"
+                                         ".layer.1.crossattention.self.key.weight missing\\)"):
+        evaluate.load_rewards("imagereward", Flags)
+
+
+def test_compare_scores_the_fields_five_rewards_from_their_published_layouts(tiny_clip, tmp_path):
+    """evaluate.py compare --reward hpsv2,imagereward,pickscore,aesthetic,clip on a tiny model, each reward read
+    from files in its published layout (tiny and random)."""
+    from transformers import CLIPModel
+    write_imagereward(tmp_path)
+    torch.manual_seed(7)
+    hps = open_clip_layout(CLIPModel(CLIPModel.config_class.from_pretrained(tiny_clip)))
+    torch.save({"state_dict": hps}, tmp_path / "HPS_v2.1_compressed.pt")
+    base = tmp_path / "base"
+    models.load_backbone("tiny-sd1.5").pipe.save_pretrained(base)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    report = evaluate.run(["compare", "--model", "tiny-sd1.5", "--base", str(base), "--tuned", str(base), "--prompts",
+                           str(tmp_path / "prompts.txt"), "--reward", "hpsv2,imagereward,pickscore,aesthetic,clip",
+                           "--samples", "1", "--steps", "2", "--out", str(tmp_path / "eval"),
+                           "--hpsv2-model", str(tiny_clip), "--hpsv2-checkpoint", str(tmp_path / "HPS_v2.1_compressed.pt"),
+                           "--imagereward-model", str(tmp_path / "ir"), "--imagereward-tokenizer", str(tmp_path / "bert"),
+                           "--pickscore-model", str(tiny_clip), "--clip-model", str(tiny_clip),
+                           "--aesthetic-model", str(tiny_clip), "--aesthetic-head", str(tiny_clip / "head.pth")])
+    assert list(report["rewards"]) == ["hpsv2", "imagereward", "pickscore", "aesthetic", "clip"]
+    for name, result in report["rewards"].items():  # the same model as base and tuned: identical scores
+        assert math.isfinite(result["base_mean"]) and result["base_mean"] == result["tuned_mean"], name
+        assert result["prompts_tied"] == 2, name

@@ -10,6 +10,7 @@ timesteps writes timesteps.csv and timesteps.png; curves writes curves.png. Same
 import argparse
 import codecs
 import contextlib
+import inspect
 import io
 import json
 import re
@@ -564,7 +565,18 @@ def check_rewards_fit(rewards, backbone, prompts):
         fn(torch.full(shape, 0.5), prompts)
 
 
+def sampler_defaults(model):
+    """(steps, guidance) of the backbone's diffusers pipeline, its __call__'s defaults: the protocol compare samples
+    with unless told (50 and 7.5 for SD1.5, 50 and 5.0 for SDXL and Wan2.1, 50 and 6 for CogVideoX, 28 and 3.5 for
+    FLUX.1-dev), so that every model is evaluated as its authors ship it."""
+    parameters = inspect.signature(models.SPECS[model.removeprefix("tiny-")][2].__call__).parameters
+    return parameters["num_inference_steps"].default, parameters["guidance_scale"].default
+
+
 def compare(args):
+    steps, guidance = sampler_defaults(args.model)
+    args.steps = steps if args.steps is None else args.steps
+    args.guidance = guidance if args.guidance is None else args.guidance
     prompts = read_prompts(args.prompts)
     rewards = load_rewards(args.reward, args)
     lora = check_tuned(args)
@@ -837,8 +849,8 @@ def parse_args(argv=None):
     c.add_argument("--prompts", required=True, help="a text file, one prompt per line")
     c.add_argument("--reward", required=True, help=f"comma-separated: {', '.join([*BUILTIN, *MODEL_BASED])}")
     c.add_argument("--samples", type=int, default=4, help="samples per prompt (seeds seed..seed+K-1)")
-    c.add_argument("--steps", type=int, default=20, help="sampling steps")
-    c.add_argument("--guidance", type=float, default=5.0)
+    c.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's own, sampler_defaults)")
+    c.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=16, help="prompts sampled at once (memory: one batch)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")

@@ -12,7 +12,7 @@ import evaluate
 import models
 
 REPORT_KEYS = {"base_mean", "base_ci", "tuned_mean", "tuned_ci", "improvement", "improvement_ci", "win_rate",
-               "p_value", "improvement_by_prompt"}
+               "p_value", "improvement_by_prompt", "prompts_better", "prompts_worse", "prompts_tied"}
 TIMESTEP_COLUMNS = ["level_low", "level_high", "weight_w_mean", "weight_l_mean", "weight_q10", "weight_q50",
                     "weight_q90", "mask_fraction", "error_gap", "grad_norm", "grad_variance"]
 
@@ -351,3 +351,10 @@ def test_compare_scores_the_fields_five_rewards_from_their_published_layouts(tin
     for name, result in report["rewards"].items():  # the same model as base and tuned: identical scores
         assert math.isfinite(result["base_mean"]) and result["base_mean"] == result["tuned_mean"], name
         assert result["prompts_tied"] == 2, name
+
+
+def test_compare_samples_each_backbone_as_its_pipeline_ships_unless_told():
+    expected = {"sd1.5": (50, 7.5), "sdxl": (50, 5.0), "cogvideox-2b": (50, 6), "cogvideox-5b": (50, 6),
+                "wan2.1-1.3b": (50, 5.0), "flux.1-dev": (28, 3.5)}
+    for name, defaults in expected.items():
+        assert evaluate.sampler_defaults(name) == evaluate.sampler_defaults(f"tiny-{name}") == defaults, name

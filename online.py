@@ -1,4 +1,9 @@
-"""Online pairs (train.py --pairs online): preference pairs sampled from the current policy, labelled by a reward.
+"""Online pairs (train.py --pairs online): preference pairs sampled from the current policy, labelled by a reward;
+and, as a command, the same sampling from a base model written once as a manifest (images or videos) that data.py
+cache and train.py read:
+
+    python online.py --model wan2.1-1.3b --prompts prompts.txt --reward clip --clip-model DIR --out pairs/
+    python online.py --model tiny-wan2.1-1.3b --prompts prompts.txt --reward temporal_flicker --out pairs/  # tiny
 
 The direct alternative to correcting off-policy bias after the fact (SIPO's importance weight): remove it at its
 source. Every --refresh-every optimizer steps each rank samples --samples-per-prompt latents for its share of the
@@ -8,15 +13,23 @@ by more than --online-margin. The policy's latents are latents already: no VAE e
 on until the next refresh, and stored in the run directory (online/pairs-STEP.safetensors, written atomically), so
 that a resumed run trains on the very pairs a straight one does, without depending on sampling being bit-exact.
 """
+import argparse
+import json
 import os
+import sys
 import time
 
+import imageio.v3 as iio
 import torch
 import torch.distributed as dist
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common import writing
+import evaluate
+import models
+from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, check_output, error_line,
+                    write_text_atomically, writing)
 from rundir import RunDir
 
 
@@ -107,3 +120,82 @@ def prune(out, oldest_kept):
     for path in sorted(RunDir(out).online.glob("pairs-*.safetensors")):
         if int(path.stem.split("-")[1]) < oldest_kept:
             path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command: a preference set from prompts, sampled from the base once and written as a manifest
+# ---------------------------------------------------------------------------------------------------------
+
+def save_media(folder, name, sample):
+    """An image (3, H, W) as PNG, or a video (F, 3, H, W) as MP4 (8 fps), from [0, 1]: the file name."""
+    pixels = (sample.clamp(0, 1) * 255).round().to(torch.uint8)
+    if sample.dim() == 3:
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+        return f"{name}.png"
+    iio.imwrite(folder / f"{name}.mp4", pixels.permute(0, 2, 3, 1).numpy(), fps=8, codec="libx264",
+                macro_block_size=8)
+    return f"{name}.mp4"
+
+
+def make_manifest(backbone, prompts, reward, out, samples_per_prompt, steps, guidance, seed, margin):
+    """Per prompt, `samples_per_prompt` samples of the backbone (sample k of prompt i seeded seed + i * K + k); the
+    best and the worst by `reward` become a pair when their scores differ by more than `margin`. Writes the media
+    and out/pairs.jsonl (prompt, chosen, rejected, their scores), the manifest last and atomically: (path, pairs,
+    prompts passed over)."""
+    rows, passed = [], 0
+    for i, prompt in enumerate(tqdm(prompts, desc="sampling pairs", unit="prompt")):
+        seeds = [seed + i * samples_per_prompt + k for k in range(samples_per_prompt)]
+        samples = backbone.sample([prompt] * samples_per_prompt, seeds, steps, guidance).float().cpu()
+        scores = reward(samples, [prompt] * samples_per_prompt).float()
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"the reward scored a sample of prompt {i + 1} ({prompt!r}) NaN or inf")
+        best, worst = int(scores.argmax()), int(scores.argmin())
+        if scores[best] - scores[worst] <= margin:
+            passed += 1
+            continue
+        rows.append({"prompt": prompt, "chosen": save_media(out, f"{i:05d}-{best}", samples[best]),
+                     "rejected": save_media(out, f"{i:05d}-{worst}", samples[worst]),
+                     "score_chosen": float(scores[best]), "score_rejected": float(scores[worst])})
+    write_text_atomically(out / "pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    return out / "pairs.jsonl", len(rows), passed
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=models.NAMES, metavar="MODEL")
+    parser.add_argument("--pretrained", help="diffusers directory or hub id (default for full-size models: the "
+                                             "official repository)")
+    parser.add_argument("--prompts", required=True, help="a text file, one prompt per line")
+    parser.add_argument("--reward", required=True, help="what labels the pairs: one of evaluate.py's rewards")
+    evaluate.add_reward_model_flags(parser)
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="a pair is the best and the worst of these")
+    parser.add_argument("--margin", type=float, default=0.0, help="keep a pair when its scores differ by more")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the pipeline's own)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="a new or empty directory: the media and pairs.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        check_numbers(args, {"samples_per_prompt": AT_LEAST_1, "steps": AT_LEAST_1, "margin": NON_NEGATIVE,
+                             "guidance": NON_NEGATIVE, "seed": NON_NEGATIVE})
+        if args.samples_per_prompt < 2:
+            raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: a pair needs at least 2")
+        out = check_output(args.out)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"--out {out}: not empty; pass a new or empty directory")
+        prompts = evaluate.read_prompts(args.prompts)
+        reward = evaluate.load_rewards(args.reward, args)[args.reward]
+        steps, guidance = evaluate.sampler_defaults(args.model)
+        backbone = models.load_backbone(args.model, args.pretrained)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest, kept, passed = make_manifest(backbone, prompts, reward, out, args.samples_per_prompt,
+                                               args.steps or steps, guidance if args.guidance is None else
+                                               args.guidance, args.seed, args.margin)
+    except ValueError as error:
+        sys.exit(error_line(error))
+    print(f"{manifest}: {kept} pairs from {len(prompts)} prompts x {args.samples_per_prompt} samples"
+          + (f"; {passed} prompts passed over (best and worst within --margin {args.margin:g})" if passed else ""))
+
+
+if __name__ == "__main__":
+    main()

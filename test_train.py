@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -895,3 +896,30 @@ def test_a_warm_up_longer_than_the_run_is_said(pairs, tmp_path):
     result = run(0, "--model", "tiny-sd1.5", "--data", pairs, "--out", tmp_path / "run", "--steps", 2, "--no-export")
     assert "note: --warmup 100 is not shorter than --steps 2: the learning rate peaks at 1.98e-07, not --lr 1e-05" \
         in result.stdout
+
+
+@pytest.mark.parametrize("name,reward,media", [("tiny-sd1.5", "named_colour", ".png"),
+                                               ("tiny-wan2.1-1.3b", "temporal_flicker", ".mp4")])
+def test_a_preference_set_sampled_from_prompts_is_a_manifest_the_cache_and_training_read(name, reward, media,
+                                                                                         prompt_file, tmp_path):
+    """python online.py: per prompt the best and the worst of K samples of the base by the reward, written as media
+    and pairs.jsonl; data.py cache encodes it and train.py trains on the cache."""
+    made = in_process(online.main, ["--model", name, "--prompts", prompt_file, "--reward", reward, "--steps", 2,
+                                    "--samples-per-prompt", 3, "--out", tmp_path / "pairs"])
+    assert made.returncode == 0, made.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    prompts = prompt_file.read_text().splitlines()
+    assert [row["prompt"] for row in rows] == prompts and f"{len(prompts)} pairs from" in made.stdout
+    assert all(row["score_chosen"] > row["score_rejected"] and row["chosen"].endswith(media) for row in rows)
+    if media == ".png":  # the stored images score as their rows say, up to 8-bit rounding
+        images = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "pairs" / rows[0][k]))).permute(2, 0, 1)
+                              for k in ("chosen", "rejected")]).float() / 255
+        scores = evaluate.BUILTIN[reward](images, [prompts[0]] * 2)
+        assert scores.tolist() == pytest.approx([rows[0]["score_chosen"], rows[0]["score_rejected"]], abs=1e-3)
+    cached = in_process(data.main, ["cache", "--model", name, "--data", tmp_path / "pairs" / "pairs.jsonl", "--out",
+                                    tmp_path / "cache"])
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    run(0, "--model", name, "--data", tmp_path / "cache", "--out", tmp_path / "run", "--steps", 1, "--no-export")
+    again = in_process(online.main, ["--model", name, "--prompts", prompt_file, "--reward", reward, "--out",
+                                     tmp_path / "pairs"])
+    assert again.returncode == 1 and "pairs: not empty; pass a new or empty directory" in again.stderr

@@ -971,17 +971,19 @@ def reward_cells(row, base_mean):
 
 
 def write_results(report, base):
-    """RESULTS.md from whichever parts have run (study.json, offpolicy.json, online.json), each marked stale where
+    """RESULTS.md from whichever parts have run (their JSON files in `report`), each marked stale where
     it was measured on another base than `base` (or before the base's checksum was recorded)."""
     lines = ["# Results: Diffusion-DPO, DPO-C&M and SIPO on the toy task", "",
              f"Written by `python study.py` on {os.cpu_count()} CPU cores ({cpu_name()}); each part names the "
              "machine that measured it. "
-             "`python study.py --part onpolicy`, `--part offpolicy` or `--part online` re-runs one part; finished "
-             "runs are reused.", ""]
+             "`python study.py --part NAME` re-runs one part (onpolicy, offpolicy, online, gradient, control, "
+             "degrade); finished runs are reused.", ""]
     current = base_identity(base)["sha256"]
     for name, part, write in (("study.json", "onpolicy", onpolicy_lines), ("offpolicy.json", "offpolicy",
                                                                           offpolicy_lines),
-                              ("online.json", "online", online_lines), ("paired.json", "paired", paired_lines)):
+                              ("online.json", "online", online_lines), ("paired.json", "paired", paired_lines),
+                              ("gradient.json", "gradient", gradient_lines), ("control.json", "control", control_lines),
+                              ("degrade.json", "degrade", degrade_lines)):
         if (report / name).exists():
             summary = json.loads((report / name).read_text())
             if (summary.get("base") or {}).get("sha256") != current:  # its tables would speak for another model
@@ -1143,3 +1145,68 @@ def online_lines(summary):
 
 if __name__ == "__main__":
     main()
+
+
+def test_rows(tests):
+    """A table of paired tests: each row's difference with its interval, positive seeds, p and Holm's p."""
+    lines = ["| condition | comparison | paired difference [95% CI] | positive | p | p (Holm) |", "|---" * 6 + "|"]
+    return lines + [f"| {r['condition']} | {r['comparison']} | {r['difference']:+.5f} [{r['ci'][0]:+.5f}, "
+                    f"{r['ci'][1]:+.5f}] | {r['positive']} of {r['n']} | {r['p']:.4f} | {r['p_holm']:.4f} |"
+                    for r in tests]
+
+
+def gradient_lines(summary):
+    sources = list(summary["sources"])
+    first = summary["sources"][sources[0]]
+    lines = ["## How far re-weighting moves the gradient (`python study.py --part gradient`: no runs)", "",
+             f"{summary['minutes']:.0f} minutes on {summary['cpu']}, base `{summary['base']['sha256'][:12]}` at "
+             f"commit {summary['base']['commit']}. ||g_SIPO - g_DPO-C&M|| / ||g_DPO-C&M||, SIPO and DPO-C&M at the "
+             f"same weights, mask and clip, under the base (policy = reference), median over {first['batches']} "
+             f"batches of {first['batch']} pairs; for scale, redrawing t and noise for the same pairs moves "
+             "DPO-C&M's gradient by " + ", ".join(f"{summary['sources'][s]['redraw']:.0%} ({s})" for s in sources)
+             + ". The mask fraction is DPO-C&M's at that setting.", "",
+             "| weight, normalisation, eps, temperature | " + " | ".join(sources) + " | mean | masked (mean) |",
+             "|---" * (len(sources) + 3) + "|"]
+    for key, mean in sorted(summary["mean_movement"].items(), key=lambda item: item[1]):
+        masked = np.mean([summary["sources"][s]["settings"][key]["mask_fraction"] for s in sources])
+        lines.append(f"| {key} | " + " | ".join(f"{summary['sources'][s]['settings'][key]['movement']:.2%}"
+                                                  for s in sources) + f" | {mean:.2%} | {masked:.0%} |")
+    verdict = "at least" if summary["strong_enough"] else "below"
+    return lines + ["", f"Strongest: {summary['strongest']}, {summary['mean_movement'][summary['strongest']]:.1%} "
+                        f"({verdict} the {summary['threshold']:.0%} bar for a training comparison).", ""]
+
+
+def control_lines(summary):
+    table, base_mean = summary["table"], summary["base_mean"]
+    lines = ["## The cutoff control (`python study.py --part control`)", "",
+             f"{summary['minutes']:.0f} minutes on {summary['cpu']}, base `{summary['base']['sha256'][:12]}` at commit "
+             f"{summary['base']['commit']}; the off-policy part's settings, {summary['args']['control_seeds']} seeds "
+             "each, every method at a seed on the same pairs, t and noise. `dpo cutoff`: Diffusion-DPO with t drawn "
+             "above the fraction of the schedule DPO-C&M's runs masked on that source (`--min-noise`); `strongest`: "
+             f"{summary['strongest']} (gradient part), SIPO and DPO-C&M alike.", "",
+             "| source | configuration | final reward (mean ± sd) | vs base | win rate vs base | masked |",
+             "|---|---|---|---|---|---|"]
+    for config, row in table.items():
+        source, name = config.split(" ", 2)[1:]
+        cutoff = f" (--min-noise {summary['cutoffs'][source]:g})" if name == "dpo cutoff" else ""
+        lines.append(f"| {source} | {name}{cutoff} | {reward_cells(row, base_mean)} | {row['mask_fraction']:.1%} |")
+    return lines + ["", f"Paired tests, Holm-corrected over the part's {len(summary['tests'])}:", "",
+                    *test_rows(summary["tests"]), ""]
+
+
+def degrade_lines(summary):
+    table, base_mean, regime = summary["table"], summary["base_mean"], summary["regime"]
+    lines = ["## Where Diffusion-DPO degrades (`python study.py --part degrade`)", "",
+             f"{summary['minutes']:.0f} minutes on {summary['cpu']}, base `{summary['base']['sha256'][:12]}` "
+             f"(mean {base_mean:.4f}) at commit {summary['base']['commit']}. The sweep (Diffusion-DPO, seed 0, "
+             "final reward): " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} failed"
+                                           for k, v in summary["sweep"].items()) + ". "
+             + (f"The regime: lr {regime['lr']:g}, beta {regime['beta']:g}, the first setting below the base."
+                if regime["degrades"] else f"No setting fell below the base; the last, lr {regime['lr']:g} and beta "
+                                           f"{regime['beta']:g}, was run."), "",
+             "| method | final reward (mean ± sd) | vs base | win rate vs base | below the base | collapsed | late "
+             "degradation |", "|---|---|---|---|---|---|---|"]
+    for config, row in table.items():
+        lines.append(f"| {config.split()[1]} | {reward_cells(row, base_mean)} | {row['below_base']:.0%} | "
+                     f"{row['collapse_fraction']:.0%} | {row['late_degradation']:.0%} |")
+    return lines + ["", "Paired tests against Diffusion-DPO, Holm-corrected:", "", *test_rows(summary["tests"]), ""]

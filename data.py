@@ -324,6 +324,18 @@ def _resize_crop(image, height, width):
     return np.asarray(image.crop((left, top, left + width, top + height)))
 
 
+def save_media(folder, name, sample):
+    """An image (3, H, W) as PNG, or a video (F, 3, H, W) as MP4 (8 fps), from [0, 1]: the file name."""
+    pixels = (sample.clamp(0, 1) * 255).round().to(torch.uint8)
+    if sample.dim() == 3:
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
+        return f"{name}.png"
+    iio.imwrite(folder / f"{name}.mp4", pixels.permute(0, 2, 3, 1).numpy(), fps=8, codec="libx264",
+                macro_block_size=8)
+    return f"{name}.mp4"
+
+
+
 def load_media(source, where, height, width, num_frames=0, frame_stride=1):
     """An image (3, H, W) or, for video backbones, a video (3, F, H, W), in [-1, 1]."""
     is_video = isinstance(source, Path) and source.suffix.lower() in VIDEO_SUFFIXES

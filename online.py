@@ -19,13 +19,12 @@ import os
 import sys
 import time
 
-import imageio.v3 as iio
 import torch
 import torch.distributed as dist
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import data
 import evaluate
 import models
 from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, check_output, error_line,
@@ -126,17 +125,6 @@ def prune(out, oldest_kept):
 # The command: a preference set from prompts, sampled from the base once and written as a manifest
 # ---------------------------------------------------------------------------------------------------------
 
-def save_media(folder, name, sample):
-    """An image (3, H, W) as PNG, or a video (F, 3, H, W) as MP4 (8 fps), from [0, 1]: the file name."""
-    pixels = (sample.clamp(0, 1) * 255).round().to(torch.uint8)
-    if sample.dim() == 3:
-        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / f"{name}.png")
-        return f"{name}.png"
-    iio.imwrite(folder / f"{name}.mp4", pixels.permute(0, 2, 3, 1).numpy(), fps=8, codec="libx264",
-                macro_block_size=8)
-    return f"{name}.mp4"
-
-
 def make_manifest(backbone, prompts, reward, out, samples_per_prompt, steps, guidance, seed, margin):
     """Per prompt, `samples_per_prompt` samples of the backbone (sample k of prompt i seeded seed + i * K + k); the
     best and the worst by `reward` become a pair when their scores differ by more than `margin`. Writes the media
@@ -153,8 +141,8 @@ def make_manifest(backbone, prompts, reward, out, samples_per_prompt, steps, gui
         if scores[best] - scores[worst] <= margin:
             passed += 1
             continue
-        rows.append({"prompt": prompt, "chosen": save_media(out, f"{i:05d}-{best}", samples[best]),
-                     "rejected": save_media(out, f"{i:05d}-{worst}", samples[worst]),
+        rows.append({"prompt": prompt, "chosen": data.save_media(out, f"{i:05d}-{best}", samples[best]),
+                     "rejected": data.save_media(out, f"{i:05d}-{worst}", samples[worst]),
                      "score_chosen": float(scores[best]), "score_rejected": float(scores[worst])})
     write_text_atomically(out / "pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return out / "pairs.jsonl", len(rows), passed

@@ -278,7 +278,8 @@ class ImageRewardModel:
             for pattern, replacement in BLIP_VISION_NAMES:
                 key = re.sub(pattern, replacement, key)
             vision[key] = tensor
-        width, patch = vision["embeddings.patch_embedding.weight"].shape[0], vision["embeddings.patch_embedding.weight"].shape[-1]
+        patches = vision["embeddings.patch_embedding.weight"]
+        width, patch = patches.shape[0], patches.shape[-1]
         side = patch * round((vision["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
         layers = 1 + max(int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers."))
         self.vision = BlipVisionModel(BlipVisionConfig(

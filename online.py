@@ -62,7 +62,7 @@ def sample_pairs(backbone, prompts, cond, reward, args, step, rank, world_size, 
     share = -(-len(prompts) // world_size)
     mine = (list(range(rank, len(prompts), world_size)) + list(range(share)))[:share]
     latents, scores = [], []
-    for p in tqdm(mine, desc=f"sampling pairs at step {step}", unit="prompt", leave=False, disable=rank != 0):
+    for p in mine:
         with autocast():
             drawn = backbone.sample_latents([prompts[p]] * count, seed=[hash((args.seed, step, p, k)) % 2 ** 31
                                                                         for k in range(count)],

@@ -225,8 +225,8 @@ def open_clip_layout(model):
                 "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
                 "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
                 "text_projection": state["text_projection.weight"].t(), "logit_scale": state["logit_scale"]})
-    for mine, other in (("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
-                        ("text_model.final_layer_norm", "ln_final")):
+    for mine, other in (("vision_model.pre_layrnorm", "visual.ln_pre"),
+                        ("vision_model.post_layernorm", "visual.ln_post"), ("text_model.final_layer_norm", "ln_final")):
         for kind in ("weight", "bias"):
             out[f"{other}.{kind}"] = state[f"{mine}.{kind}"]
     return out
@@ -343,8 +343,9 @@ def test_compare_scores_the_fields_five_rewards_from_their_published_layouts(tin
     report = evaluate.run(["compare", "--model", "tiny-sd1.5", "--base", str(base), "--tuned", str(base), "--prompts",
                            str(tmp_path / "prompts.txt"), "--reward", "hpsv2,imagereward,pickscore,aesthetic,clip",
                            "--samples", "1", "--steps", "2", "--out", str(tmp_path / "eval"),
-                           "--hpsv2-model", str(tiny_clip), "--hpsv2-checkpoint", str(tmp_path / "HPS_v2.1_compressed.pt"),
-                           "--imagereward-model", str(tmp_path / "ir"), "--imagereward-tokenizer", str(tmp_path / "bert"),
+                           "--hpsv2-model", str(tiny_clip), "--hpsv2-checkpoint",
+                           str(tmp_path / "HPS_v2.1_compressed.pt"), "--imagereward-model", str(tmp_path / "ir"),
+                           "--imagereward-tokenizer", str(tmp_path / "bert"),
                            "--pickscore-model", str(tiny_clip), "--clip-model", str(tiny_clip),
                            "--aesthetic-model", str(tiny_clip), "--aesthetic-head", str(tiny_clip / "head.pth")])
     assert list(report["rewards"]) == ["hpsv2", "imagereward", "pickscore", "aesthetic", "clip"]

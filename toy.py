@@ -270,7 +270,8 @@ def main(argv=None):
           f"  the preference: named_colour, how strongly an image shows the colour its prompt names\n"
           f"  base: {f'trained by its recipe, {args.base_steps} SFT steps' if args.train_base else 'the shipped one'}"
           f" ({base})\n" +
-          "".join(f"  {i}. {text.format(**sizes, **vars(args), label=label)}\n" for i, text in enumerate(PHASES.values(), 1)) +
+          "".join(f"  {i}. {text.format(**sizes, **vars(args), label=label)}\n"
+                  for i, text in enumerate(PHASES.values(), 1)) +
           "  (a rerun reuses what exists)", flush=True)
     seconds = {}
 
@@ -315,8 +316,8 @@ def result_block(report, args, evaluation, seconds, label, trained):
     by_prompt = ", ".join(f"{p.removeprefix('a ')} {g:+.3f}" for p, g in zip(PROMPTS, reward["improvement_by_prompt"]))
     took = ", ".join(f"{phase} {s:.0f} s" for phase, s in seconds.items())
     origin = "trained now" if trained else "trained by an earlier run with these flags, reused"
-    return (f"\n{label} ({origin}) on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, the same "
-            f"seeds for both models:\n"
+    return (f"\n{label} ({origin}) on the toy task, {report['prompts']} prompts x {args.samples} held-out seeds, "
+            f"the same seeds for both models:\n"
             f"  named_colour   base  {reward['base_mean']:.4f} {interval(reward['base_ci'])}   "
             f"tuned {reward['tuned_mean']:.4f} {interval(reward['tuned_ci'])}\n"
             f"  improvement    {reward['improvement']:+.4f} {interval(reward['improvement_ci'], '+')} (95% CI), "

@@ -393,7 +393,7 @@ def load_backbone(args):
     Random weights are models.load_backbone's, from its own seed."""
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None
-    tiny_random = args.model.startswith("tiny-") and not args.pretrained
+    tiny_random = args.model.startswith("tiny-") and not args.pretrained and not args.random_weights
     only = "denoiser" if not encoders and not tiny_random else None
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     backbone = models.load_backbone(args.model, args.pretrained, random_weights=args.random_weights,
@@ -986,10 +986,11 @@ def pair_batches(trainer, start):
                              args.workers)
 
 
-def online_pairs(trainer, batches):
+def online_pairs(trainer, batches, show=lambda text: None):
     """--pairs online: the batches to train on. A resumed run first takes up the stored pairs it was training on,
     where it was in them; every --refresh-every steps new pairs are sampled from the policy (online.py) and stored,
-    unless none clears the margin: then the log says so and the pairs stay as they were."""
+    unless none clears the margin: then the log says so and the pairs stay as they were. `show` puts what is under
+    way on the progress bar while the policy samples."""
     args, counters, step = trainer.args, trainer.counters, trainer.counters["step"]
     if batches is None and counters["pairs_from"] >= 0:
         trainer.dataset = online.load_pairs(args.out, counters["pairs_from"])
@@ -997,9 +998,11 @@ def online_pairs(trainer, batches):
     if batches is not None and (step % args.refresh_every or counters["refreshed"] == step):
         return batches
     prompts, cond, reward = trainer.online
+    show(f"{args.loss}: sampling pairs from the policy")
     pairs, trainer.refresh_record = online.sample_pairs(trainer.backbone, prompts, cond, reward, args, step,
                                                         trainer.rank, trainer.world_size, lambda: mixed_precision(args))
     counters["refreshed"] = step
+    show(args.loss)
     if pairs is None or len(pairs) < args.batch_size * trainer.world_size:
         if batches is None:
             raise ValueError(f"--pairs online: the refresh at step {step} kept {len(pairs or ())} pairs above "
@@ -1031,7 +1034,7 @@ def train(args, cleanup):
         nonfinite_in_a_row = 0
         while counters["step"] < args.steps:
             if args.pairs == "online":
-                batches = online_pairs(trainer, batches)                 #    --pairs online: refresh when due
+                batches = online_pairs(trainer, batches, progress.set_description)  # refresh when due
             start = time.perf_counter()
             try:
                 record = optimizer_step(trainer, batches, stop)          # 2. one optimizer step, its micro-batches

@@ -680,10 +680,22 @@ def control_part(args, out, report, base, heldout):
             tests.append({"condition": source, "comparison": f"{config} - {versus}", "metric": "final reward",
                           **seed_test(summary, f"off {source} {config}", f"off {source} {versus}")})
     summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean, "cutoffs": cutoffs,
-               "strongest": gradient["strongest"], "table": table, "tests": corrected(tests), "runs": results,
+               "strongest": gradient["strongest"], "table": table, "tests": corrected(tests),
+               "pooled": pooled_tests(tests), "runs": results,
                "minutes": (time.time() - started) / 60, "args": {k: str(v) for k, v in vars(args).items()}}
     (report / "control.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def pooled_tests(tests):
+    """Each comparison over every condition's seed pairs at once (paired_test of the pooled differences, with the
+    sign test), Holm-corrected over the comparisons."""
+    pooled = {}
+    for row in tests:
+        pooled.setdefault(row["comparison"], []).extend(row["differences"])
+    rows = [{"condition": "pooled", "comparison": name, **paired_test(np.zeros(len(d)), d), "sign_p": sign_test(d)}
+            for name, d in pooled.items()]
+    return corrected(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1191,7 +1203,8 @@ def control_lines(summary):
         cutoff = f" (--min-noise {summary['cutoffs'][source]:g})" if name == "dpo cutoff" else ""
         lines.append(f"| {source} | {name}{cutoff} | {reward_cells(row, base_mean)} | {row['mask_fraction']:.1%} |")
     return lines + ["", f"Paired tests, Holm-corrected over the part's {len(summary['tests'])}:", "",
-                    *test_rows(summary["tests"]), ""]
+                    *test_rows(summary["tests"]), "", "Each comparison over the three sources' seed pairs at once "
+                    "(Holm-corrected over the comparisons):", "", *test_rows(summary["pooled"]), ""]
 
 
 def degrade_lines(summary):

@@ -41,6 +41,18 @@ def test_paired_statistics_against_hand_values():
     assert study.paired_test(np.zeros(40), many)["p"] < 0.05 < study.paired_test(np.zeros(40), many - 0.5)["p"]
 
 
+def test_pooled_tests_pool_each_comparisons_seed_pairs_and_correct_over_the_comparisons():
+    """a - b pools (1, 2) and (0.5): mean 7/6, sign-flip p 2/8, 3 of 3 positive (sign test 2/8); c - b: (-1, 1),
+    mean 0, p 1. Holm: 2 x 0.25, then max(0.5, 1 x 1)."""
+    rows = study.pooled_tests([{"comparison": "a - b", "differences": [1.0, 2.0]},
+                               {"comparison": "c - b", "differences": [-1.0, 1.0]},
+                               {"comparison": "a - b", "differences": [0.5]}])
+    assert [row["comparison"] for row in rows] == ["a - b", "c - b"]
+    assert rows[0]["difference"] == pytest.approx(7 / 6) and rows[0]["n"] == 3 and rows[0]["p"] == pytest.approx(0.25)
+    assert rows[0]["sign_p"] == pytest.approx(0.25) and rows[1]["difference"] == 0 and rows[1]["p"] == 1
+    assert [row["p_holm"] for row in rows] == pytest.approx([0.5, 1.0])
+
+
 def test_named_shape_recognises_the_drawings_and_not_noise():
     generator = torch.Generator().manual_seed(5)
     prompts = toy.PROMPTS * 50
@@ -148,6 +160,29 @@ def test_a_study_whose_runs_all_fail_says_so_in_one_line(study_runs, tmp_path, m
                     "--no-ablations"])
     assert "sipo beta=1000 seed 0: failed, see " in capsys.readouterr().out
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_miniature_gradient_control_and_degrade_parts_write_their_tables(study_runs, tmp_path):
+    common = ["--out", str(study_runs), "--results", str(tmp_path), "--heldout-pairs", "2", "--off-pairs", "2",
+              "--off-batch", "4", "--off-steps", "2", "--samples", "1"]
+    gradient = study.main(["--part", "gradient", *common, "--gradient-batches", "1"])["gradient"]
+    settings = gradient["sources"]["on"]["settings"]
+    assert set(gradient["sources"]) == set(study.GRADIENT_SOURCES) and len(settings) == 2 * 2 * 3 * 3
+    assert all(row["movement"] >= 0 and 0 <= row["mask_fraction"] <= 1 for row in settings.values())
+    assert gradient["strongest"] in settings and gradient["sources"]["on"]["redraw"] > 0
+    control = study.main(["--part", "control", *common, "--control-seeds", "1"])["control"]
+    assert set(control["cutoffs"]) == set(study.GRADIENT_SOURCES) and len(control["tests"]) == 15
+    assert {row["comparison"] for row in control["pooled"]} == {"dpo-cm - dpo", "dpo cutoff - dpo",
+                                                                "dpo-cm - dpo cutoff", "sipo strongest - dpo-cm",
+                                                                "sipo strongest - dpo-cm strongest"}
+    degrade = study.main(["--part", "degrade", *common, "--degrade-seeds", "1", "--degrade-steps", "2",
+                          "--degrade-lrs", "1e-4", "--degrade-betas", "1000"])["degrade"]
+    assert set(degrade["table"]) == {f"degrade {m} lr=0.0001 beta=1000" for m in study.METHODS}
+    assert len(degrade["tests"]) == 2 and set(degrade["sweep"]) == {"lr=0.0001 beta=1000"}
+    text = (tmp_path / "RESULTS.md").read_text()
+    for title in ("## How far re-weighting moves the gradient", "## The cutoff control",
+                  "## Where Diffusion-DPO degrades"):
+        assert title in text, title
 
 
 def test_foreign_style_is_visible_to_the_drift_statistic_and_worth_nothing_to_the_reward():

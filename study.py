@@ -1155,9 +1155,6 @@ def online_lines(summary):
     return lines + [""]
 
 
-if __name__ == "__main__":
-    main()
-
 
 def test_rows(tests):
     """A table of paired tests: each row's difference with its interval, positive seeds, p and Holm's p."""
@@ -1223,3 +1220,7 @@ def degrade_lines(summary):
         lines.append(f"| {config.split()[1]} | {reward_cells(row, base_mean)} | {row['below_base']:.0%} | "
                      f"{row['collapse_fraction']:.0%} | {row['late_degradation']:.0%} |")
     return lines + ["", "Paired tests against Diffusion-DPO, Holm-corrected:", "", *test_rows(summary["tests"]), ""]
+
+
+if __name__ == "__main__":
+    main()

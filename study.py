@@ -242,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--gradient-batches", type=int, default=16,
                         help="gradient part: batches of --off-batch pairs over which each setting's movement is taken")
     parser.add_argument("--control-seeds", type=int, default=8, help="control part: seeds per configuration")
-    parser.add_argument("--degrade-lrs", default="1e-3,3e-3", help="degrade part: the sweep's learning rates")
+    parser.add_argument("--degrade-lrs", default="1e-3,2e-3,3e-3", help="degrade part: the sweep's learning rates")
     parser.add_argument("--degrade-betas", default="1000,10000", help="degrade part: the sweep's betas")
     parser.add_argument("--degrade-steps", type=int, default=60)
     parser.add_argument("--degrade-seeds", type=int, default=8)

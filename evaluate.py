@@ -142,9 +142,14 @@ def named_shape(images, prompts, min_fit=0.6):
 
 
 def load_weights(path):
-    """A weights file: safetensors, or a torch file read weights-only (tensors and containers, never code)."""
-    return load_file(path) if str(path).endswith(".safetensors") else \
-        torch.load(path, map_location="cpu", weights_only=True)
+    """A weights file: safetensors, or a torch file read weights-only (tensors and containers, never code); a file
+    that is neither, or that holds code, is a ValueError naming it."""
+    try:
+        return load_file(path) if str(path).endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- safetensors and torch.load raise their own types for such a file
+        raise ValueError(f"{path}: not a weights file that loads without running code "
+                         f"({str(error).strip().splitlines()[0]})") from None
 
 
 # open_clip's CLIP (ViT towers) under transformers' CLIPModel names; the fused attention projection is split below
@@ -270,9 +275,11 @@ class ImageRewardModel:
         from transformers import (BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel,
                                   CLIPImageProcessorPil)
         folder = Path(path)
-        med = json.loads((folder / "med_config.json").read_text())
-        state = load_weights(folder / "ImageReward.pt")
+        med = json.loads(check_regular_file(folder / "med_config.json", "--imagereward-model").read_text())
+        state = load_weights(check_regular_file(folder / "ImageReward.pt", "--imagereward-model"))
         state = state.get("state_dict", state)
+        if not any(key.startswith("blip.visual_encoder.") for key in state):
+            raise ValueError(f"{folder / 'ImageReward.pt'}: not an ImageReward checkpoint (no blip.visual_encoder)")
         vision = {}
         for key, tensor in part_of(state, "blip.visual_encoder.").items():
             for pattern, replacement in BLIP_VISION_NAMES:

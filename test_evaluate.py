@@ -260,6 +260,10 @@ def test_hpsv2_loads_an_open_clip_checkpoint_and_scores_the_cosine(tiny_clip, tm
     Flags.hpsv2_checkpoint = str(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="^visual.head.weight: not a weight of open_clip's CLIP with ViT towers$"):
         evaluate.load_rewards("hpsv2", Flags)
+    (tmp_path / "page.pt").write_text("<html>a download that went wrong</html>")
+    Flags.hpsv2_checkpoint = str(tmp_path / "page.pt")
+    with pytest.raises(ValueError, match="page.pt: not a weights file that loads without running code"):
+        evaluate.load_rewards("hpsv2", Flags)
 
 
 def write_imagereward(folder):
@@ -322,6 +326,10 @@ def test_imagereward_loads_its_published_files_and_scores_as_its_score_does(tmp_
         first = text(**tokens, encoder_hidden_states=image).last_hidden_state[:, 0]
         expected = (mlp(first).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
     torch.testing.assert_close(reward(images, prompts), expected, rtol=1e-4, atol=1e-5)
+    Flags.imagereward_model = str(tmp_path)
+    with pytest.raises(ValueError, match="--imagereward-model .*med_config.json: does not exist"):
+        evaluate.load_rewards("imagereward", Flags)
+    Flags.imagereward_model = str(tmp_path / "ir")
     del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
     torch.save(state, tmp_path / "ir" / "ImageReward.pt")
     with pytest.raises(ValueError, match="ImageReward.pt: not an ImageReward checkpoint \\(blip.text_encoder.encoder"

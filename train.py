@@ -388,8 +388,7 @@ def load_backbone(args):
     what the run holds and no more, in the dtype it is held in: the VAE and text encoders in the compute dtype, and
     for a run on latent caches without held-out prompts no text encoder (random weights: no VAE either, and nothing
     to export; pretrained: the export reads them then; a tiny model's random ones are built, for its export); the
-    denoiser in fp32 (the master weights), a LoRA base in
-    the compute dtype.
+    denoiser in fp32 (the master weights), a LoRA base in the compute dtype.
     Random weights are models.load_backbone's, from its own seed."""
     index = data.read_cache_index(args.data)
     encoders = index is None or args.eval_prompts or args.eval_data and data.read_cache_index(args.eval_data) is None

@@ -196,6 +196,15 @@ def clip_state_from_open_clip(state):
     return converted
 
 
+def pil_frames(images, prompts):
+    """What a model-based reward scores: every frame as a PIL image (an image is one frame), each with its sample's
+    prompt, and the frames a sample (its score is their mean)."""
+    frames = _frames(images)
+    repeat = len(frames) // len(images)
+    pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
+    return pil, [prompt for prompt in prompts for _ in range(repeat)], repeat
+
+
 class ClipReward:
     """CLIP-based rewards from a local directory in the published layout (CLIPModel + CLIPProcessor):
     PickScore (logit_scale x cosine, Kirstain et al. 2023), CLIP score (100 x cosine), with a head file the LAION
@@ -231,10 +240,7 @@ class ClipReward:
     def __call__(self, images, prompts):
         """Scores (N,); a video scores each frame with its prompt and averages them (a mean frame is a blur no
         model was trained to score)."""
-        frames = _frames(images)
-        repeat = len(frames) // len(images)
-        prompts = [prompt for prompt in prompts for _ in range(repeat)]
-        pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
+        pil, prompts, repeat = pil_frames(images, prompts)
         inputs = self.processor(text=list(prompts), images=pil, return_tensors="pt", padding=True, truncation=True)
         return self._score(inputs).view(len(images), repeat).mean(1)
 
@@ -319,10 +325,7 @@ class ImageRewardModel:
 
     @torch.no_grad()
     def __call__(self, images, prompts):
-        frames = _frames(images)
-        repeat = len(frames) // len(images)
-        prompts = [prompt for prompt in prompts for _ in range(repeat)]
-        pil = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)) for f in frames]
+        pil, prompts, repeat = pil_frames(images, prompts)
         pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]
         image = self.vision(pixel_values=pixels).last_hidden_state
         text = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -581,10 +584,14 @@ def sampler_defaults(model):
     return parameters["num_inference_steps"].default, parameters["guidance_scale"].default
 
 
+def sampler_settings(model, steps=None, guidance=None):
+    """(steps, guidance): those given, else sampler_defaults' (--steps and --guidance of compare and online.py)."""
+    default_steps, default_guidance = sampler_defaults(model)
+    return (default_steps if steps is None else steps), (default_guidance if guidance is None else guidance)
+
+
 def compare(args):
-    steps, guidance = sampler_defaults(args.model)
-    args.steps = steps if args.steps is None else args.steps
-    args.guidance = guidance if args.guidance is None else args.guidance
+    args.steps, args.guidance = sampler_settings(args.model, args.steps, args.guidance)
     prompts = read_prompts(args.prompts)
     rewards = load_rewards(args.reward, args)
     lora = check_tuned(args)

@@ -28,10 +28,12 @@ import data
 import evaluate
 import models
 from common import (AT_LEAST_1, NON_NEGATIVE, ArgumentParser, check_numbers, check_output, error_line,
-                    write_text_atomically, writing)
+                    valid_range, write_text_atomically, writing)
 from rundir import RunDir
 
 
+# --samples-per-prompt, here and in train.py and study.py: a pair is the best and the worst of them
+SAMPLES_PER_PROMPT = valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2)
 NOISE_SEEDS = 1_000_000  # a refresh's pairs are noised as pairs refresh_step * NOISE_SEEDS + i: never reused
 
 
@@ -164,21 +166,18 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="a new or empty directory: the media and pairs.jsonl")
     args = parser.parse_args(argv)
     try:
-        check_numbers(args, {"samples_per_prompt": AT_LEAST_1, "steps": AT_LEAST_1, "margin": NON_NEGATIVE,
+        check_numbers(args, {"samples_per_prompt": SAMPLES_PER_PROMPT, "steps": AT_LEAST_1, "margin": NON_NEGATIVE,
                              "guidance": NON_NEGATIVE, "seed": NON_NEGATIVE})
-        if args.samples_per_prompt < 2:
-            raise ValueError(f"--samples-per-prompt {args.samples_per_prompt}: a pair needs at least 2")
         out = check_output(args.out)
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"--out {out}: not empty; pass a new or empty directory")
         prompts = evaluate.read_prompts(args.prompts)
         reward = evaluate.load_rewards(args.reward, args)[args.reward]
-        steps, guidance = evaluate.sampler_defaults(args.model)
+        steps, guidance = evaluate.sampler_settings(args.model, args.steps, args.guidance)
         backbone = models.load_backbone(args.model, args.pretrained)
         out.mkdir(parents=True, exist_ok=True)
-        manifest, kept, passed = make_manifest(backbone, prompts, reward, out, args.samples_per_prompt,
-                                               args.steps or steps, guidance if args.guidance is None else
-                                               args.guidance, args.seed, args.margin)
+        manifest, kept, passed = make_manifest(backbone, prompts, reward, out, args.samples_per_prompt, steps,
+                                               guidance, args.seed, args.margin)
     except ValueError as error:
         sys.exit(error_line(error))
     print(f"{manifest}: {kept} pairs from {len(prompts)} prompts x {args.samples_per_prompt} samples"

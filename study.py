@@ -11,6 +11,7 @@ process per run (launcher.py), two runs at a time (--concurrent-runs). Each run'
 seeds with the known reward; its log gives loss-curve roughness, held-out accuracy over training, and step time.
 """
 import argparse
+import copy
 import hashlib
 import itertools
 import json
@@ -32,11 +33,12 @@ import data
 import evaluate
 import launcher
 import models
+import online
 import sipo
 import toy
 import train
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, cpu_name,
-                    error_line, valid_range)
+                    error_line)
 from rundir import RunDir
 
 matplotlib.use("Agg")
@@ -259,7 +261,7 @@ def main(argv=None):
                              "off_batch", "off_pairs", "concurrent_runs", "heldout_pairs", "timestep_pairs",
                              "timestep_buckets", "timing_repeats", "online_steps", "online_seeds", "refresh_every",
                              "gradient_batches", "control_seeds", "degrade_steps", "degrade_seeds"),
-                            AT_LEAST_1), "samples_per_prompt": valid_range("at least 2", lambda v: v >= 2),
+                            AT_LEAST_1), "samples_per_prompt": online.SAMPLES_PER_PROMPT,
             **dict.fromkeys(("lr", "ablation_beta", "off_beta"), POSITIVE), "collapse_margin": NON_NEGATIVE})
         check_output(args.out)
         check_output(args.results, "--results")
@@ -561,13 +563,12 @@ def flat_gradient(loss, params):
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
 
 
-def gradient_movement(base, manifest, batches, batch=8):
+def gradient_movement(base, manifest, batches, batch):
     """Under the base as policy and reference, batch by batch as training draws them (`batch` pairs, epoch 0): for
     each weight, normalisation, eps and temperature, ||g_SIPO - g_DPO-C&M|| / ||g_DPO-C&M|| (the two losses at the
     same weights, mask and clip: what re-weighting alone changes) and the mask fraction, medians over `batches`
     batches; and, for scale, how far DPO-C&M's gradient moves when the same pairs draw another t and noise
     (epoch 1 against 0, default settings)."""
-    import copy
     backbone = models.load_backbone("toy", pretrained=str(base))
     policy = backbone.denoiser
     reference = copy.deepcopy(policy).requires_grad_(False)
@@ -616,7 +617,7 @@ def gradient_part(args, out, report, base):
     by_source = {}
     for source, manifest in manifests.items():
         print(f"gradient movement on {source} pairs ...", flush=True)
-        by_source[source] = gradient_movement(base, manifest, args.gradient_batches)
+        by_source[source] = gradient_movement(base, manifest, args.gradient_batches, args.off_batch)
     settings = by_source[GRADIENT_SOURCES[0]]["settings"]
     mean_movement = {key: float(np.mean([s["settings"][key]["movement"] for s in by_source.values()]))
                      for key in settings}
@@ -672,13 +673,12 @@ def control_part(args, out, report, base, heldout):
                  for seed in seeds]
         results.update(run_jobs(jobs, common, out, args, rewards, base_scores))
     table = summarise(results, base_mean, args.collapse_margin)
-    summary = {"runs": results}
     tests = []
     for source in manifests:
         for config, versus in (("dpo-cm", "dpo"), ("dpo cutoff", "dpo"), ("dpo-cm", "dpo cutoff"),
                                ("sipo strongest", "dpo-cm strongest"), ("sipo strongest", "dpo-cm")):
             tests.append({"condition": source, "comparison": f"{config} - {versus}", "metric": "final reward",
-                          **seed_test(summary, f"off {source} {config}", f"off {source} {versus}")})
+                          **seed_test(results, f"off {source} {config}", f"off {source} {versus}")})
     summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean, "cutoffs": cutoffs,
                "strongest": gradient["strongest"], "table": table, "tests": corrected(tests),
                "pooled": pooled_tests(tests), "runs": results,
@@ -725,9 +725,8 @@ def degrade_part(args, out, report, base, heldout):
     for config, runs in results.items():
         finals = [r["final"] for r in runs]
         table[config]["below_base"] = sum(f is None or f < base_mean for f in finals) / len(finals)
-    summary = {"runs": results}
     tests = corrected([{"condition": f"lr {lr:g}, beta {beta:g}", "comparison": f"{m} - dpo", "metric": "final reward",
-                        **seed_test(summary, name(m, lr, beta), name("dpo", lr, beta))} for m in ("dpo-cm", "sipo")])
+                        **seed_test(results, name(m, lr, beta), name("dpo", lr, beta))} for m in ("dpo-cm", "sipo")])
     summary = {"base": base_identity(base), "cpu": cpu_name(), "base_mean": base_mean,
                "sweep": {f"lr={l:g} beta={b:g}": sweep[name("dpo", l, b)][0]["final"] for l, b in grid},
                "regime": {"lr": lr, "beta": beta, "degrades": bool(below)}, "table": table, "tests": tests,
@@ -802,10 +801,10 @@ def online_part(args, out, report, base, heldout):
 # The paired re-analysis (--part paired): every verdict of parts 1 and 2 again, seed against seed
 # ---------------------------------------------------------------------------------------------------------
 
-def seed_test(summary, config, versus, metric="final"):
-    """paired_test of `config` against `versus` over the seeds both finished, on the runs' `metric`, with the
-    seed differences themselves."""
-    mine, other = ({r["seed"]: r[metric] for r in summary["runs"][c] if r["final"] is not None}
+def seed_test(runs, config, versus, metric="final"):
+    """paired_test of `config` against `versus` over the seeds both finished (`runs`: {config: run entries}), on the
+    runs' `metric`, with the seed differences themselves."""
+    mine, other = ({r["seed"]: r[metric] for r in runs[c] if r["final"] is not None}
                    for c in (config, versus))
     seeds = sorted(set(mine) & set(other))
     return {**paired_test([other[k] for k in seeds], [mine[k] for k in seeds]),
@@ -835,7 +834,8 @@ def paired_part(report):
             for config, versus in (("dpo-cm", "dpo"), ("sipo", "dpo"), ("sipo", "dpo-cm")):
                 rows["onpolicy"].append({"condition": f"beta {beta:g}", "comparison": f"{config} - {versus}",
                                          "metric": "final reward", **seed_test(
-                                             onpolicy_summary, f"{config} beta={beta:g}", f"{versus} beta={beta:g}")})
+                                             onpolicy_summary["runs"], f"{config} beta={beta:g}",
+                                             f"{versus} beta={beta:g}")})
     if "offpolicy.json" in parts:
         offpolicy_summary = parts["offpolicy.json"]
         configs = offpolicy_summary["configs"]
@@ -846,7 +846,8 @@ def paired_part(report):
             for config, versus in comparisons:
                 for metric, name in (("final", "final reward"), *((f"final_{d}", d) for d in DRIFTS.values())):
                     rows["offpolicy"].append({"condition": source, "comparison": f"{config} - {versus}",
-                                              "metric": name, **seed_test(offpolicy_summary, f"off {source} {config}",
+                                              "metric": name, **seed_test(offpolicy_summary["runs"],
+                                                                          f"off {source} {config}",
                                                                           f"off {source} {versus}", metric)})
     for family in rows.values():
         corrected(family)

@@ -29,7 +29,7 @@ import launcher
 import models
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, ArgumentParser, check_numbers, check_output, error_line,
                     write_text_atomically)
-from rundir import RunDir
+from rundir import RunDir, comparable
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("circle", "square")
@@ -223,10 +223,10 @@ def check_trained_as(run, args, pairs):
     """A reused model was trained with this loss, these steps, lr, seed and pairs (and beta where given): else one
     line, rather than a report of another model (a directory trained by hand, or by an older toy.py)."""
     trained = run.read_args()
-    wanted = {"loss": args.loss, "steps": args.steps, "lr": args.lr, "seed": args.seed, "data": str(pairs),
+    wanted = {"loss": args.loss, "steps": args.steps, "lr": args.lr, "seed": args.seed, "data": pairs,
               **({"beta": args.beta} if args.beta is not None else {})}
     differ = [f"--{key} {trained.get(key)} (not {value})" for key, value in wanted.items()
-              if str(trained.get(key)) != str(value) and trained.get(key) != value]
+              if trained.get(key) != comparable(value)]
     if differ:
         sys.exit(f"error: {run.path} was trained with {', '.join(differ)}; pass another --out or remove it")
 

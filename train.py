@@ -193,7 +193,7 @@ NUMERIC_FLAGS = {
                      "max_nonfinite", "refresh_every", "online_sample_steps"), AT_LEAST_1),
     **dict.fromkeys(("warmup", "weight_decay", "lora", "workers", "seed", "eval_guidance", "flux_guidance",
                      "online_margin", "online_guidance"), NON_NEGATIVE),
-    "samples_per_prompt": valid_range("at least 2 (a pair is the best and the worst)", lambda v: v >= 2),
+    "samples_per_prompt": online.SAMPLES_PER_PROMPT,
     **dict.fromkeys(("beta", "lr", "max_grad_norm", "temperature"), POSITIVE),
     "tau": UNIT_INTERVAL,
     "min_noise": BELOW_ONE,
@@ -637,7 +637,7 @@ class Stopped(Exception):
 def stop_agreed(stop):
     """Whether any rank was asked to stop: a host-side all-reduce (gloo beside NCCL, common.BACKENDS), which neither
     waits for the GPU nor slows it, so that it can be asked before every micro-batch."""
-    flag = torch.tensor([float(stop["signal"] is not None)])
+    flag = torch.tensor([float(stop["signal"] is not None)], device="cpu")
     return all_reduce(flag, dist.ReduceOp.MAX).item() > 0
 
 
